@@ -1,0 +1,201 @@
+"""Wiring of the agent: store, engine, executor and link; intake of commands; status, telemetry,
+signals and the systemd watchdog. Signal handlers only set a flag; the main thread does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from edge_agent import __version__
+from edge_agent.config import AgentConfig
+from edge_agent.engine import TextEngine
+from edge_agent.errors import AgentError, Unauthorized
+from edge_agent.executor import IMMEDIATE_KINDS, Executor
+from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.notify import sd_notify, watchdog_interval_s
+from edge_agent.protocol import Event, ParsedCommand, Status, Telemetry, format_ts, parse_command, to_bytes, utc_now
+from edge_agent.store import ReplyDraft, Store
+from edge_agent.topics import DeviceTopics, group_cmd
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[AgentConfig], TextEngine]
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux /proc)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, engine_factory: EngineFactory) -> None:
+        self.config = config
+        self.topics = DeviceTopics(config.mqtt.topic_prefix, config.device_id)
+        self.store = Store(config.store.path, self.topics, config.store.synchronous)
+        self.engine = engine_factory(config)
+        self.started_at = time.monotonic()
+        self._stop = threading.Event()
+        self.link = Link(
+            options=self._link_options(),
+            subscriptions=[self.topics.cmd] + [group_cmd(config.mqtt.topic_prefix, g) for g in config.mqtt.groups],
+            outbox=self.store,
+            on_command=self.intake,
+            status_topic=self.topics.status,
+            status_payload=self._status_payload,
+            offline_payload=to_bytes(Status(device_id=config.device_id, state="offline")),
+        )
+        self.executor = Executor(
+            store=self.store,
+            engine=self.engine,
+            topics=self.topics,
+            agent_version=__version__,
+            publish_volatile=self.link.publish_volatile,
+            on_stored=self.link.kick,
+        )
+
+    def _link_options(self) -> LinkOptions:
+        mqtt_cfg, backoff = self.config.mqtt, self.config.reconnect
+        password = None
+        if mqtt_cfg.password_file is not None:
+            password = mqtt_cfg.password_file.read_text(encoding="utf-8").strip()
+        return LinkOptions(
+            host=mqtt_cfg.host,
+            port=mqtt_cfg.port,
+            client_id=self.config.device_id,
+            keepalive=mqtt_cfg.keepalive,
+            session_expiry_s=mqtt_cfg.session_expiry_s,
+            will_delay_s=mqtt_cfg.will_delay_s,
+            inflight_window=mqtt_cfg.inflight_window,
+            backoff_initial_s=backoff.initial_s,
+            backoff_multiplier=backoff.multiplier,
+            backoff_max_s=backoff.max_s,
+            username=mqtt_cfg.username,
+            password=password,
+        )
+
+    # --- intake (paho thread: store, then return so the link acks) -------------------------------
+
+    def intake(self, message: InboundMessage) -> None:
+        try:
+            parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
+            self._check_target(parsed)
+        except AgentError as exc:
+            self._reject(exc, message)
+            return
+        expires_at = parsed.command.expires_at.timestamp() if parsed.command.expires_at else None
+        if message.message_expiry_s is not None:
+            by_broker = time.time() + message.message_expiry_s
+            expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
+        intake = self.store.accept(
+            parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
+            message.response_topic, message.correlation_data,
+        )
+        self.link.kick()
+        if intake.duplicate:
+            log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
+        elif parsed.kind in IMMEDIATE_KINDS:
+            stored = self.store.get(parsed.id)
+            assert stored is not None
+            self.executor.run(stored)
+        else:
+            self.executor.wake()
+
+    def _check_target(self, parsed: ParsedCommand) -> None:
+        target = parsed.command.target
+        allowed = {self.config.device_id} | {f"group/{g}" for g in self.config.mqtt.groups}
+        if target is not None and target not in allowed:
+            raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
+
+    def _reject(self, exc: AgentError, message: InboundMessage) -> None:
+        log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
+        event = Event(
+            device_id=self.config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",
+            message=exc.message, data={"error_code": exc.code.value, "command_id": exc.command_id,
+                                       "topic": message.topic, "bytes": len(message.payload)},
+        )
+        self.store.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
+                          message.response_topic, message.correlation_data)
+        self.link.kick()
+
+    # --- status and telemetry --------------------------------------------------------------------
+
+    def _status_payload(self) -> bytes:
+        status = Status(
+            device_id=self.config.device_id, state="online", ts=format_ts(utc_now()), agent_version=__version__,
+            model=self.engine.info, kinds=sorted(self.executor.kinds), groups=list(self.config.mqtt.groups),
+        )
+        return to_bytes(status)
+
+    def telemetry(self) -> Telemetry:
+        rows, size = self.store.outbox_depth()
+        return Telemetry(
+            device_id=self.config.device_id, ts=format_ts(utc_now()),
+            queue_depth=self.store.count_in_state("accepted"), outbox_depth=rows, outbox_bytes=size,
+            tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_mb=round(rss_mb(), 1),
+            gpu_layers=self.engine.info.n_gpu_layers, uptime_s=round(time.monotonic() - self.started_at, 1),
+        )
+
+    def _event(self, level: str, code: str, message: str, **data: object) -> None:
+        self.store.enqueue_event(Event(device_id=self.config.device_id, ts=format_ts(utc_now()),
+                                       level=level, code=code, message=message, data=data))  # type: ignore[arg-type]
+
+    # --- main loop -------------------------------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; drain and return 0."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        if self.store.quarantined is not None:
+            self._event("error", "store_quarantined", "the SQLite store failed its integrity check and was "
+                        "replaced by a fresh one", quarantined_as=str(self.store.quarantined))
+        recovered = self.executor.recover()
+        self._event("info", "agent_started", f"agent {__version__} started", recovered_running=recovered,
+                    model=self.engine.info.name, model_sha256=self.engine.info.sha256,
+                    gpu=self.engine.gpu_reason)
+        self.link.start()
+        self.executor.start()
+        sd_notify(f"READY=1\nSTATUS=serving {self.topics.cmd}")
+        log.info("agent %s serving %s (model %s, %s)", __version__, self.topics.cmd, self.engine.info.name,
+                 self.engine.gpu_reason)
+        self._serve()
+        return self._shutdown()
+
+    def _serve(self) -> None:
+        watchdog = watchdog_interval_s()
+        next_watchdog = next_telemetry = time.monotonic()
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            if watchdog is not None and now >= next_watchdog and self.healthy():
+                sd_notify("WATCHDOG=1")
+                next_watchdog = now + watchdog
+            if now >= next_telemetry:
+                self.link.publish_volatile(self.topics.telemetry, to_bytes(self.telemetry()))
+                next_telemetry = now + self.config.telemetry_interval_s
+
+    def healthy(self) -> bool:
+        """The watchdog is fed only while the worker thread and the link threads run."""
+        return self.executor.alive() and self.link.alive()
+
+    def _shutdown(self) -> int:
+        log.info("stopping: finishing the running command, flushing the outbox")
+        sd_notify("STOPPING=1")
+        self.executor.stop(timeout_s=self.config.shutdown_timeout_s)
+        self.link.stop(drain_timeout_s=5.0)
+        self.store.close()
+        self.engine.close()
+        log.info("stopped")
+        return 0

@@ -1,0 +1,47 @@
+"""Inference engines behind one small interface. The executor picks one by command kind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo
+
+OnDelta = Callable[[str], None]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The outcome of one text generation."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    total_ms: float
+    seed: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time after the first token."""
+        decode_ms = self.total_ms - self.ttft_ms
+        if self.completion_tokens <= 1 or decode_ms <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) * 1000.0 / decode_ms
+
+
+class TextEngine(Protocol):
+    """A loaded text model. Not thread-safe: one worker thread owns it."""
+
+    info: ModelInfo
+    gpu_reason: str
+
+    def chat(self, params: ChatParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation: ...
+
+    def complete(self, params: CompleteParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation: ...
+
+    def close(self) -> None: ...

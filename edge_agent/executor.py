@@ -1,0 +1,283 @@
+"""The executor: one worker thread that runs stored commands, one at a time, through a table of
+handlers by kind. Every state change goes through the store with the reply announcing it;
+`lifecycle` says which changes are legal, so two threads never run or finish one command twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent import lifecycle
+from edge_agent.engine import Generation, TextEngine
+from edge_agent.errors import AgentError, Cancelled, Expired, Internal, InvalidCommand
+from edge_agent.lifecycle import State
+from edge_agent.protocol import (
+    CancelParams,
+    ChatParams,
+    CompleteParams,
+    ErrorInfo,
+    ParsedCommand,
+    StreamChunk,
+    parse_command,
+    to_bytes,
+)
+from edge_agent.store import ReplyDraft, Store, StoredCommand
+from edge_agent.topics import DeviceTopics
+
+log = logging.getLogger(__name__)
+
+IMMEDIATE_KINDS = frozenset({"cancel"})  # run at intake, not behind a running generation
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler produced: the terminal state plus the reply's output, error and metrics."""
+
+    state: State
+    output: dict[str, Any] | None
+    metrics: dict[str, Any]
+    error: AgentError | None = None
+
+
+Handler = Callable[[ParsedCommand, threading.Event], Outcome]
+
+
+class Executor:
+    def __init__(
+        self,
+        store: Store,
+        engine: TextEngine,
+        topics: DeviceTopics,
+        agent_version: str,
+        publish_volatile: Callable[[str, bytes], None],
+        on_stored: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._topics = topics
+        self._agent_version = agent_version
+        self._publish_volatile = publish_volatile
+        self._on_stored = on_stored
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: tuple[str, threading.Event] | None = None
+        self._thread: threading.Thread | None = None
+        self.tokens_per_s_ewma: float | None = None
+        self.handlers: dict[str, Handler] = {
+            "ping": self._ping,
+            "chat": self._chat,
+            "complete": self._complete,
+            "cancel": self._cancel,
+        }
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self.handlers)
+
+    # --- lifecycle of the worker -----------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Give every command left `running` by a crash its terminal reply. Returns how many."""
+        interrupted = self._store.in_state(State.RUNNING)
+        for command in interrupted:
+            error = Internal(
+                "the agent stopped while this command was running (crash or power loss); it was not run "
+                "again. Send it with a new id to retry", command.id)
+            self._finish(command.id, Outcome(State.FAILED, None, {}, error))
+        return len(interrupted)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_worker, name="executor", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> None:
+        """Finish the running command (cancel it after `timeout_s`); queued ones stay stored."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is None:
+            return
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._cancel_running("the agent is shutting down")
+            self._thread.join(10.0)
+
+    def _run_worker(self) -> None:
+        while not self._stopping.is_set():
+            command = self._store.next_runnable()
+            if command is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.run(command)
+            except Exception:
+                log.exception("executor failed on command %s; the worker goes on", command.id)
+
+    # --- running one command ---------------------------------------------------------------------
+
+    def run(self, command: StoredCommand) -> None:
+        """Run one accepted command to its terminal state (no-op if another thread claimed it).
+
+        Commands of IMMEDIATE_KINDS may run on the intake thread while the worker is busy; only the
+        worker's command is the `running` one that a cancel can stop.
+        """
+        if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
+            error = Expired("the command expired before the device could run it", command.id)
+            self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
+            return
+        claimed = self._store.transition(
+            command.id, State.RUNNING, ReplyDraft(status="running"), only_from=lifecycle.sources(State.RUNNING))
+        self._on_stored()
+        if not claimed:
+            return
+        queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
+        cancel = threading.Event()
+        tracked = command.kind not in IMMEDIATE_KINDS
+        if tracked:
+            with self._lock:
+                self._running = (command.id, cancel)
+        try:
+            parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
+            outcome = self.handlers[parsed.kind](parsed, cancel)
+        except AgentError as exc:
+            exc.command_id = command.id
+            state = State.CANCELLED if isinstance(exc, Cancelled) else State.FAILED
+            outcome = Outcome(state, None, {}, exc)
+        except Exception as exc:
+            log.exception("command %s failed unexpectedly", command.id)
+            outcome = Outcome(State.FAILED, None, {}, Internal(f"unexpected error: {exc!r}", command.id))
+        finally:
+            if tracked:
+                with self._lock:
+                    self._running = None
+        self._finish(command.id, outcome, {"queue_ms": queue_ms})
+
+    def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
+        error = outcome.error
+        draft = ReplyDraft(
+            status=outcome.state.value,  # type: ignore[arg-type]
+            output=outcome.output,
+            error=ErrorInfo(code=error.code, message=error.message) if error else None,
+            metrics={**(extra_metrics or {}), **outcome.metrics},
+        )
+        self._store.transition(command_id, outcome.state, draft, only_from=lifecycle.sources(outcome.state))
+        self._on_stored()
+
+    def _cancel_running(self, reason: str, target: str | None = None) -> bool:
+        with self._lock:
+            if self._running is None or (target is not None and self._running[0] != target):
+                return False
+            log.info("cancelling running command %s: %s", self._running[0], reason)
+            self._running[1].set()
+            return True
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    def _ping(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        output = {"pong": True, "agent_version": self._agent_version, "model": self._engine.info.name}
+        return Outcome(State.SUCCEEDED, output, {})
+
+    def _chat(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        params = parsed.params
+        assert isinstance(params, ChatParams)
+        return self._text(parsed, lambda on_delta: self._engine.chat(params, on_delta, cancel))
+
+    def _complete(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        params = parsed.params
+        assert isinstance(params, CompleteParams)
+        return self._text(parsed, lambda on_delta: self._engine.complete(params, on_delta, cancel))
+
+    def _text(self, parsed: ParsedCommand,
+              generate: Callable[[Callable[[str], None] | None], Generation]) -> Outcome:
+        params = parsed.params
+        assert isinstance(params, ChatParams | CompleteParams)
+        streamer = _Streamer(self._topics.stream(parsed.id), parsed.id, self._publish_volatile)
+        generation = generate(streamer.delta if params.stream else None)
+        if params.stream:
+            streamer.done()
+        self._record_speed(generation)
+        output = {
+            "text": generation.text,
+            "finish_reason": generation.finish_reason,
+            "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens},
+        }
+        metrics = {
+            "ttft_ms": round(generation.ttft_ms, 3),
+            "total_ms": round(generation.total_ms, 3),
+            "tokens_per_s": round(generation.tokens_per_s, 3),
+            "provenance": {
+                "model_sha256": self._engine.info.sha256,
+                "model": self._engine.info.name,
+                "sampling": {"temperature": params.temperature, "top_p": params.top_p,
+                             "max_tokens": params.max_tokens, "stop": params.stop},
+                "seed": generation.seed,
+            },
+        }
+        if generation.finish_reason == "cancelled":
+            return Outcome(State.CANCELLED, output, metrics, Cancelled("generation was cancelled", parsed.id))
+        return Outcome(State.SUCCEEDED, output, metrics)
+
+    def _cancel(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        params = parsed.params
+        assert isinstance(params, CancelParams)
+        target = self._store.get(params.target)
+        if target is None:
+            raise InvalidCommand(f"no command {params.target!r} on this device to cancel")
+        before = target.state
+        if before == State.ACCEPTED:
+            error = ErrorInfo(code=Cancelled.code, message=f"cancelled by command {parsed.id} before it ran")
+            done = self._store.transition(params.target, State.CANCELLED,
+                                          ReplyDraft(status="cancelled", error=error), only_from={State.ACCEPTED})
+            self._on_stored()
+            after = State.CANCELLED if done else self._state_of(params.target)
+        elif before == State.RUNNING and self._cancel_running(f"cancel command {parsed.id}", params.target):
+            after = "cancelling"
+        else:
+            after = self._state_of(params.target)
+        output = {"target": params.target, "previous_state": str(before), "state": str(after)}
+        return Outcome(State.SUCCEEDED, output, {})
+
+    def _state_of(self, command_id: str) -> str:
+        command = self._store.get(command_id)
+        return command.state if command else "unknown"
+
+    def _record_speed(self, generation: Generation) -> None:
+        if generation.tokens_per_s <= 0:
+            return
+        previous = self.tokens_per_s_ewma
+        self.tokens_per_s_ewma = generation.tokens_per_s if previous is None else (
+            0.8 * previous + 0.2 * generation.tokens_per_s)
+
+
+class _Streamer:
+    """Publishes StreamChunks (QoS 0) for one command as tokens arrive."""
+
+    def __init__(self, topic: str, command_id: str, publish: Callable[[str, bytes], None]) -> None:
+        self._topic = topic
+        self._command_id = command_id
+        self._publish = publish
+        self._index = 0
+
+    def delta(self, text: str) -> None:
+        self._send(text, done=False)
+
+    def done(self) -> None:
+        self._send("", done=True)
+
+    def _send(self, text: str, done: bool) -> None:
+        chunk = StreamChunk(command_id=self._command_id, index=self._index, delta=text, done=done)
+        self._publish(self._topic, to_bytes(chunk))
+        self._index += 1
+

@@ -1,0 +1,333 @@
+"""The MQTT link: the only module that touches paho.
+
+- MQTT 5, persistent session (`clean_start=False`, SessionExpiryInterval), retained status on
+  every connect and a retained `offline` last will with a will delay.
+- Commands are delivered with `manual_ack`: the handler stores the command, then we PUBACK. A
+  handler that raises leaves the message unacknowledged, so the broker redelivers it.
+- Reconnect is driven here with tenacity (exponential backoff, full jitter); paho's own
+  reconnect is off.
+- The outbox pump (its own thread) publishes stored rows in id order with a bounded in-flight
+  window and reports each broker ack back to the outbox, which then deletes the row. paho's
+  `on_publish` only appends to a queue: no lock of ours is ever taken inside a paho callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
+
+from edge_agent.backoff import reconnect_wait
+from edge_agent.store import OutboxRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A command delivery, stripped of paho types."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+    message_expiry_s: int | None
+    duplicate_delivery: bool
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    host: str
+    port: int
+    client_id: str
+    keepalive: int
+    session_expiry_s: int
+    will_delay_s: int
+    inflight_window: int
+    backoff_initial_s: float
+    backoff_multiplier: float
+    backoff_max_s: float
+    username: str | None = None
+    password: str | None = None
+
+
+class Outbox(Protocol):
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]: ...
+
+    def delete_outbox(self, ids: list[int]) -> None: ...
+
+
+@dataclass
+class LinkStats:
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    published: int = 0
+    acked: int = 0
+    refused: int = 0
+    last_connect_ts: float | None = field(default=None)
+
+
+class _SessionEnded(Exception):
+    """A connection attempt failed or a session ended too soon: back off before the next."""
+
+
+class Link:
+    """Owns the paho client, the network thread and the outbox pump thread."""
+
+    def __init__(
+        self,
+        options: LinkOptions,
+        subscriptions: list[str],
+        outbox: Outbox,
+        on_command: Callable[[InboundMessage], None],
+        status_topic: str,
+        status_payload: Callable[[], bytes],
+        offline_payload: bytes,
+    ) -> None:
+        self._options = options
+        self._subscriptions = subscriptions
+        self._outbox = outbox
+        self._on_command = on_command
+        self._status_topic = status_topic
+        self._status_payload = status_payload
+        self._offline_payload = offline_payload
+        self.stats = LinkStats()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; pump thread only
+        self._last_sent_id = 0
+        self._session_ok = False
+        self._client = self._make_client()
+        self._threads: list[threading.Thread] = []
+
+    # --- public ----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        for name, target in (("link-network", self._run_network), ("link-pump", self._run_pump)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def alive(self) -> bool:
+        """Both link threads are running."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def kick(self) -> None:
+        """Tell the pump the outbox has new rows."""
+        self._wake.set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish_volatile(self, topic: str, payload: bytes) -> None:
+        """QoS 0, not stored: stream chunks and telemetry. Dropped while offline, by design."""
+        if self._connected.is_set():
+            self._client.publish(topic, payload, qos=0)
+
+    def inflight_count(self) -> int:
+        return len(self._inflight)
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Publish what the outbox holds (up to the timeout), say `offline`, disconnect."""
+        deadline = time.monotonic() + drain_timeout_s
+        while self._connected.is_set() and time.monotonic() < deadline:
+            if not self._inflight and not self._outbox.pending(self._last_sent_id, 1):
+                break
+            self._wake.set()
+            time.sleep(0.02)
+        if self._connected.is_set():
+            info = self._client.publish(self._status_topic, self._offline_payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                log.warning("could not publish the offline status before stopping")
+        self._stopping.set()
+        self._wake.set()
+        self._client.disconnect()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+    # --- paho client and callbacks (paho thread: never block, never take our locks) -------------
+
+    def _make_client(self) -> mqtt.Client:
+        opts = self._options
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=opts.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(opts.inflight_window)
+        if opts.username is not None:
+            client.username_pw_set(opts.username, opts.password)
+        will_props = Properties(PacketTypes.WILLMESSAGE)
+        will_props.WillDelayInterval = opts.will_delay_s
+        client.will_set(self._status_topic, self._offline_payload, qos=1, retain=True, properties=will_props)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = opts.session_expiry_s
+        client.connect_async(
+            opts.host, opts.port, keepalive=opts.keepalive, clean_start=False, properties=connect_props
+        )
+        return client
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s (check credentials and ACLs)", reason)
+            return
+        self._session_ok = True
+        self.stats.connects += 1
+        self.stats.last_connect_ts = time.time()
+        log.info("connected to %s:%s (session present: %s)", self._options.host, self._options.port,
+                 flags.session_present)
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
+        client.publish(self._status_topic, self._status_payload(), qos=1, retain=True)
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
+                       reason: ReasonCode, properties: Properties | None) -> None:
+        if self._connected.is_set():
+            self.stats.disconnects += 1
+            log.warning("disconnected from broker: %s", reason)
+        self._connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        props = message.properties
+        inbound = InboundMessage(
+            topic=message.topic,
+            payload=message.payload,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            message_expiry_s=getattr(props, "MessageExpiryInterval", None),
+            duplicate_delivery=bool(message.dup),
+        )
+        try:
+            self._on_command(inbound)
+        except Exception:
+            log.exception("could not store a command from %s; leaving it unacknowledged for redelivery",
+                          message.topic)
+            return
+        client.ack(message.mid, message.qos)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        self._acks.put((mid, not reason.is_failure))
+        self._wake.set()
+
+    # --- network thread --------------------------------------------------------------------------
+
+    def _run_network(self) -> None:
+        opts = self._options
+        while not self._stopping.is_set():
+            retrying = Retrying(
+                wait=reconnect_wait(opts.backoff_initial_s, opts.backoff_multiplier, opts.backoff_max_s),
+                retry=retry_if_exception_type(_SessionEnded),
+                stop=lambda _state: self._stopping.is_set(),
+                sleep=self._stopping.wait,
+                before_sleep=self._log_backoff,
+            )
+            try:
+                retrying(self._one_session)
+            except RetryError:
+                return
+
+    def _one_session(self) -> None:
+        self._session_ok = False
+        try:
+            self._client.reconnect()
+        except Exception as exc:  # OSError mostly; anything else must not kill the thread
+            self.stats.connect_failures += 1
+            raise _SessionEnded(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from exc
+        started = time.monotonic()
+        self._client.loop_forever()
+        self._connected.clear()
+        if self._stopping.is_set():
+            return
+        if not self._session_ok or time.monotonic() - started < 1.0:
+            self.stats.connect_failures += 1
+            raise _SessionEnded("the broker closed the connection at once")
+
+    def _log_backoff(self, state: RetryCallState) -> None:
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        outcome = state.outcome.exception() if state.outcome else None
+        log.warning("%s; retrying in %.1f s (attempt %d)", outcome, sleep, state.attempt_number)
+
+    # --- pump thread -----------------------------------------------------------------------------
+
+    def _run_pump(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            try:
+                self._settle_acks()
+                if self._connected.is_set():
+                    self._fill_window()
+            except Exception:
+                log.exception("outbox pump error; retrying in 1 s")
+                self._stopping.wait(1.0)
+
+    def _settle_acks(self) -> None:
+        done: list[int] = []
+        while True:
+            try:
+                mid, ok = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row_id = self._inflight.pop(mid, None)
+            if row_id is None:
+                continue  # status/offline publishes are not outbox rows
+            if ok:
+                done.append(row_id)
+            else:
+                self.stats.refused += 1
+                log.error("broker refused outbox row %d (not authorized?); it stays stored and is retried"
+                          " after the agent restarts", row_id)
+        if done:
+            self._outbox.delete_outbox(done)
+            self.stats.acked += len(done)
+
+    def _fill_window(self) -> None:
+        room = self._options.inflight_window - len(self._inflight)
+        if room <= 0:
+            return
+        for row in self._outbox.pending(self._last_sent_id, room):
+            info = self._publish_row(row)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.warning("publish of outbox row %d failed (%s); will retry", row.id, info.rc)
+                return
+            self._inflight[info.mid] = row.id
+            self._last_sent_id = row.id
+            self.stats.published += 1
+        self._settle_acks()
+
+    def _publish_row(self, row: OutboxRow) -> mqtt.MQTTMessageInfo:
+        props = None
+        if row.correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = row.correlation_data
+        return self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain, properties=props)

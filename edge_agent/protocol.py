@@ -1,0 +1,280 @@
+"""Wire protocol v1: the pydantic models of every payload and the command parser.
+
+Pure: no I/O. `parse_command` turns raw bytes into a `ParsedCommand` or raises the `AgentError`
+subclass whose code the rejected reply must carry. The contract is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from edge_agent.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
+
+PROTOCOL_VERSION = 1
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+CommandId = Annotated[str, StringConstraints(pattern=COMMAND_ID_PATTERN)]
+ReplyStatus = Literal["accepted", "running", "succeeded", "failed", "rejected", "expired", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "rejected", "expired", "cancelled"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as every `ts` on the wire."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# --- Command -------------------------------------------------------------------------------------
+
+
+class Signature(_Strict):
+    key_id: str
+    alg: Literal["ed25519"]
+    value: str
+
+
+class Command(_Strict):
+    """The command envelope; `params` is validated separately against the kind's model."""
+
+    v: Literal[1]
+    id: CommandId
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    expires_at: datetime | None = None
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    target: str | None = None
+    sig: Signature | None = None
+
+
+class PingParams(_Strict):
+    pass
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class Sampling(_Strict):
+    """Sampling fields shared by `chat` and `complete`."""
+
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stream: bool = False
+    response_format: JsonSchemaFormat | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "observation"]
+    content: str
+
+
+class ChatParams(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    template: str | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class CompleteParams(Sampling):
+    prompt: str = Field(min_length=1)
+
+
+class CancelParams(_Strict):
+    target: CommandId
+
+
+class OnnxParams(_Strict):
+    model: str
+    inputs: dict[str, Any]
+
+
+class ConfigParams(_Strict):
+    """A partial agent policy; every field left out keeps its current value."""
+
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    telemetry_interval_s: float | None = Field(default=None, ge=1.0, le=86400.0)
+
+
+PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
+    "ping": PingParams,
+    "chat": ChatParams,
+    "complete": CompleteParams,
+    "onnx": OnnxParams,
+    "cancel": CancelParams,
+    "config": ConfigParams,
+}
+
+
+class ParsedCommand(BaseModel):
+    """A command whose envelope and params both validated."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command: Command
+    params: BaseModel
+
+    @property
+    def id(self) -> str:
+        return self.command.id
+
+    @property
+    def kind(self) -> str:
+        return self.command.kind
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "(root)"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return "; ".join(parts) + suffix
+
+
+def _validate_id(value: Any) -> str | None:
+    if isinstance(value, str) and re.fullmatch(COMMAND_ID_PATTERN, value):
+        return value
+    return None
+
+
+def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """Size-check, decode and parse a payload that must be one JSON object."""
+    if len(payload) > max_bytes:
+        raise PayloadTooLarge(f"payload is {len(payload)} bytes; this device accepts at most {max_bytes}")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadJson(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise BadJson("payload JSON is nested too deeply") from exc
+    if not isinstance(obj, dict):
+        raise BadJson(f"payload must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None = None) -> ParsedCommand:
+    """Validate a raw command payload.
+
+    `kinds` is the set of kinds this device serves (default: all of protocol v1). Raises
+    PayloadTooLarge, BadJson, InvalidCommand or UnknownKind, carrying the command id when one could
+    be read.
+    """
+    obj = decode_json_object(payload, max_bytes)
+    command_id = _validate_id(obj.get("id"))
+    try:
+        command = Command.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidCommand(f"invalid command envelope: {_describe(exc)}", command_id) from exc
+    served = kinds if kinds is not None else frozenset(PARAMS_BY_KIND)
+    if command.kind not in served:
+        raise UnknownKind(
+            f"kind {command.kind!r} is not served by this device; it serves {sorted(served)}", command_id
+        )
+    try:
+        params = PARAMS_BY_KIND[command.kind].model_validate(command.params)
+    except ValidationError as exc:
+        raise InvalidCommand(f"invalid params for {command.kind!r}: {_describe(exc)}", command_id) from exc
+    return ParsedCommand(command=command, params=params)
+
+
+# --- Device -> cloud -----------------------------------------------------------------------------
+
+
+class ErrorInfo(_Strict):
+    code: ErrorCode
+    message: str
+
+
+class Reply(_Strict):
+    v: Literal[1] = 1
+    command_id: str | None
+    device_id: DeviceId
+    status: ReplyStatus
+    seq: int = Field(ge=1)
+    ts: str
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class StreamChunk(_Strict):
+    v: Literal[1] = 1
+    command_id: str
+    index: int = Field(ge=0)
+    delta: str
+    done: bool = False
+
+
+class ModelInfo(_Strict):
+    name: str
+    sha256: str
+    arch: str
+    quant: str
+    n_gpu_layers: int
+
+
+class Status(_Strict):
+    v: Literal[1] = 1
+    device_id: DeviceId
+    state: Literal["online", "offline"]
+    ts: str | None = None
+    agent_version: str | None = None
+    model: ModelInfo | None = None
+    kinds: list[str] | None = None
+    groups: list[str] | None = None
+
+
+class Telemetry(_Strict):
+    v: Literal[1] = 1
+    device_id: DeviceId
+    ts: str
+    queue_depth: int
+    outbox_depth: int
+    outbox_bytes: int
+    tokens_per_s_ewma: float | None
+    rss_mb: float
+    gpu_layers: int
+    uptime_s: float
+    dropped: dict[str, int] = Field(default_factory=dict)
+
+
+class Event(_Strict):
+    v: Literal[1] = 1
+    device_id: DeviceId
+    ts: str
+    level: Literal["info", "warning", "error"]
+    code: str
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def to_bytes(model: BaseModel) -> bytes:
+    """Serialize a payload model as compact UTF-8 JSON (aliases, nulls kept)."""
+    return model.model_dump_json(by_alias=True).encode("utf-8")

@@ -1,0 +1,321 @@
+"""The device's SQLite file: command ledger (inbox), outbox of replies/events, counters.
+
+One writer connection guarded by a lock (callers: the link's intake, the executor, the pump);
+WAL journal; `synchronous` FULL by default so an accepted command and a stored reply survive a
+power cut (see docs/architecture.md). Every state change of a command and the reply announcing
+it are written in one transaction, so a crash never leaves one without the other. Outbox rows
+are deleted only when the link reports the broker's ack.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlite_utils import Database
+
+from edge_agent.errors import AgentError
+from edge_agent.protocol import ErrorInfo, Event, Reply, ReplyStatus, format_ts, to_bytes, utc_now
+from edge_agent.topics import DeviceTopics
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    expires_at REAL,
+    response_topic TEXT,
+    correlation_data BLOB,
+    last_reply BLOB,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_queue ON commands (state, priority DESC, received_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0,
+    correlation_data BLOB,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class StoredCommand:
+    """A row of the command ledger."""
+
+    id: str
+    kind: str
+    payload: str
+    priority: int
+    state: str
+    received_at: float
+    expires_at: float | None
+    response_topic: str | None
+    correlation_data: bytes | None
+    last_reply: bytes | None
+
+
+COMMAND_COLUMNS = ("id, kind, payload, priority, state, received_at, expires_at, response_topic,"
+                   " correlation_data, last_reply")
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    correlation_data: bytes | None
+
+
+@dataclass(frozen=True)
+class ReplyDraft:
+    """A reply before the store gives it a seq and a timestamp."""
+
+    status: ReplyStatus
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failure(cls, status: ReplyStatus, error: AgentError) -> ReplyDraft:
+        return cls(status=status, error=ErrorInfo(code=error.code, message=error.message))
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What `accept` did: stored a new command, or found a duplicate (and re-sent its last reply)."""
+
+    duplicate: bool
+    state: str
+
+
+def _quarantine_if_corrupt(path: Path) -> Path | None:
+    """Run quick_check; move a corrupt file (and its WAL/SHM) aside. Returns the new name or None."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+        if result == "ok":
+            return None
+        reason = str(result)
+    except sqlite3.DatabaseError as exc:
+        reason = str(exc)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            side.rename(Path(str(target) + suffix))
+    log.error("store %s failed quick_check (%s); moved it to %s and started a fresh one", path, reason, target)
+    return target
+
+
+class Store:
+    """The agent's durable state. Thread-safe; every public method is one transaction."""
+
+    def __init__(self, path: Path, topics: DeviceTopics, synchronous: Literal["full", "normal"] = "full") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.quarantined: Path | None = _quarantine_if_corrupt(path)
+        self.path = path
+        self.topics = topics
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+        self.db = Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        with self.db.atomic():
+            for statement in _statements(SCHEMA):
+                self.db.execute(statement)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?), ('reply_seq', '0')",
+                [str(SCHEMA_VERSION)],
+            )
+        version = int(self._meta("schema_version"))
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store {path} has schema version {version}; this agent knows {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def accept(
+        self,
+        command_id: str,
+        kind: str,
+        payload: str,
+        priority: int,
+        expires_at: float | None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> Intake:
+        """Store a new command with its `accepted` reply, or re-send the last reply of a known id."""
+        now = time.time()
+        with self._lock, self.db.atomic():
+            existing = self._get(command_id)
+            if existing is not None:
+                if existing.last_reply is not None:
+                    self._enqueue_reply_bytes(existing.last_reply, existing.response_topic, existing.correlation_data)
+                return Intake(duplicate=True, state=existing.state)
+            self.db.execute(
+                "INSERT INTO commands (id, kind, payload, priority, state, received_at, expires_at,"
+                " response_topic, correlation_data, updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?)",
+                [command_id, kind, payload, priority, now, expires_at, response_topic, correlation_data, now],
+            )
+            self._transition(command_id, "accepted", ReplyDraft(status="accepted"))
+            return Intake(duplicate=False, state="accepted")
+
+    def transition(self, command_id: str, new_state: str, draft: ReplyDraft, only_from: Iterable[str] = ()) -> bool:
+        """Move a command to `new_state` and enqueue the reply announcing it, atomically.
+
+        With `only_from`, nothing happens (returns False) unless the current state is one of them;
+        this is how two threads agree on who runs or cancels a command.
+        """
+        with self._lock, self.db.atomic():
+            current = self._get(command_id)
+            if current is None:
+                raise StoreError(f"no command {command_id!r} in the ledger")
+            allowed = tuple(only_from)
+            if allowed and current.state not in allowed:
+                return False
+            self._transition(command_id, new_state, draft)
+            return True
+
+    def reject(self, command_id: str | None, draft: ReplyDraft, event: Event,
+               response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
+        """Enqueue a `rejected` reply and its Event for a payload that never became a command."""
+        with self._lock, self.db.atomic():
+            self._enqueue_reply_bytes(self._reply_bytes(command_id, draft), response_topic, correlation_data)
+            self._enqueue(self.topics.event, to_bytes(event), qos=1)
+
+    def get(self, command_id: str) -> StoredCommand | None:
+        with self._lock:
+            return self._get(command_id)
+
+    def next_runnable(self) -> StoredCommand | None:
+        """The accepted command to run next: highest priority first, then arrival order."""
+        with self._lock:
+            rows = list(
+                self.db.query(
+                    f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = 'accepted' ORDER BY priority DESC, received_at, rowid LIMIT 1"
+                )
+            )
+        return StoredCommand(**rows[0]) if rows else None
+
+    def in_state(self, state: str) -> list[StoredCommand]:
+        with self._lock:
+            return [StoredCommand(**r) for r in self.db.query(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = ?", [state])]
+
+    def count_in_state(self, state: str) -> int:
+        with self._lock:
+            return self.db.execute("SELECT COUNT(*) FROM commands WHERE state = ?", [state]).fetchone()[0]
+
+    # --- outbox ----------------------------------------------------------------------------------
+
+    def enqueue_event(self, event: Event) -> None:
+        with self._lock, self.db.atomic():
+            self._enqueue(self.topics.event, to_bytes(event), qos=1)
+
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
+        """Outbox rows with id > after_id, oldest first."""
+        with self._lock:
+            rows = self.db.query(
+                "SELECT id, topic, payload, qos, retain, correlation_data FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                [after_id, limit],
+            )
+            return [OutboxRow(**{**r, "retain": bool(r["retain"])}) for r in rows]
+
+    def delete_outbox(self, ids: Iterable[int]) -> None:
+        id_list = list(ids)
+        if not id_list:
+            return
+        with self._lock, self.db.atomic():
+            self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in id_list])
+
+    def outbox_depth(self) -> tuple[int, int]:
+        """(rows, payload bytes) waiting in the outbox."""
+        with self._lock:
+            rows, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox").fetchone()
+        return int(rows), int(size)
+
+    # --- internals (caller holds the lock and a transaction) -------------------------------------
+
+    def _meta(self, key: str) -> str:
+        return self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()[0]
+
+    def _get(self, command_id: str) -> StoredCommand | None:
+        rows = list(self.db.query(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?", [command_id]))
+        return StoredCommand(**rows[0]) if rows else None
+
+    def _next_seq(self) -> int:
+        seq = int(self._meta("reply_seq")) + 1
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'reply_seq'", [str(seq)])
+        return seq
+
+    def _reply_bytes(self, command_id: str | None, draft: ReplyDraft) -> bytes:
+        reply = Reply(
+            command_id=command_id,
+            device_id=self.topics.device_id,
+            status=draft.status,
+            seq=self._next_seq(),
+            ts=format_ts(utc_now()),
+            output=draft.output,
+            error=draft.error,
+            metrics=draft.metrics,
+        )
+        return to_bytes(reply)
+
+    def _transition(self, command_id: str, new_state: str, draft: ReplyDraft) -> None:
+        payload = self._reply_bytes(command_id, draft)
+        self.db.execute(
+            "UPDATE commands SET state = ?, last_reply = ?, updated_at = ? WHERE id = ?",
+            [new_state, payload, time.time(), command_id],
+        )
+        current = self._get(command_id)
+        assert current is not None
+        self._enqueue_reply_bytes(payload, current.response_topic, current.correlation_data)
+
+    def _enqueue_reply_bytes(self, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+        self._enqueue(self.topics.reply, payload, qos=1, correlation=correlation)
+        if response_topic and response_topic != self.topics.reply:
+            self._enqueue(response_topic, payload, qos=1, correlation=correlation)
+
+    def _enqueue(self, topic: str, payload: bytes, qos: int, correlation: bytes | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO outbox (topic, payload, qos, correlation_data, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [topic, payload, qos, correlation, len(payload), time.time()],
+        )
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,105 @@
+"""Topic names of protocol v1, built and parsed in one place. Pure."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edge_agent.protocol import COMMAND_ID_PATTERN, DEVICE_ID_PATTERN
+
+GROUP_PATTERN = DEVICE_ID_PATTERN
+
+
+def check_device_id(device_id: str) -> str:
+    if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
+        raise ValueError(f"device id {device_id!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+    return device_id
+
+
+def check_group(group: str) -> str:
+    if not re.fullmatch(GROUP_PATTERN, group):
+        raise ValueError(f"group {group!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+    return group
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix or any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"topic prefix {prefix!r} must be non-empty, without +, # or a leading/trailing /")
+    return prefix
+
+
+@dataclass(frozen=True)
+class DeviceTopics:
+    """The topics of one device under a prefix."""
+
+    prefix: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        check_device_id(self.device_id)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.device_id}"
+
+    @property
+    def cmd(self) -> str:
+        return f"{self.base}/cmd"
+
+    @property
+    def reply(self) -> str:
+        return f"{self.base}/reply"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def event(self) -> str:
+        return f"{self.base}/event"
+
+    def stream(self, command_id: str) -> str:
+        if not re.fullmatch(COMMAND_ID_PATTERN, command_id):
+            raise ValueError(f"command id {command_id!r} is not a valid topic level")
+        return f"{self.base}/stream/{command_id}"
+
+
+def group_cmd(prefix: str, group: str) -> str:
+    return f"{check_prefix(prefix)}/group/{check_group(group)}/cmd"
+
+
+@dataclass(frozen=True)
+class CloudTopic:
+    """A device -> cloud topic taken apart: which device and which channel."""
+
+    device_id: str
+    channel: str  # status | reply | event | telemetry | stream
+    command_id: str | None = None
+
+
+CLOUD_CHANNELS = ("status", "reply", "event", "telemetry")
+
+
+def cloud_subscriptions(prefix: str) -> list[str]:
+    """Wildcard subscriptions a cloud-side client needs to see every device."""
+    check_prefix(prefix)
+    return [f"{prefix}/+/{channel}" for channel in CLOUD_CHANNELS] + [f"{prefix}/+/stream/+"]
+
+
+def parse_cloud_topic(prefix: str, topic: str) -> CloudTopic | None:
+    """Return the device and channel of a device -> cloud topic, or None if it is not one."""
+    if not topic.startswith(prefix + "/"):
+        return None
+    parts = topic[len(prefix) + 1 :].split("/")
+    if not parts or not re.fullmatch(DEVICE_ID_PATTERN, parts[0]) or parts[0] == "group":
+        return None
+    if len(parts) == 2 and parts[1] in CLOUD_CHANNELS:
+        return CloudTopic(parts[0], parts[1])
+    if len(parts) == 3 and parts[1] == "stream" and re.fullmatch(COMMAND_ID_PATTERN, parts[2]):
+        return CloudTopic(parts[0], "stream", parts[2])
+    return None
