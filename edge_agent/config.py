@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from edge_agent.errors import ConfigError
 from edge_agent.topics import check_device_id, check_group, check_prefix
@@ -99,8 +99,15 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"config file {path} does not exist; see systemd/edge-agent.toml for an example") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {exc}") from exc
     try:
         config = AgentConfig(**data)
+    except SettingsError as exc:
+        raise ConfigError(
+            f"an {ENV_PREFIX}* environment variable is invalid: {exc}. List and table values must be JSON, "
+            f"e.g. {ENV_PREFIX}MQTT__GROUPS='[\"lab\"]'"
+        ) from exc
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from exc

@@ -138,7 +138,7 @@ class Executor:
             self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
             return
         claimed = self._store.transition(
-            command.id, State.RUNNING, ReplyDraft(status="running"), only_from=lifecycle.sources(State.RUNNING))
+            command.id, State.RUNNING, ReplyDraft(status="running"))
         self._on_stored()
         if not claimed:
             return
@@ -172,7 +172,7 @@ class Executor:
             error=ErrorInfo(code=error.code, message=error.message) if error else None,
             metrics={**(extra_metrics or {}), **outcome.metrics},
         )
-        self._store.transition(command_id, outcome.state, draft, only_from=lifecycle.sources(outcome.state))
+        self._store.transition(command_id, outcome.state, draft)
         self._on_stored()
 
     def _cancel_running(self, reason: str, target: str | None = None) -> bool:

@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 
 from edge_agent.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
 
@@ -27,6 +27,16 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "rejected"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _exact_int(value: Any) -> Any:
+    """`true` and `1.0` are not the protocol version 1."""
+    if type(value) is not int:
+        raise ValueError(f"must be the integer {PROTOCOL_VERSION}")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_exact_int)]
 
 
 def utc_now() -> datetime:
@@ -50,7 +60,7 @@ class Signature(_Strict):
 class Command(_Strict):
     """The command envelope; `params` is validated separately against the kind's model."""
 
-    v: Literal[1]
+    v: Version
     id: CommandId
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -170,6 +180,8 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise BadJson("payload JSON is nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise BadJson(f"payload JSON has a value that cannot be read: {exc}") from exc
     if not isinstance(obj, dict):
         raise BadJson(f"payload must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -188,7 +200,7 @@ def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None =
         command = Command.model_validate(obj)
     except ValidationError as exc:
         raise InvalidCommand(f"invalid command envelope: {_describe(exc)}", command_id) from exc
-    served = kinds if kinds is not None else frozenset(PARAMS_BY_KIND)
+    served = frozenset(PARAMS_BY_KIND) if kinds is None else kinds & frozenset(PARAMS_BY_KIND)
     if command.kind not in served:
         raise UnknownKind(
             f"kind {command.kind!r} is not served by this device; it serves {sorted(served)}", command_id

@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 from sqlite_utils import Database
 
+from edge_agent import lifecycle
 from edge_agent.errors import AgentError
+from edge_agent.lifecycle import State
 from edge_agent.protocol import ErrorInfo, Event, Reply, ReplyStatus, format_ts, to_bytes, utc_now
 from edge_agent.topics import DeviceTopics
 
@@ -126,6 +128,8 @@ def _quarantine_if_corrupt(path: Path) -> Path | None:
         if result == "ok":
             return None
         reason = str(result)
+    except sqlite3.OperationalError as exc:  # locked, unreadable: not proof of corruption
+        raise StoreError(f"cannot open store {path}: {exc}; is another agent using it?") from exc
     except sqlite3.DatabaseError as exc:
         reason = str(exc)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -155,9 +159,12 @@ class Store:
         with self.db.atomic():
             for statement in _statements(SCHEMA):
                 self.db.execute(statement)
+            # A store that replaces a quarantined one cannot know the last seq: start above any
+            # plausible earlier value (ms since the epoch) so seq stays strictly increasing.
+            first_seq = int(time.time() * 1000) if self.quarantined else 0
             self.db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?), ('reply_seq', '0')",
-                [str(SCHEMA_VERSION)],
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?), ('reply_seq', ?)",
+                [str(SCHEMA_VERSION), str(first_seq)],
             )
         version = int(self._meta("schema_version"))
         if version != SCHEMA_VERSION:
@@ -195,18 +202,20 @@ class Store:
             self._transition(command_id, "accepted", ReplyDraft(status="accepted"))
             return Intake(duplicate=False, state="accepted")
 
-    def transition(self, command_id: str, new_state: str, draft: ReplyDraft, only_from: Iterable[str] = ()) -> bool:
+    def transition(self, command_id: str, new_state: State, draft: ReplyDraft,
+                   only_from: Iterable[str] | None = None) -> bool:
         """Move a command to `new_state` and enqueue the reply announcing it, atomically.
 
-        With `only_from`, nothing happens (returns False) unless the current state is one of them;
-        this is how two threads agree on who runs or cancels a command.
+        Nothing happens (returns False) unless the current state is in `only_from`, which defaults
+        to every state the lifecycle table allows to reach `new_state`; this is also how two
+        threads agree on who runs or cancels a command.
         """
+        allowed = frozenset(only_from) if only_from is not None else lifecycle.sources(new_state)
         with self._lock, self.db.atomic():
             current = self._get(command_id)
             if current is None:
                 raise StoreError(f"no command {command_id!r} in the ledger")
-            allowed = tuple(only_from)
-            if allowed and current.state not in allowed:
+            if current.state not in allowed:
                 return False
             self._transition(command_id, new_state, draft)
             return True
@@ -224,17 +233,17 @@ class Store:
 
     def next_runnable(self) -> StoredCommand | None:
         """The accepted command to run next: highest priority first, then arrival order."""
+        query = (f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = 'accepted'"
+                 " ORDER BY priority DESC, received_at, rowid LIMIT 1")
         with self._lock:
-            rows = list(
-                self.db.query(
-                    f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = 'accepted' ORDER BY priority DESC, received_at, rowid LIMIT 1"
-                )
-            )
+            rows = list(self.db.query(query))
         return StoredCommand(**rows[0]) if rows else None
 
     def in_state(self, state: str) -> list[StoredCommand]:
+        """Commands in `state`, in arrival order."""
+        query = f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = ? ORDER BY received_at, rowid"
         with self._lock:
-            return [StoredCommand(**r) for r in self.db.query(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = ?", [state])]
+            return [StoredCommand(**r) for r in self.db.query(query, [state])]
 
     def count_in_state(self, state: str) -> int:
         with self._lock:

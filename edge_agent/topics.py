@@ -10,9 +10,14 @@ from edge_agent.protocol import COMMAND_ID_PATTERN, DEVICE_ID_PATTERN
 GROUP_PATTERN = DEVICE_ID_PATTERN
 
 
+RESERVED_DEVICE_IDS = frozenset({"group"})  # `P/group/G/cmd` is the group command tree
+
+
 def check_device_id(device_id: str) -> str:
     if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
         raise ValueError(f"device id {device_id!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+    if device_id in RESERVED_DEVICE_IDS:
+        raise ValueError(f"device id {device_id!r} is reserved for group topics; choose another id")
     return device_id
 
 

@@ -20,7 +20,7 @@ def write_agent_config(path: Path, device_id: str, port: int, model: Path, store
         f"[mqtt]\nport = {port}\nkeepalive = 5\nwill_delay_s = 0\n"
         "[reconnect]\ninitial_s = 0.2\nmultiplier = 2.0\nmax_s = 1.0\n"
         f'[store]\npath = "{store}"\n'
-        f'[model]\npath = "{model}"\nn_ctx = 4096\nn_threads = 2\n'
+        f'[model]\npath = "{model}"\nn_ctx = 4096\nn_threads = 1\n'
     )
     return path
 
