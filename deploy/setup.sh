@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Sets up a development/demo environment on Debian/Ubuntu: mosquitto (when missing), .venv with
+# every dependency. llama-cpp-python is compiled from source the first time (about 10 minutes on
+# 2 cores); pip caches the wheel, so later runs take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+LLAMA_SPEC="llama-cpp-python==0.3.36"
+
+say() { printf '==> %s\n' "$*"; }
+
+pick_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "error: Python 3.11+ is required (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+    return 0
+  fi
+  say "mosquitto is not installed; installing it with apt-get"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      echo "error: mosquitto is missing and this user cannot install packages." >&2
+      echo "       Run: sudo apt-get update && sudo apt-get install -y mosquitto   (then re-run make)" >&2
+      return 1
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: mosquitto is missing and apt-get is not available; install mosquitto 2.x with your package manager" >&2
+    return 1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto
+}
+
+ensure_venv() {
+  local python; python=$(pick_python)
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV with $python"
+    "$python" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+}
+
+install_llama() {
+  if "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+    return 0
+  fi
+  say "installing $LLAMA_SPEC (first time: compiles llama.cpp, ~10 min on 2 cores; cached by pip afterwards)"
+  local log; log=$(mktemp -t llama-build.XXXXXX.log)
+  set +o pipefail
+  "$VENV/bin/python" -m pip install -v "$LLAMA_SPEC" 2>&1 | tee "$log" |
+    grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\]' |
+    awk '{ if (NR % 10 == 1) { printf "    llama.cpp build step %s\n", $1; fflush() } }'
+  local status=${PIPESTATUS[0]}
+  set -o pipefail
+  if [ "$status" -ne 0 ]; then
+    tail -40 "$log" >&2
+    echo "error: building llama-cpp-python failed (full log: $log). It needs gcc, g++ and cmake." >&2
+    return 1
+  fi
+  say "llama-cpp-python installed"
+}
+
+ensure_mosquitto
+ensure_venv
+install_llama
+say "installing autoglm-edge and its dependencies"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+say "setup done"
