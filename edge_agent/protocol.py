@@ -29,6 +29,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Tolerant(BaseModel):
+    """Device -> cloud payloads: a reader ignores fields a newer sender may add."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def _exact_int(value: Any) -> Any:
     """`true` and `1.0` are not the protocol version 1."""
     if type(value) is not int:
@@ -215,12 +221,12 @@ def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None =
 # --- Device -> cloud -----------------------------------------------------------------------------
 
 
-class ErrorInfo(_Strict):
+class ErrorInfo(_Tolerant):
     code: ErrorCode
     message: str
 
 
-class Reply(_Strict):
+class Reply(_Tolerant):
     v: Literal[1] = 1
     command_id: str | None
     device_id: DeviceId
@@ -236,7 +242,7 @@ class Reply(_Strict):
         return self.status in TERMINAL_STATUSES
 
 
-class StreamChunk(_Strict):
+class StreamChunk(_Tolerant):
     v: Literal[1] = 1
     command_id: str
     index: int = Field(ge=0)
@@ -244,7 +250,7 @@ class StreamChunk(_Strict):
     done: bool = False
 
 
-class ModelInfo(_Strict):
+class ModelInfo(_Tolerant):
     name: str
     sha256: str
     arch: str
@@ -252,7 +258,7 @@ class ModelInfo(_Strict):
     n_gpu_layers: int
 
 
-class Status(_Strict):
+class Status(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
     state: Literal["online", "offline"]
@@ -263,7 +269,7 @@ class Status(_Strict):
     groups: list[str] | None = None
 
 
-class Telemetry(_Strict):
+class Telemetry(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
     ts: str
@@ -277,7 +283,7 @@ class Telemetry(_Strict):
     dropped: dict[str, int] = Field(default_factory=dict)
 
 
-class Event(_Strict):
+class Event(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
     ts: str

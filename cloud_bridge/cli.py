@@ -1,0 +1,222 @@
+"""`cloud-bridge` command line: a thin adapter over service.serve and the console functions.
+
+Exit codes: 0 success; for `send` 1 when the command ended in another terminal state and 2 when
+no terminal reply came before --timeout; 3 for usage, configuration and registry errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+from cloud_bridge import console
+from cloud_bridge.config import BridgeConfig, load_config
+from cloud_bridge.errors import BridgeError
+from cloud_bridge.registry import CommandRow, Registry
+
+EXIT_USAGE = 3
+
+DESCRIPTION = """\
+Fleet registry, command dispatcher and console of autoglm-edge.
+
+`serve` runs the bridge (MQTT <-> SQLite registry); the other subcommands read and write the same
+registry file, so run them with the same --config while `serve` is running."""
+
+SEND_EPILOG = """\
+examples:
+  cloud-bridge send --config bridge.toml gw-01 ping
+  cloud-bridge send --config bridge.toml gw-01 chat "Say hi" --stream --max-tokens 64
+  cloud-bridge send --config bridge.toml gw-01 complete "Once upon" --seed 7 --json
+  cloud-bridge send --config bridge.toml gw-01 cancel 3f2a...   # PROMPT is the target command id
+  cloud-bridge send --config bridge.toml gw-01 config --params '{"temperature": 0.2}' --no-wait
+
+exit codes: 0 succeeded, 1 failed/rejected/expired/cancelled, 2 no terminal reply before --timeout,
+3 usage or configuration error"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 3, so that exit 2 of `send` always means a timeout."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"top_p\": 0.9}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cloud-bridge", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--config", required=True, type=Path, metavar="FILE", help="the bridge's TOML config")
+
+    sub.add_parser("serve", parents=[common], help="run the bridge until SIGTERM/SIGINT",
+                   description="Run the bridge: keep the registry, dispatch queued commands, collect replies.")
+    sub.add_parser("devices", parents=[common], help="list devices and their state",
+                   description="List every device that reported to this bridge.")
+    _add_send(sub, common)
+    commands = sub.add_parser("commands", parents=[common], help="list recent commands",
+                              description="List recent commands, newest first.")
+    commands.add_argument("--device", metavar="D", help="only this device's commands")
+    commands.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
+    watch = sub.add_parser("watch", parents=[common], help="follow replies, events and status changes",
+                           description="Print replies, events and status changes as they arrive, until Ctrl-C.")
+    watch.add_argument("--device", metavar="D", help="only this device")
+    watch.add_argument("--for", dest="for_s", type=float, metavar="S", help="stop after S seconds")
+    return parser
+
+
+def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    send = sub.add_parser("send", parents=[common], help="queue a command and wait for its reply",
+                          description="Queue a command for a device and wait for its terminal reply.",
+                          epilog=SEND_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("device", metavar="DEVICE")
+    send.add_argument("kind", metavar="KIND", help="ping, chat, complete, cancel (also onnx, config with --params)")
+    send.add_argument("prompt", nargs="?", metavar="PROMPT",
+                      help="chat: the user message; complete: the prompt; cancel: the target command id")
+    send.add_argument("--stream", action="store_true", help="print the text as the device streams it")
+    send.add_argument("--max-tokens", type=int, metavar="N")
+    send.add_argument("--temperature", type=float, metavar="T")
+    send.add_argument("--seed", type=int, metavar="S")
+    send.add_argument("--params", type=_json_object, default={}, metavar="JSON",
+                      help="more params, merged last (e.g. '{\"top_p\": 0.9, \"stop\": [\"\\n\"]}')")
+    send.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                      help="seconds to wait for the terminal reply (default 120); the command stays queued")
+    send.add_argument("--expires-in", type=float, metavar="S",
+                      help="the command expires S seconds from now (default: dispatch.default_expiry_s)")
+    send.add_argument("--id", dest="command_id", metavar="ID", help="command id (default: a fresh uuid4 hex)")
+    send.add_argument("--no-wait", action="store_true", help="print the id and return at once")
+    send.add_argument("--json", action="store_true", help="print the final reply as JSON")
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(f"cloud-bridge: {text}", file=sys.stderr, flush=True)
+
+
+def cmd_serve(args: argparse.Namespace, config: BridgeConfig) -> int:
+    from cloud_bridge.service import serve
+
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config)
+
+
+def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        _out(console.devices_table(registry))
+    return 0
+
+
+def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        _out(console.commands_table(registry, args.device, args.limit))
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_watch(args: argparse.Namespace, config: BridgeConfig) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    with _registry(config) as registry:
+        try:
+            console.watch(registry, _out, args.device, args.for_s, on_ready=lambda: _err(
+                f"watching {registry.path}" + (f" for {args.device}" if args.device else "") + "; Ctrl-C to stop"))
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
+    request = console.SendRequest(
+        device_id=args.device, kind=args.kind, prompt=args.prompt, stream=args.stream,
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, params=args.params,
+        expires_in_s=args.expires_in if args.expires_in is not None else config.dispatch.default_expiry_s,
+        command_id=args.command_id,
+    )
+    with _registry(config) as registry:
+        row, warnings = console.queue_command(registry, request, resend_interval_s=config.dispatch.resend_interval_s)
+        for warning in warnings:
+            _err(f"warning: {warning}")
+        if args.no_wait:
+            _out(row.id)
+            return 0
+        return _wait_and_print(registry, row.id, args)
+
+
+def _wait_and_print(registry: Registry, command_id: str, args: argparse.Namespace) -> int:
+    follower = None
+    if args.stream and not args.json:
+        follower = console.StreamFollower(registry, command_id, lambda d: print(d, end="", flush=True))
+    try:
+        row = console.wait_for_terminal(registry, command_id, args.timeout, follower)
+    except KeyboardInterrupt:
+        row = registry.command(command_id)
+    if args.json:
+        _out(json.dumps(console.final_json(row) if row.terminal else _progress(row), indent=2))
+    elif row.state == "succeeded":
+        _out(console.format_outcome(row, follower))
+    if row.state != "succeeded":
+        _err(console.describe_failure(row))
+    return console.exit_code(row)
+
+
+def _progress(row: CommandRow) -> dict:
+    return {"command_id": row.id, "device_id": row.device_id, "status": row.state, "attempts": row.attempts}
+
+
+@contextmanager
+def _registry(config: BridgeConfig) -> Iterator[Registry]:
+    """Open the registry read/write without creating it (a console never creates an orphan file)."""
+    registry = Registry.open(config.store.path, create=False)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
+    "serve": cmd_serve,
+    "devices": cmd_devices,
+    "send": cmd_send,
+    "commands": cmd_commands,
+    "watch": cmd_watch,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return HANDLERS[args.command](args, config)
+    except BridgeError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

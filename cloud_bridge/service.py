@@ -1,0 +1,230 @@
+"""`cloud-bridge serve`: wiring of link, registry, ingest and dispatch, plus signals.
+
+Threads:
+- `bridge-network` (link): paho's network loop and reconnects.
+- `bridge-ingest`: takes deliveries off the link's queue in batches, stores them in one commit,
+  then acknowledges each to the broker in arrival order.
+- `bridge-dispatch`: every `POLL_S` asks the dispatcher what to do with each pending/sent command
+  (commands may be queued by another process through the registry file), publishes to
+  `P/<device>/cmd`, expires what the device never accepted, and reads the broker's PUBACKs.
+Signal handlers only set the stop event; the main thread then shuts everything down.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from cloud_bridge.config import BridgeConfig, read_password
+from cloud_bridge.dispatcher import Action, decide, message_expiry_s
+from cloud_bridge.ingest import Ingestor
+from cloud_bridge.link import BridgeLink, Delivery, LinkOptions, PublishResult
+from cloud_bridge.registry import CommandRow, Registry
+from edge_agent.protocol import utc_now
+from edge_agent.topics import DeviceTopics, cloud_subscriptions
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+INGEST_BATCH = 256
+PUBLISH_TRACK_S = 600.0
+
+T = TypeVar("T")
+
+
+class Publisher(Protocol):
+    """What the dispatch loop needs from the link (a fake in tests)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int, expiry_s: int | None = None) -> int | None: ...
+
+
+@dataclass
+class BridgeStats:
+    received: dict[str, int] = field(default_factory=dict)
+    sends: int = 0
+    expired: int = 0
+    refused: int = 0
+
+
+class Dispatch:
+    """One dispatcher pass at a time over the registry's active commands."""
+
+    def __init__(self, registry: Registry, publisher: Publisher, config: BridgeConfig,
+                 stats: BridgeStats | None = None) -> None:
+        self._registry = registry
+        self._publisher = publisher
+        self._prefix = config.mqtt.topic_prefix
+        self._dispatch = config.dispatch
+        self.stats = stats or BridgeStats()
+        self._sent: dict[int, tuple[str, float]] = {}  # paho mid -> (command id, monotonic time)
+
+    def run_once(self, now: datetime) -> int:
+        """Act on every active command; returns how many were published."""
+        published = 0
+        device_states = self._registry.device_states()
+        for row in self._registry.active_commands():
+            decision = decide(row.view(), device_states.get(row.device_id), now, self._dispatch.resend_interval_s)
+            if decision.action is Action.EXPIRE:
+                self._expire(row, decision.reason, now)
+            elif decision.action is Action.SEND and self._publisher.connected:
+                published += self._send(row, decision.reason, now)
+        return published
+
+    def _expire(self, row: CommandRow, reason: str, now: datetime) -> None:
+        if self._registry.mark_expired(row.id, reason, now):
+            self.stats.expired += 1
+            log.warning("command %s for %s expired: %s", row.id, row.device_id, reason)
+
+    def _send(self, row: CommandRow, reason: str, now: datetime) -> int:
+        if not self._registry.mark_sent(row.id, now):
+            return 0  # a reply moved it past `sent` since we read it
+        topic = DeviceTopics(self._prefix, row.device_id).cmd
+        payload = row.raw_payload.encode("utf-8")
+        mid = self._publisher.publish(topic, payload, self._dispatch.qos, message_expiry_s(_expires(row), now))
+        if mid is None:
+            return 0
+        self._sent[mid] = (row.id, time.monotonic())
+        self.stats.sends += 1
+        log.info("sent %s %s to %s (attempt %d: %s)", row.kind, row.id, row.device_id, row.attempts + 1, reason)
+        return 1
+
+    def settle(self, results: list[PublishResult]) -> None:
+        """Log what the broker said about our publishes (refusals, nobody subscribed)."""
+        for result in results:
+            command_id, _ = self._sent.pop(result.mid, (None, 0.0))
+            if not result.ok:
+                self.stats.refused += 1
+                log.error("the broker refused command %s (reason 0x%02x); check the bridge's ACL allows "
+                          "publishing to %s/+/cmd", command_id, result.reason, self._prefix)
+            elif result.no_subscribers:
+                log.info("command %s reached no subscriber (the device has no session yet); it is resent "
+                         "every %g s until accepted", command_id, self._dispatch.resend_interval_s)
+        cutoff = time.monotonic() - PUBLISH_TRACK_S
+        for mid in [m for m, (_, at) in self._sent.items() if at < cutoff]:
+            del self._sent[mid]
+
+
+def _expires(row: CommandRow) -> datetime | None:
+    return datetime.fromisoformat(row.expires_at) if row.expires_at else None
+
+
+def _drain(q: queue.SimpleQueue[T], first: T | None, limit: int) -> list[T]:
+    items = [] if first is None else [first]
+    while len(items) < limit:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
+class BridgeService:
+    """The running bridge: link + ingest loop + dispatch loop around one registry."""
+
+    def __init__(self, config: BridgeConfig, registry: Registry, clock: Callable[[], datetime] = utc_now) -> None:
+        self._config = config
+        self._registry = registry
+        self._clock = clock
+        self.stats = BridgeStats()
+        self._link = BridgeLink(_link_options(config), cloud_subscriptions(config.mqtt.topic_prefix))
+        self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
+        self._dispatch = Dispatch(registry, self._link, config, self.stats)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set, then shut down cleanly."""
+        self._link.start()
+        for name, target in (("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping")
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10.0)
+        self._link.stop()
+
+    # --- ingest ----------------------------------------------------------------------------------
+
+    def _run_ingest(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._link.deliveries.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = _drain(self._link.deliveries, first, INGEST_BATCH)
+            self._store_until_done(batch)
+
+    def _store_until_done(self, batch: list[Delivery]) -> None:
+        """Store a batch and ack it; on a registry error retry (unacked, so nothing is lost)."""
+        while not self._stop.is_set():
+            try:
+                outcomes = self._ingestor.handle_batch([d.message for d in batch], self._clock())
+            except Exception:
+                log.exception("could not store %d message(s) in the registry %s; retrying in 1 s",
+                              len(batch), self._registry.path)
+                self._stop.wait(1.0)
+                continue
+            for delivery, outcome in zip(batch, outcomes, strict=True):
+                self._link.ack(delivery)
+                self.stats.received[outcome] = self.stats.received.get(outcome, 0) + 1
+            return
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _run_dispatch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._dispatch.settle(_drain(self._link.results, None, 10_000))
+                self._dispatch.run_once(self._clock())
+            except Exception:
+                log.exception("dispatch pass failed; retrying in 1 s")
+                self._stop.wait(1.0)
+            self._stop.wait(POLL_S)
+
+
+def _link_options(config: BridgeConfig) -> LinkOptions:
+    mqtt, backoff = config.mqtt, config.reconnect
+    return LinkOptions(
+        host=mqtt.host,
+        port=mqtt.port,
+        client_id=mqtt.client_id,
+        keepalive=mqtt.keepalive,
+        session_expiry_s=mqtt.session_expiry_s,
+        backoff_initial_s=backoff.initial_s,
+        backoff_multiplier=backoff.multiplier,
+        backoff_max_s=backoff.max_s,
+        username=mqtt.username,
+        password=read_password(mqtt),
+    )
+
+
+def serve(config: BridgeConfig) -> int:
+    """Run the bridge until SIGTERM/SIGINT; returns the process exit code (0 on a clean stop)."""
+    registry = Registry.open(config.store.path, create=True)
+    log.info("registry %s; broker %s:%s; prefix %r", registry.path, config.mqtt.host, config.mqtt.port,
+             config.mqtt.topic_prefix)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    service = BridgeService(config, registry)
+    try:
+        service.run(stop)
+    finally:
+        registry.close()
+    log.info("stopped (%s)", ", ".join(f"{k}={v}" for k, v in sorted(service.stats.received.items())) or "idle")
+    return 0
+

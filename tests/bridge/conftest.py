@@ -1,0 +1,199 @@
+"""Shared fixtures of the bridge tests: a registry on a tmp file, a private mosquitto, a bridge.
+
+The mosquitto fixture starts its own broker on a free port (the lead may move it to a shared
+tests/conftest.py later).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cloud_bridge.registry import Registry
+
+MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry.open(tmp_path / "registry.db")
+    yield reg
+    reg.close()
+
+
+# --- mosquitto -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@dataclass
+class Broker:
+    port: int
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto saves its sessions and queues to disk first."""
+        if self.process is not None:
+            stop_process(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def write_mosquitto_config(folder: Path, port: int) -> Path:
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
+             f"persistence_location {data}/", f"log_dest file {folder / 'mosquitto.log'}", "log_type all"]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    path = folder / "mosquitto.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    if not Path(MOSQUITTO).exists():
+        pytest.skip(f"mosquitto not found at {MOSQUITTO}; install it (apt-get install mosquitto) or set MOSQUITTO")
+    folder = tmp_path / "broker"
+    port = free_port()
+    broker = Broker(port, write_mosquitto_config(folder, port), folder / "mosquitto.log")
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
+# --- the bridge as a subprocess ------------------------------------------------------------------
+
+
+@dataclass
+class BridgeProcess:
+    config_path: Path
+    registry_path: Path
+    prefix: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+        """Run `cloud-bridge <sub> --config ... args` and return the finished process."""
+        sub, *rest = args
+        return subprocess.run([str(VENV_BIN / "cloud-bridge"), sub, "--config", str(self.config_path), *rest],
+                              capture_output=True, text=True, timeout=timeout_s)
+
+
+def write_bridge_config(folder: Path, port: int, prefix: str, resend_s: float = 1.0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bridge.toml"
+    path.write_text(
+        f"""log_level = "debug"
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+topic_prefix = "{prefix}"
+client_id = "bridge-{prefix}"
+keepalive = 10
+
+[reconnect]
+initial_s = 0.2
+max_s = 1.0
+
+[store]
+path = "registry.db"
+
+[dispatch]
+resend_interval_s = {resend_s}
+default_expiry_s = 60
+"""
+    )
+    return path
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def launch_bridge(config: Path, log_path: Path) -> subprocess.Popen:
+    """Start `cloud-bridge serve` and wait until it has connected (its log says so)."""
+    connects_before = log_path.read_text().count("connected to") if log_path.exists() else 0
+    with log_path.open("a") as log_file:
+        process = subprocess.Popen([str(VENV_BIN / "cloud-bridge"), "serve", "--config", str(config)],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+
+    def connected() -> bool:
+        return process.poll() is not None or log_path.read_text().count("connected to") > connects_before
+
+    wait_until(connected, 10.0, "the bridge to connect")
+    assert process.poll() is None, f"cloud-bridge serve exited early:\n{log_path.read_text()}"
+    return process
+
+
+@pytest.fixture
+def bridge(mosquitto: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
+    folder = tmp_path / "bridge"
+    prefix = "t" + os.urandom(3).hex()
+    config = write_bridge_config(folder, mosquitto.port, prefix)
+    log_path = folder / "bridge.log"
+    log_path.touch()
+    handle = BridgeProcess(config, folder / "registry.db", prefix, launch_bridge(config, log_path), log_path)
+    try:
+        yield handle
+    finally:
+        code = stop_process(handle.process)
+        assert code == 0, f"cloud-bridge serve exited {code} on SIGTERM:\n{handle.log()}"

@@ -1,0 +1,41 @@
+"""Small builders of protocol payloads for the bridge tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from edge_agent.protocol import Command, ModelInfo, Reply, Status, StreamChunk, format_ts
+
+T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def command(command_id: str = "c1", kind: str = "ping", params: dict[str, Any] | None = None,
+            expires_in_s: float | None = 3600.0, device_id: str = "dev-1") -> Command:
+    return Command(v=1, id=command_id, kind=kind, params=params or {}, created_at=T0,
+                   expires_at=None if expires_in_s is None else at(expires_in_s), target=device_id)
+
+
+def reply(seq: int, status: str, command_id: str | None = "c1", device_id: str = "dev-1",
+          output: dict[str, Any] | None = None, error: dict[str, str] | None = None,
+          metrics: dict[str, Any] | None = None) -> Reply:
+    return Reply(command_id=command_id, device_id=device_id, status=status, seq=seq, ts=format_ts(T0),
+                 output=output, error=error, metrics=metrics or {})
+
+
+def online(device_id: str = "dev-1", kinds: list[str] | None = None) -> Status:
+    return Status(device_id=device_id, state="online", ts=format_ts(T0), agent_version="0.1.0",
+                  model=ModelInfo(name="glm-4-tiny", sha256="ab" * 32, arch="glm4", quant="Q4_0", n_gpu_layers=0),
+                  kinds=kinds or ["ping", "chat", "complete", "cancel"], groups=["lab"])
+
+
+def offline(device_id: str = "dev-1") -> Status:
+    return Status(device_id=device_id, state="offline")
+
+
+def chunk(index: int, delta: str, command_id: str = "c1", done: bool = False) -> StreamChunk:
+    return StreamChunk(command_id=command_id, index=index, delta=delta, done=done)

@@ -1,0 +1,90 @@
+"""Device messages into the registry: routing by topic, validation, and bad payloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_bridge.ingest import Inbound, Ingestor, Outcome
+from edge_agent.protocol import to_bytes
+
+from .factories import T0, at, chunk, command, offline, online, reply
+
+P = "autoglm"
+
+
+@pytest.fixture
+def ingestor(registry):
+    return Ingestor(registry, P)
+
+
+def test_a_status_on_the_status_topic_registers_the_device(ingestor, registry):
+    assert ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(online()), retained=True), at(1)) is Outcome.STORED
+    assert registry.device("dev-1").state == "online"
+
+
+def test_the_last_will_marks_the_device_offline(ingestor, registry):
+    ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(online())), at(1))
+    ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(offline())), at(2))
+    assert registry.device("dev-1").state == "offline"
+
+
+def test_a_duplicate_reply_is_reported_as_such(ingestor, registry):
+    registry.add_command(command(), "dev-1", T0)
+    message = Inbound(f"{P}/dev-1/reply", to_bytes(reply(1, "accepted")))
+    assert ingestor.handle(message, at(1)) is Outcome.STORED
+    assert ingestor.handle(message, at(2)) is Outcome.DUPLICATE
+
+
+def test_stream_chunks_come_from_the_stream_topic(ingestor, registry):
+    assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c1", to_bytes(chunk(0, "Hi"))), at(1)) is Outcome.STORED
+    assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c1", to_bytes(chunk(0, "Hi"))), at(1)) is Outcome.DUPLICATE
+    assert [c.delta for c in registry.chunks("c1")] == ["Hi"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        (f"{P}/dev-1/reply", b"not json"),
+        (f"{P}/dev-1/reply", b"[1, 2]"),
+        (f"{P}/dev-1/reply", b'{"v": 1, "status": "accepted"}'),
+        (f"{P}/dev-1/reply", b"\xff\xfe"),
+        (f"{P}/dev-1/status", b'{"v": 1, "device_id": "dev-1", "state": "asleep"}'),
+        (f"{P}/dev-1/event", b'{"v": 2}'),
+        (f"{P}/dev-1/telemetry", b"{}"),
+    ],
+)
+def test_a_bad_payload_is_counted_and_never_raises(ingestor, registry, topic, payload):
+    assert ingestor.handle(Inbound(topic, payload), at(1)) is Outcome.BAD
+    assert registry.counters()["bad_payloads"] == 1
+
+
+def test_a_payload_naming_another_device_than_its_topic_is_bad(ingestor, registry):
+    message = Inbound(f"{P}/dev-2/reply", to_bytes(reply(1, "accepted", device_id="dev-1")))
+    assert ingestor.handle(message, at(1)) is Outcome.BAD
+    assert registry.replies_after(0) == []
+
+
+def test_a_chunk_naming_another_command_than_its_topic_is_bad(ingestor):
+    assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c2", to_bytes(chunk(0, "x"))), at(1)) is Outcome.BAD
+
+
+def test_a_cleared_retained_status_is_ignored(ingestor, registry):
+    assert ingestor.handle(Inbound(f"{P}/dev-1/status", b"", retained=True), at(1)) is Outcome.IGNORED
+    assert registry.devices() == []
+
+
+def test_topics_outside_the_protocol_are_ignored(ingestor):
+    assert ingestor.handle(Inbound(f"{P}/dev-1/cmd", b"{}"), at(1)) is Outcome.IGNORED
+    assert ingestor.handle(Inbound("other/dev-1/reply", b"{}"), at(1)) is Outcome.IGNORED
+
+
+def test_a_batch_is_stored_in_one_go(ingestor, registry):
+    registry.add_command(command(), "dev-1", T0)
+    outcomes = ingestor.handle_batch([
+        Inbound(f"{P}/dev-1/status", to_bytes(online())),
+        Inbound(f"{P}/dev-1/reply", to_bytes(reply(1, "accepted"))),
+        Inbound(f"{P}/dev-1/reply", b"garbage"),
+        Inbound(f"{P}/dev-1/reply", to_bytes(reply(2, "succeeded", output={"pong": True}))),
+    ], at(1))
+    assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.BAD, Outcome.STORED]
+    assert registry.command("c1").state == "succeeded"
