@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from cloud_bridge import console
 from cloud_bridge.config import BridgeConfig, load_config
-from cloud_bridge.errors import BridgeError
+from cloud_bridge.errors import BridgeError, ConfigError
 from cloud_bridge.registry import CommandRow, Registry
 
 EXIT_USAGE = 3
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return HANDLERS[args.command](args, config)
-    except BridgeError as exc:
+    except (BridgeError, ConfigError) as exc:
         _err(f"error: {exc}")
         return EXIT_USAGE
 

@@ -1,14 +1,18 @@
-"""Error tree of the cloud bridge: one base, narrow subclasses whose messages say what to do next."""
+"""Error tree of the cloud bridge: one base, narrow subclasses whose messages say what to do next.
+
+`ConfigError` is the agent's (`edge_agent.errors.ConfigError`, raised by the shared loader in
+`edge_agent.settings`): the CLI catches it next to `BridgeError`.
+"""
 
 from __future__ import annotations
+
+from edge_agent.errors import ConfigError
+
+__all__ = ["BridgeError", "ConfigError", "DuplicateCommand", "InvalidRequest", "RegistryMissing", "UnknownCommand"]
 
 
 class BridgeError(Exception):
     """Base of every error the bridge reports to an operator."""
-
-
-class ConfigError(BridgeError):
-    """The configuration file or environment is invalid; the message names the key and why."""
 
 
 class RegistryMissing(BridgeError):

@@ -5,8 +5,8 @@
 - `manual_ack`: every delivery goes to the `deliveries` queue; the ingest loop stores it, then
   calls `ack()`. A delivery from an earlier connection is not acknowledged (its packet id belongs
   to a dead connection); the broker redelivers it and the registry deduplicates.
-- Reconnect is driven here with tenacity (exponential backoff, full jitter); paho's own reconnect
-  is off.
+- Client construction and reconnects (tenacity: exponential backoff, full jitter; paho's own
+  reconnect is off) are `edge_agent.mqtt_session`'s, shared with the agent's link.
 - Callbacks only put items on queues and set events: no lock of ours is taken in a paho callback,
   nothing blocks there.
 """
@@ -16,36 +16,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type, wait_random_exponential
 
 from cloud_bridge.ingest import Inbound
+from edge_agent.mqtt_session import BrokerOptions, SessionRunner, make_client
 
 log = logging.getLogger(__name__)
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-
-
-@dataclass(frozen=True)
-class LinkOptions:
-    host: str
-    port: int
-    client_id: str
-    keepalive: int
-    session_expiry_s: int
-    backoff_initial_s: float
-    backoff_multiplier: float
-    backoff_max_s: float
-    username: str | None = None
-    password: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,19 +59,10 @@ class PublishResult:
         return self.reason == NO_MATCHING_SUBSCRIBERS
 
 
-class _SessionEnded(Exception):
-    """A connection attempt failed or a session ended too soon: back off before the next."""
-
-
-def reconnect_wait(initial_s: float, multiplier: float, max_s: float) -> wait_random_exponential:
-    """Attempt n waits uniform(0, min(max_s, initial_s * multiplier ** (n - 1))) seconds."""
-    return wait_random_exponential(multiplier=initial_s, exp_base=multiplier, max=max_s)
-
-
 class BridgeLink:
     """Owns the paho client and the network thread."""
 
-    def __init__(self, options: LinkOptions, subscriptions: list[str]) -> None:
+    def __init__(self, options: BrokerOptions, subscriptions: list[str]) -> None:
         self._options = options
         self._subscriptions = subscriptions
         self.deliveries: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -94,9 +70,9 @@ class BridgeLink:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._generation = 0
-        self._session_ok = False
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
+        self._runner = SessionRunner(self._client, options, self._connected, logger=log)
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -108,7 +84,8 @@ class BridgeLink:
         return self._connected.wait(timeout)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_network, name="bridge-network", daemon=True)
+        self._thread = threading.Thread(target=self._runner.run, args=(self._stopping,), name="bridge-network",
+                                        daemon=True)
         self._thread.start()
 
     def alive(self) -> bool:
@@ -148,25 +125,8 @@ class BridgeLink:
     # --- paho client and callbacks (paho thread: never block, never take our locks) -------------
 
     def _make_client(self) -> mqtt.Client:
-        opts = self._options
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=opts.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-            reconnect_on_failure=False,
-        )
-        if opts.username is not None:
-            client.username_pw_set(opts.username, opts.password)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        connect_props = Properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = opts.session_expiry_s
-        client.connect_async(opts.host, opts.port, keepalive=opts.keepalive, clean_start=False,
-                             properties=connect_props)
-        return client
+        return make_client(self._options, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                           on_message=self._on_message, on_publish=self._on_publish)
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                     reason: ReasonCode, properties: Properties | None) -> None:
@@ -174,7 +134,7 @@ class BridgeLink:
             log.error("broker refused the connection: %s (check mqtt.username, mqtt.password_file and ACLs)",
                       reason)
             return
-        self._session_ok = True
+        self._runner.accepted()
         self._generation += 1
         log.info("connected to %s:%s as %s (session present: %s)", self._options.host, self._options.port,
                  self._options.client_id, flags.session_present)
@@ -194,42 +154,3 @@ class BridgeLink:
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode,
                     properties: Properties | None) -> None:
         self.results.put(PublishResult(mid, reason.value))
-
-    # --- network thread --------------------------------------------------------------------------
-
-    def _run_network(self) -> None:
-        opts = self._options
-        while not self._stopping.is_set():
-            retrying = Retrying(
-                wait=reconnect_wait(opts.backoff_initial_s, opts.backoff_multiplier, opts.backoff_max_s),
-                retry=retry_if_exception_type(_SessionEnded),
-                stop=lambda _state: self._stopping.is_set(),
-                sleep=self._stopping.wait,
-                before_sleep=self._log_backoff,
-            )
-            try:
-                retrying(self._one_session)
-            except RetryError:
-                return
-
-    def _one_session(self) -> None:
-        self._session_ok = False
-        try:
-            self._client.reconnect()
-        except Exception as exc:  # OSError mostly; anything else must not kill the thread
-            raise _SessionEnded(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from exc
-        started = time.monotonic()
-        self._client.loop_forever()
-        self._connected.clear()
-        if self._stopping.is_set():
-            return
-        lasted = time.monotonic() - started
-        if not self._session_ok:
-            raise _SessionEnded("the broker closed the connection before accepting it")
-        if lasted < 1.0:
-            raise _SessionEnded(f"the connection ended after {lasted:.1f} s")
-
-    def _log_backoff(self, state: RetryCallState) -> None:
-        sleep = state.next_action.sleep if state.next_action else 0.0
-        outcome = state.outcome.exception() if state.outcome else None
-        log.warning("%s; retrying in %.1f s (attempt %d)", outcome, sleep, state.attempt_number)

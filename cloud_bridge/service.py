@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from cloud_bridge.config import BridgeConfig, read_password
+from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, decide, message_expiry_s
 from cloud_bridge.ingest import Ingestor
-from cloud_bridge.link import BridgeLink, Delivery, LinkOptions, PublishResult
+from cloud_bridge.link import BridgeLink, Delivery, PublishResult
 from cloud_bridge.registry import CommandRow, Registry
+from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.protocol import utc_now
 from edge_agent.topics import DeviceTopics, cloud_subscriptions
 
@@ -136,7 +137,8 @@ class BridgeService:
         self._registry = registry
         self._clock = clock
         self.stats = BridgeStats()
-        self._link = BridgeLink(_link_options(config), cloud_subscriptions(config.mqtt.topic_prefix))
+        options = BrokerOptions.from_config(config.mqtt, config.reconnect, client_id=config.mqtt.client_id)
+        self._link = BridgeLink(options, cloud_subscriptions(config.mqtt.topic_prefix))
         self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
         self._dispatch = Dispatch(registry, self._link, config, self.stats)
         self._stop = threading.Event()
@@ -194,22 +196,6 @@ class BridgeService:
                 log.exception("dispatch pass failed; retrying in 1 s")
                 self._stop.wait(1.0)
             self._stop.wait(POLL_S)
-
-
-def _link_options(config: BridgeConfig) -> LinkOptions:
-    mqtt, backoff = config.mqtt, config.reconnect
-    return LinkOptions(
-        host=mqtt.host,
-        port=mqtt.port,
-        client_id=mqtt.client_id,
-        keepalive=mqtt.keepalive,
-        session_expiry_s=mqtt.session_expiry_s,
-        backoff_initial_s=backoff.initial_s,
-        backoff_multiplier=backoff.multiplier,
-        backoff_max_s=backoff.max_s,
-        username=mqtt.username,
-        password=read_password(mqtt),
-    )
 
 
 def serve(config: BridgeConfig) -> int:

@@ -18,6 +18,7 @@ from edge_agent.engine import TextEngine
 from edge_agent.errors import AgentError, Unauthorized
 from edge_agent.executor import IMMEDIATE_KINDS, Executor
 from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.notify import sd_notify, watchdog_interval_s
 from edge_agent.protocol import Event, ParsedCommand, Status, Telemetry, format_ts, parse_command, to_bytes, utc_now
 from edge_agent.store import ReplyDraft, Store
@@ -65,24 +66,10 @@ class Agent:
         )
 
     def _link_options(self) -> LinkOptions:
-        mqtt_cfg, backoff = self.config.mqtt, self.config.reconnect
-        password = None
-        if mqtt_cfg.password_file is not None:
-            password = mqtt_cfg.password_file.read_text(encoding="utf-8").strip()
-        return LinkOptions(
-            host=mqtt_cfg.host,
-            port=mqtt_cfg.port,
-            client_id=self.config.device_id,
-            keepalive=mqtt_cfg.keepalive,
-            session_expiry_s=mqtt_cfg.session_expiry_s,
-            will_delay_s=mqtt_cfg.will_delay_s,
-            inflight_window=mqtt_cfg.inflight_window,
-            backoff_initial_s=backoff.initial_s,
-            backoff_multiplier=backoff.multiplier,
-            backoff_max_s=backoff.max_s,
-            username=mqtt_cfg.username,
-            password=password,
-        )
+        """Broker options (the device id is the client id) plus the agent's will delay and window."""
+        mqtt_cfg = self.config.mqtt
+        broker = BrokerOptions.from_config(mqtt_cfg, self.config.reconnect, client_id=self.config.device_id)
+        return LinkOptions(broker=broker, will_delay_s=mqtt_cfg.will_delay_s, inflight_window=mqtt_cfg.inflight_window)
 
     # --- intake (paho thread: store, then return so the link acks) -------------------------------
 

@@ -4,8 +4,9 @@
   every connect and a retained `offline` last will with a will delay.
 - Commands are delivered with `manual_ack`: the handler stores the command, then we PUBACK. A
   handler that raises leaves the message unacknowledged, so the broker redelivers it.
-- Reconnect is driven here with tenacity (exponential backoff, full jitter); paho's own
-  reconnect is off.
+- Client construction and reconnects (tenacity: exponential backoff, full jitter; paho's own
+  reconnect is off) are `edge_agent.mqtt_session`'s, shared with the bridge; this module adds the
+  will, the in-flight window, the callbacks and the pump.
 - The outbox pump (its own thread) publishes stored rows in id order with a bounded in-flight
   window and reports each broker ack back to the outbox, which then deletes the row. paho's
   `on_publish` only appends to a queue: no lock of ours is ever taken inside a paho callback.
@@ -22,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
 
-from edge_agent.backoff import reconnect_wait
+from edge_agent.mqtt_session import BrokerOptions, SessionRunner, make_client
 from edge_agent.store import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,11 @@ class InboundMessage:
 
 @dataclass(frozen=True)
 class LinkOptions:
-    host: str
-    port: int
-    client_id: str
-    keepalive: int
-    session_expiry_s: int
+    """The shared broker options plus the agent's will delay and in-flight window."""
+
+    broker: BrokerOptions
     will_delay_s: int
     inflight_window: int
-    backoff_initial_s: float
-    backoff_multiplier: float
-    backoff_max_s: float
-    username: str | None = None
-    password: str | None = None
 
 
 class Outbox(Protocol):
@@ -78,10 +71,6 @@ class LinkStats:
     acked: int = 0
     refused: int = 0
     last_connect_ts: float | None = field(default=None)
-
-
-class _SessionEnded(Exception):
-    """A connection attempt failed or a session ended too soon: back off before the next."""
 
 
 class Link:
@@ -111,8 +100,8 @@ class Link:
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; pump thread only
         self._last_sent_id = 0
-        self._session_ok = False
         self._client = self._make_client()
+        self._runner = SessionRunner(self._client, options.broker, self._connected, self._count_failure, log)
         self._threads: list[threading.Thread] = []
 
     # --- public ----------------------------------------------------------------------------------
@@ -170,28 +159,12 @@ class Link:
 
     def _make_client(self) -> mqtt.Client:
         opts = self._options
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=opts.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-            reconnect_on_failure=False,
-        )
-        client.max_inflight_messages_set(opts.inflight_window)
-        if opts.username is not None:
-            client.username_pw_set(opts.username, opts.password)
+        client = make_client(opts.broker, max_inflight=opts.inflight_window, on_connect=self._on_connect,
+                             on_disconnect=self._on_disconnect, on_message=self._on_message,
+                             on_publish=self._on_publish)
         will_props = Properties(PacketTypes.WILLMESSAGE)
         will_props.WillDelayInterval = opts.will_delay_s
         client.will_set(self._status_topic, self._offline_payload, qos=1, retain=True, properties=will_props)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        connect_props = Properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = opts.session_expiry_s
-        client.connect_async(
-            opts.host, opts.port, keepalive=opts.keepalive, clean_start=False, properties=connect_props
-        )
         return client
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
@@ -199,10 +172,10 @@ class Link:
         if reason.is_failure:
             log.error("broker refused the connection: %s (check credentials and ACLs)", reason)
             return
-        self._session_ok = True
+        self._runner.accepted()
         self.stats.connects += 1
         self.stats.last_connect_ts = time.time()
-        log.info("connected to %s:%s (session present: %s)", self._options.host, self._options.port,
+        log.info("connected to %s:%s (session present: %s)", self._options.broker.host, self._options.broker.port,
                  flags.session_present)
         client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions])
         client.publish(self._status_topic, self._status_payload(), qos=1, retain=True)
@@ -242,40 +215,10 @@ class Link:
     # --- network thread --------------------------------------------------------------------------
 
     def _run_network(self) -> None:
-        opts = self._options
-        while not self._stopping.is_set():
-            retrying = Retrying(
-                wait=reconnect_wait(opts.backoff_initial_s, opts.backoff_multiplier, opts.backoff_max_s),
-                retry=retry_if_exception_type(_SessionEnded),
-                stop=lambda _state: self._stopping.is_set(),
-                sleep=self._stopping.wait,
-                before_sleep=self._log_backoff,
-            )
-            try:
-                retrying(self._one_session)
-            except RetryError:
-                return
+        self._runner.run(self._stopping)
 
-    def _one_session(self) -> None:
-        self._session_ok = False
-        try:
-            self._client.reconnect()
-        except Exception as exc:  # OSError mostly; anything else must not kill the thread
-            self.stats.connect_failures += 1
-            raise _SessionEnded(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from exc
-        started = time.monotonic()
-        self._client.loop_forever()
-        self._connected.clear()
-        if self._stopping.is_set():
-            return
-        if not self._session_ok or time.monotonic() - started < 1.0:
-            self.stats.connect_failures += 1
-            raise _SessionEnded("the broker closed the connection at once")
-
-    def _log_backoff(self, state: RetryCallState) -> None:
-        sleep = state.next_action.sleep if state.next_action else 0.0
-        outcome = state.outcome.exception() if state.outcome else None
-        log.warning("%s; retrying in %.1f s (attempt %d)", outcome, sleep, state.attempt_number)
+    def _count_failure(self) -> None:
+        self.stats.connect_failures += 1
 
     # --- pump thread -----------------------------------------------------------------------------
 

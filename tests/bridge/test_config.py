@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_bridge.config import load_config, read_password
+from cloud_bridge.config import load_config
 from cloud_bridge.errors import ConfigError
+from edge_agent.settings import read_password
 
 
 def write(tmp_path, text: str):

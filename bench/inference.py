@@ -1,0 +1,154 @@
+"""Inference overhead of the agent against raw llama-cpp-python, on the same model and prompt.
+
+  (a) raw: llama_cpp.Llama in this process, `create_completion(stream=True)` on the prompt tokens
+  (b) full path: `complete` command over MQTT -> edge-agent (subprocess) -> stream chunks + reply
+
+Both runs use the same GGUF, n_ctx, n_batch, n_threads, seed and max_tokens, one after the other
+(never at the same time: the machine has 2 cores). Reported per run: TTFT (raw: call -> first
+token; full path: MQTT publish -> first stream chunk at the client) and decode tokens/s (tokens
+after the first over the time after the first). Memory: the agent's RSS with the model loaded
+minus the RSS of a raw process that loaded the same model and generated the same text.
+
+  python bench/inference.py                       # bench model (make bench-model), 5 runs each
+  python bench/inference.py --model models/tiny-glm4-q4_0.gguf --runs 3 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.agent_proc import AgentProcess  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+from tests.support.cloud import CloudClient, command  # noqa: E402
+
+PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+RAW_RSS_SCRIPT = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[3]),
+                      n_threads=int(sys.argv[4]), n_gpu_layers=0, verbose=False)
+for _ in llm.create_completion(prompt=sys.argv[5], max_tokens=int(sys.argv[6]), seed=1, stream=True):
+    pass
+with open("/proc/self/status") as f:
+    print(next(l for l in f if l.startswith("VmRSS")).split()[1])
+"""
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+def raw_runs(model: Path, args: argparse.Namespace) -> list[tuple[float, float]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads,
+                          n_gpu_layers=0, verbose=False)
+    tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    results = []
+    for run in range(args.runs + 1):  # run 0 warms up
+        llm.reset()  # no prefix reuse between runs: the agent gets a fresh prompt evaluation too
+        started = time.perf_counter()
+        first = last = None
+        count = 0
+        for _chunk in llm.create_completion(prompt=tokens, max_tokens=args.max_tokens, seed=run, stream=True):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+        if run and first and last and count > 1:
+            results.append(((first - started) * 1000, (count - 1) / (last - first)))
+    llm.close()
+    return results
+
+
+def agent_runs(model: Path, args: argparse.Namespace, work: Path) -> tuple[list[tuple[float, float]], int]:
+    broker = Broker(work / "broker").start()
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {broker.port}\n'
+        f'[store]\npath = "{work / "agent.db"}"\n'
+        f'[model]\npath = "{model}"\nn_ctx = {args.n_ctx}\nn_batch = {args.n_batch}\nn_threads = {args.threads}\n'
+    )
+    agent = AgentProcess(config, work / "agent.log").start()
+    cloud = CloudClient(broker.port)
+    results = []
+    try:
+        cloud.wait_online("bench", timeout=300)
+        for run in range(args.runs + 1):
+            cmd = command("complete", {"prompt": PROMPT, "max_tokens": args.max_tokens, "seed": run, "stream": True})
+            started = time.perf_counter()
+            cloud.send("bench", cmd)
+            cloud.wait_for(lambda c=cmd: cloud.on(f"/stream/{c['id']}"), 300, "first chunk")
+            first = time.perf_counter()
+            reply = cloud.wait_terminal(cmd["id"], timeout=600)
+            done = time.perf_counter()
+            tokens = reply["output"]["usage"]["completion_tokens"]
+            if run and tokens > 1:
+                results.append(((first - started) * 1000, (tokens - 1) / (done - first)))
+        rss = rss_kib(agent.process.pid) if agent.process else 0
+    finally:
+        cloud.close()
+        agent.terminate()
+        broker.stop()
+    return results, rss
+
+
+def raw_rss_kib(model: Path, args: argparse.Namespace) -> int:
+    out = subprocess.run([sys.executable, "-c", RAW_RSS_SCRIPT, str(model), str(args.n_ctx), str(args.n_batch),
+                          str(args.threads), PROMPT, str(args.max_tokens)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(name: str, runs: list[tuple[float, float]]) -> dict[str, float]:
+    ttft = statistics.median(r[0] for r in runs)
+    tps = statistics.median(r[1] for r in runs)
+    print(f"{name:>10}: TTFT median {ttft:8.2f} ms   decode {tps:8.1f} tokens/s   ({len(runs)} runs)")
+    return {"ttft_ms": ttft, "tokens_per_s": tps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bench-glm4-q4_0.gguf")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    if not args.model.exists():
+        raise SystemExit(f"{args.model} is missing: run `make bench-model` (or pass --model)")
+    print(f"model {args.model.name}, prompt {len(PROMPT)} chars, {args.max_tokens} tokens, {args.threads} threads")
+    raw = summarize("raw", raw_runs(args.model, args))
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        agent_results, agent_rss = agent_runs(args.model, args, Path(tmp))
+    full = summarize("full path", agent_results)
+    raw_rss = raw_rss_kib(args.model, args)
+    figures = {
+        "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],
+        "ttft_overhead_ms": full["ttft_ms"] - raw["ttft_ms"],
+        "agent_rss_mb": agent_rss / 1024,
+        "raw_rss_mb": raw_rss / 1024,
+        "rss_overhead_mb": (agent_rss - raw_rss) / 1024,
+    }
+    print(f"throughput ratio (full/raw): {figures['throughput_ratio']:.3f}   (target >= 0.95)")
+    print(f"TTFT overhead: {figures['ttft_overhead_ms']:+.2f} ms   (target <= 5 ms)")
+    print(f"RSS: agent {figures['agent_rss_mb']:.1f} MB, raw {figures['raw_rss_mb']:.1f} MB, "
+          f"overhead {figures['rss_overhead_mb']:+.1f} MB   (target <= 40 MB)")
+    if args.json:
+        print(json.dumps({"raw": raw, "full": full, **figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The MQTT 5 session machinery both links share (`edge_agent.link`, `cloud_bridge.link`).
+
+- `BrokerOptions`: where and how to connect, built from the `[mqtt]` and `[reconnect]` config.
+- `make_client`: a paho client for a persistent session (MQTT 5, `clean_start=False`,
+  SessionExpiryInterval on every CONNECT, `manual_ack`), with paho's own reconnect off.
+- `SessionRunner`: the network thread's loop. It runs one session at a time (`reconnect()`, then
+  `loop_forever()`); a connection attempt that fails, a CONNACK that refuses, or a session that
+  ends within `MIN_SESSION_S` is backed off with tenacity (`edge_agent.backoff.reconnect_wait`:
+  exponential, full jitter); after a longer session it reconnects at once with a fresh schedule.
+
+The links keep their own paho callbacks; the only call they make into this module from a paho
+callback is `SessionRunner.accepted()`, which sets a flag: no lock is taken, nothing blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
+
+from edge_agent.backoff import reconnect_wait
+from edge_agent.settings import BrokerConfig, ReconnectConfig, read_password
+
+log = logging.getLogger(__name__)
+
+MIN_SESSION_S = 1.0
+
+PahoCallback = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """Broker address, credentials, session parameters and the reconnect schedule of one client."""
+
+    host: str
+    port: int
+    client_id: str
+    keepalive: int
+    session_expiry_s: int
+    backoff_initial_s: float
+    backoff_multiplier: float
+    backoff_max_s: float
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_config(cls, broker: BrokerConfig, reconnect: ReconnectConfig, client_id: str) -> BrokerOptions:
+        """Options from the config sections; reads `broker.password_file` (ConfigError if unreadable)."""
+        return cls(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            keepalive=broker.keepalive,
+            session_expiry_s=broker.session_expiry_s,
+            backoff_initial_s=reconnect.initial_s,
+            backoff_multiplier=reconnect.multiplier,
+            backoff_max_s=reconnect.max_s,
+            username=broker.username,
+            password=read_password(broker),
+        )
+
+
+def make_client(
+    options: BrokerOptions,
+    manual_ack: bool = True,
+    *,
+    max_inflight: int | None = None,
+    on_connect: PahoCallback | None = None,
+    on_disconnect: PahoCallback | None = None,
+    on_message: PahoCallback | None = None,
+    on_publish: PahoCallback | None = None,
+) -> mqtt.Client:
+    """A paho client (callback API VERSION2) for a persistent MQTT 5 session, ready to be connected
+    by `SessionRunner.run`.
+
+    `max_inflight` (paho's default when None) is set here because paho refuses to change it once
+    `connect_async` has run. The callbacks run on paho's network thread: they must not block.
+    A will may still be set on the returned client.
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=options.client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+        reconnect_on_failure=False,
+    )
+    if max_inflight is not None:
+        client.max_inflight_messages_set(max_inflight)
+    if options.username is not None:
+        client.username_pw_set(options.username, options.password)
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_message = on_message
+    client.on_publish = on_publish
+    connect_props = Properties(PacketTypes.CONNECT)
+    connect_props.SessionExpiryInterval = options.session_expiry_s
+    client.connect_async(options.host, options.port, keepalive=options.keepalive, clean_start=False,
+                         properties=connect_props)
+    return client
+
+
+class _SessionEnded(Exception):
+    """A connection attempt failed or a session ended too soon: back off before the next."""
+
+
+class SessionRunner:
+    """Runs a client's sessions back to back on the calling thread until `stopping` is set.
+
+    `connected` is the link's event (set by its on_connect); the runner clears it when a session
+    ends. `on_failure` is called (on the network thread) for every failed attempt or short session.
+    """
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        options: BrokerOptions,
+        connected: threading.Event,
+        on_failure: Callable[[], None] | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        self._client = client
+        self._options = options
+        self._connected = connected
+        self._on_failure = on_failure
+        self._log = logger
+        self._session_ok = False
+
+    def accepted(self) -> None:
+        """The broker accepted the current connection (call from on_connect; only sets a flag)."""
+        self._session_ok = True
+
+    def run(self, stopping: threading.Event) -> None:
+        """Connect, serve, reconnect with backoff; return once `stopping` is set."""
+        opts = self._options
+        while not stopping.is_set():
+            retrying = Retrying(
+                wait=reconnect_wait(opts.backoff_initial_s, opts.backoff_multiplier, opts.backoff_max_s),
+                retry=retry_if_exception_type(_SessionEnded),
+                stop=lambda _state: stopping.is_set(),
+                sleep=stopping.wait,
+                before_sleep=self._log_backoff,
+            )
+            try:
+                retrying(self._one_session, stopping)
+            except RetryError:
+                return
+
+    def _one_session(self, stopping: threading.Event) -> None:
+        """One connection, served until it ends; raises _SessionEnded when it should be backed off."""
+        self._session_ok = False
+        try:
+            self._client.reconnect()
+        except Exception as exc:  # OSError mostly; anything else must not kill the thread
+            raise self._failed(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from exc
+        started = time.monotonic()
+        self._client.loop_forever()
+        self._connected.clear()
+        if stopping.is_set():
+            return
+        lasted = time.monotonic() - started
+        if not self._session_ok:
+            raise self._failed("the broker closed the connection before accepting it")
+        if lasted < MIN_SESSION_S:
+            raise self._failed(f"the connection ended after {lasted:.1f} s")
+
+    def _failed(self, reason: str) -> _SessionEnded:
+        if self._on_failure is not None:
+            self._on_failure()
+        return _SessionEnded(reason)
+
+    def _log_backoff(self, state: RetryCallState) -> None:
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        outcome = state.outcome.exception() if state.outcome else None
+        self._log.warning("%s; retrying in %.1f s (attempt %d)", outcome, sleep, state.attempt_number)
