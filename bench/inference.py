@@ -3,11 +3,12 @@
   (a) raw: llama_cpp.Llama in this process, `create_completion(stream=True)` on the prompt tokens
   (b) full path: `complete` command over MQTT -> edge-agent (subprocess) -> stream chunks + reply
 
-Both runs use the same GGUF, n_ctx, n_batch, n_threads, seed and max_tokens, one after the other
-(never at the same time: the machine has 2 cores). Reported per run: TTFT (raw: call -> first
-token; full path: MQTT publish -> first stream chunk at the client) and decode tokens/s (tokens
-after the first over the time after the first). Memory: the agent's RSS with the model loaded
-minus the RSS of a raw process that loaded the same model and generated the same text.
+Both use the same GGUF, n_ctx, n_batch, n_threads, seed and max_tokens; raw and full-path runs
+alternate (never at the same time: the machine has 2 cores), so drift hits both alike.
+Reported per run: TTFT (raw: call -> first token; full path: MQTT publish -> first stream chunk
+at the client) and decode tokens/s (tokens after the first over the time after the first).
+Memory: the agent's RSS with the model loaded minus the RSS of a raw process that loaded the
+same model and generated the same text.
 
   python bench/inference.py                       # bench model (make bench-model), 5 runs each
   python bench/inference.py --model models/tiny-glm4-q4_0.gguf --runs 3 --max-tokens 64
@@ -48,59 +49,72 @@ def rss_kib(pid: int) -> int:
         return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
 
 
-def raw_runs(model: Path, args: argparse.Namespace) -> list[tuple[float, float]]:
-    import llama_cpp
+class RawModel:
+    """Raw llama-cpp-python in this process: the baseline."""
 
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads,
-                          n_gpu_layers=0, verbose=False)
-    tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
-    results = []
-    for run in range(args.runs + 1):  # run 0 warms up
-        llm.reset()  # no prefix reuse between runs: the agent gets a fresh prompt evaluation too
+    def __init__(self, model: Path, args: argparse.Namespace) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch,
+                                   n_threads=args.threads, n_gpu_layers=0, verbose=False)
+        self.tokens = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+        self.max_tokens = args.max_tokens
+
+    def run(self, seed: int) -> tuple[float, float]:
+        """(TTFT ms, decode tokens/s) of one streamed completion."""
         started = time.perf_counter()
-        first = last = None
+        first = last = started
         count = 0
-        for _chunk in llm.create_completion(prompt=tokens, max_tokens=args.max_tokens, seed=run, stream=True):
-            now = time.perf_counter()
-            first = first or now
-            last = now
+        for _chunk in self.llm.create_completion(prompt=self.tokens, max_tokens=self.max_tokens, seed=seed,
+                                                 stream=True):
+            last = time.perf_counter()
+            if count == 0:
+                first = last
             count += 1
-        if run and first and last and count > 1:
-            results.append(((first - started) * 1000, (count - 1) / (last - first)))
-    llm.close()
-    return results
+        return (first - started) * 1000, (count - 1) / (last - first)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def agent_runs(model: Path, args: argparse.Namespace, work: Path) -> tuple[list[tuple[float, float]], int]:
-    broker = Broker(work / "broker").start()
-    config = work / "agent.toml"
-    config.write_text(
-        f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {broker.port}\n'
-        f'[store]\npath = "{work / "agent.db"}"\n'
-        f'[model]\npath = "{model}"\nn_ctx = {args.n_ctx}\nn_batch = {args.n_batch}\nn_threads = {args.threads}\n'
-    )
-    agent = AgentProcess(config, work / "agent.log").start()
-    cloud = CloudClient(broker.port)
-    results = []
-    try:
-        cloud.wait_online("bench", timeout=300)
-        for run in range(args.runs + 1):
-            cmd = command("complete", {"prompt": PROMPT, "max_tokens": args.max_tokens, "seed": run, "stream": True})
-            started = time.perf_counter()
-            cloud.send("bench", cmd)
-            cloud.wait_for(lambda c=cmd: cloud.on(f"/stream/{c['id']}"), 300, "first chunk")
-            first = time.perf_counter()
-            reply = cloud.wait_terminal(cmd["id"], timeout=600)
-            done = time.perf_counter()
-            tokens = reply["output"]["usage"]["completion_tokens"]
-            if run and tokens > 1:
-                results.append(((first - started) * 1000, (tokens - 1) / (done - first)))
-        rss = rss_kib(agent.process.pid) if agent.process else 0
-    finally:
-        cloud.close()
-        agent.terminate()
-        broker.stop()
-    return results, rss
+class AgentPath:
+    """The full path: a private mosquitto, `edge-agent run` on the same model, a cloud client."""
+
+    def __init__(self, model: Path, args: argparse.Namespace, work: Path) -> None:
+        self.broker = Broker(work / "broker").start()
+        config = work / "agent.toml"
+        config.write_text(
+            f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {self.broker.port}\n'
+            f'[store]\npath = "{work / "agent.db"}"\n[model]\npath = "{model.resolve()}"\nn_ctx = {args.n_ctx}\n'
+            f"n_batch = {args.n_batch}\nn_threads = {args.threads}\n"
+        )
+        self.agent = AgentProcess(config, work / "agent.log").start()
+        self.cloud = CloudClient(self.broker.port)
+        self.cloud.wait_online("bench", timeout=300)
+        self.max_tokens = args.max_tokens
+        self.engine_tokens_per_s: list[float] = []  # as the agent measured it, inside its process
+
+    def run(self, seed: int) -> tuple[float, float]:
+        """(TTFT ms: publish -> first chunk, decode tokens/s: first chunk -> terminal reply)."""
+        cmd = command("complete", {"prompt": PROMPT, "max_tokens": self.max_tokens, "seed": seed, "stream": True})
+        started = time.perf_counter()
+        self.cloud.send("bench", cmd)
+        self.cloud.wait_for(lambda: self.cloud.on(f"/stream/{cmd['id']}"), 300, "first chunk")
+        first = time.perf_counter()
+        reply = self.cloud.wait_terminal(cmd["id"], timeout=600)
+        done = time.perf_counter()
+        tokens = reply["output"]["usage"]["completion_tokens"]
+        self.engine_tokens_per_s.append(reply["metrics"]["tokens_per_s"])
+        return (first - started) * 1000, (tokens - 1) / (done - first)
+
+    def rss_kib(self) -> int:
+        assert self.agent.process is not None
+        return rss_kib(self.agent.process.pid)
+
+    def close(self) -> None:
+        self.cloud.close()
+        self.agent.terminate()
+        self.broker.stop()
 
 
 def raw_rss_kib(model: Path, args: argparse.Namespace) -> int:
@@ -129,10 +143,25 @@ def main() -> int:
     if not args.model.exists():
         raise SystemExit(f"{args.model} is missing: run `make bench-model` (or pass --model)")
     print(f"model {args.model.name}, prompt {len(PROMPT)} chars, {args.max_tokens} tokens, {args.threads} threads")
-    raw = summarize("raw", raw_runs(args.model, args))
+    raw_results: list[tuple[float, float]] = []
+    agent_results: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        agent_results, agent_rss = agent_runs(args.model, args, Path(tmp))
+        path = AgentPath(args.model, args, Path(tmp))
+        baseline = RawModel(args.model, args)
+        try:
+            for run in range(args.runs + 1):  # run 0 warms both up; runs alternate to share the drift
+                raw_sample, agent_sample = baseline.run(run), path.run(run)
+                if run:
+                    raw_results.append(raw_sample)
+                    agent_results.append(agent_sample)
+            agent_rss = path.rss_kib()
+            inside = statistics.median(path.engine_tokens_per_s[1:])
+        finally:
+            baseline.close()
+            path.close()
+    raw = summarize("raw", raw_results)
     full = summarize("full path", agent_results)
+    print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process")
     raw_rss = raw_rss_kib(args.model, args)
     figures = {
         "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],

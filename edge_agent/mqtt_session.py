@@ -15,6 +15,7 @@ callback is `SessionRunner.accepted()`, which sets a flag: no lock is taken, not
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,13 @@ class BrokerOptions:
         )
 
 
+def disable_nagle(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """paho leaves Nagle's algorithm on: a small publish right after another then waits for the
+    broker's delayed ACK (40 ms on Linux). Every reply and stream chunk is small, so turn it off."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def make_client(
     options: BrokerOptions,
     manual_ack: bool = True,
@@ -100,6 +108,7 @@ def make_client(
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     client.on_publish = on_publish
+    client.on_socket_open = disable_nagle
     connect_props = Properties(PacketTypes.CONNECT)
     connect_props.SessionExpiryInterval = options.session_expiry_s
     client.connect_async(options.host, options.port, keepalive=options.keepalive, clean_start=False,

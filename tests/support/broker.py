@@ -52,6 +52,7 @@ class Broker:
             f"persistence_location {workdir}/",
             "autosave_interval 1",
             "max_queued_messages 100000",
+            "set_tcp_nodelay true",
             f"log_dest file {self.log}",
         ]
         if os.geteuid() == 0:

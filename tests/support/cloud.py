@@ -14,6 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.mqtt_session import disable_nagle
+
 
 def command(kind: str, params: dict[str, Any] | None = None, command_id: str | None = None,
             **envelope: Any) -> dict[str, Any]:
@@ -32,12 +34,14 @@ class CloudClient:
     def __init__(self, port: int, prefix: str = "autoglm", client_id: str | None = None) -> None:
         self.port = port
         self.prefix = prefix
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
         self.messages: list[tuple[str, dict[str, Any] | bytes]] = []
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=client_id or f"test-cloud-{uuid.uuid4().hex[:8]}")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_socket_open = disable_nagle
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", port, keepalive=5, clean_start=False, properties=props)
@@ -53,8 +57,9 @@ class CloudClient:
             body: dict[str, Any] | bytes = json.loads(message.payload)
         except ValueError:
             body = message.payload
-        with self._lock:
+        with self._arrived:
             self.messages.append((message.topic, body))
+            self._arrived.notify_all()
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -100,9 +105,11 @@ class CloudClient:
         return [b for t, b in self.messages if t == f"{self.prefix}/{device}/status"][-1]  # type: ignore[return-value]
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> None:
+        """Re-check `predicate` whenever a message arrives (and every 50 ms) until it holds."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        with self._arrived:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+                self._arrived.wait(timeout=min(remaining, 0.05))
