@@ -85,7 +85,8 @@ class AgentPath:
         config = work / "agent.toml"
         config.write_text(
             f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {self.broker.port}\n'
-            f'[store]\npath = "{work / "agent.db"}"\n[model]\npath = "{model.resolve()}"\nn_ctx = {args.n_ctx}\n'
+            f'[store]\npath = "{work / "agent.db"}"\nsynchronous = "{args.synchronous}"\n'
+            f'[model]\npath = "{model.resolve()}"\nn_ctx = {args.n_ctx}\n'
             f"n_batch = {args.n_batch}\nn_threads = {args.threads}\n"
         )
         self.agent = AgentProcess(config, work / "agent.log").start()
@@ -93,6 +94,8 @@ class AgentPath:
         self.cloud.wait_online("bench", timeout=300)
         self.max_tokens = args.max_tokens
         self.engine_tokens_per_s: list[float] = []  # as the agent measured it, inside its process
+        self.engine_ttft_ms: list[float] = []
+        self.queue_ms: list[float] = []
 
     def run(self, seed: int) -> tuple[float, float]:
         """(TTFT ms: publish -> first chunk, decode tokens/s: first chunk -> terminal reply)."""
@@ -105,6 +108,8 @@ class AgentPath:
         done = time.perf_counter()
         tokens = reply["output"]["usage"]["completion_tokens"]
         self.engine_tokens_per_s.append(reply["metrics"]["tokens_per_s"])
+        self.engine_ttft_ms.append(reply["metrics"]["ttft_ms"])
+        self.queue_ms.append(reply["metrics"]["queue_ms"])
         return (first - started) * 1000, (tokens - 1) / (done - first)
 
     def rss_kib(self) -> int:
@@ -138,6 +143,8 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
+                        help="the agent's store.synchronous (full: an fsync per commit, two before the first token)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     if not args.model.exists():
@@ -156,12 +163,15 @@ def main() -> int:
                     agent_results.append(agent_sample)
             agent_rss = path.rss_kib()
             inside = statistics.median(path.engine_tokens_per_s[1:])
+            inside_ttft = statistics.median(path.engine_ttft_ms[1:])
+            queue = statistics.median(path.queue_ms[1:])
         finally:
             baseline.close()
             path.close()
     raw = summarize("raw", raw_results)
     full = summarize("full path", agent_results)
-    print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process")
+    print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process; "
+          f"engine TTFT {inside_ttft:.2f} ms; queue_ms (stored -> started, incl. the `running` commit) {queue:.2f}")
     raw_rss = raw_rss_kib(args.model, args)
     figures = {
         "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],

@@ -7,6 +7,7 @@ no terminal reply came before --timeout; 3 for usage, configuration and registry
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -16,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from cloud_bridge import console
+from cloud_bridge import console, fleet
 from cloud_bridge.config import BridgeConfig, load_config
-from cloud_bridge.errors import BridgeError, ConfigError
+from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.registry import CommandRow, Registry
 
 EXIT_USAGE = 3
@@ -68,17 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", parents=[common], help="run the bridge until SIGTERM/SIGINT",
                    description="Run the bridge: keep the registry, dispatch queued commands, collect replies.")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     sub.add_parser("devices", parents=[common], help="list devices and their state",
                    description="List every device that reported to this bridge.")
     _add_send(sub, common)
     commands = sub.add_parser("commands", parents=[common], help="list recent commands",
                               description="List recent commands, newest first.")
     commands.add_argument("--device", metavar="D", help="only this device's commands")
+    commands.add_argument("--batch", metavar="B", help="only the commands of this group/filter fan-out")
     commands.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
     watch = sub.add_parser("watch", parents=[common], help="follow replies, events and status changes",
                            description="Print replies, events and status changes as they arrive, until Ctrl-C.")
     watch.add_argument("--device", metavar="D", help="only this device")
     watch.add_argument("--for", dest="for_s", type=float, metavar="S", help="stop after S seconds")
+    alerts = sub.add_parser("alerts", parents=[common], help="list abnormal-device alerts",
+                            description="List open alerts (offline too long, error rate, outbox growing, "
+                                        "tokens/s dropping); thresholds are the [alerts] keys.")
+    alerts.add_argument("--all", action="store_true", help="also the cleared ones")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running command",
+                            description="Send a `cancel` for a command to its device (priority 1000). A command "
+                                        "the device has not accepted yet is closed at once and no longer resent.")
+    cancel.add_argument("command_id", metavar="COMMAND_ID")
+    policy = sub.add_parser("policy", parents=[common], help="show or push the agent policy",
+                            description="Without --set: the policy in force on each device. With --set: send a "
+                                        "`config` command to TARGET (a device or group/G).",
+                            epilog="example:\n  cloud-bridge policy --config bridge.toml group/site-a "
+                                   "--set '{\"temperature\": 0.2, \"max_tokens\": 128}'",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    policy.add_argument("target", nargs="?", metavar="TARGET", help="a device id or group/G")
+    policy.add_argument("--set", dest="policy", type=_json_object, metavar="JSON", help="the partial policy to push")
     return parser
 
 
@@ -101,8 +120,8 @@ def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     send.add_argument("--expires-in", type=float, metavar="S",
                       help="the command expires S seconds from now (default: dispatch.default_expiry_s)")
     send.add_argument("--id", dest="command_id", metavar="ID", help="command id (default: a fresh uuid4 hex)")
+    send.add_argument("--priority", type=int, default=0, metavar="P", help="-1000..1000, higher runs first")
     send.add_argument("--no-wait", action="store_true", help="print the id and return at once")
-    send.add_argument("--json", action="store_true", help="print the final reply as JSON")
 
 
 # --- subcommands ---------------------------------------------------------------------------------
@@ -124,16 +143,78 @@ def cmd_serve(args: argparse.Namespace, config: BridgeConfig) -> int:
     return serve(config)
 
 
+def _json(value: object) -> None:
+    _out(json.dumps(value, indent=2, default=_plain))
+
+
+def _plain(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = dataclasses.asdict(value)
+        data.pop("raw_payload", None)
+        return data
+    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+
+
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _out(console.devices_table(registry))
+        _json(registry.devices()) if args.json else _out(console.devices_table(registry))
     return 0
 
 
 def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _out(console.commands_table(registry, args.device, args.limit))
+        if args.json:
+            _json(registry.commands(args.device, args.limit, args.batch))
+        else:
+            _out(console.commands_table(registry, args.device, args.limit, args.batch))
     return 0
+
+
+def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.json:
+            _json(registry.alerts(open_only=not args.all))
+        else:
+            _out(console.alerts_table(registry, args.all))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        row, warnings = fleet.cancel(registry, args.command_id, resend_interval_s=config.dispatch.resend_interval_s)
+        for warning in warnings:
+            _err(f"warning: {warning}")
+        _json({"cancel": row, "target": registry.command(args.command_id)}) if args.json else _out(row.id)
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.policy is None:
+            _json({d.device_id: d.policy for d in registry.devices()}) if args.json else _out(
+                console.policies_table(registry))
+            return 0
+        if args.target is None:
+            raise InvalidRequest("--set needs a TARGET: a device id or group/G")
+        request = console.SendRequest(device_id=args.target, kind="config", params=args.policy,
+                                      expires_in_s=config.dispatch.default_expiry_s)
+        rows, warnings = _queue_to_target(registry, request, config)
+        for warning in warnings:
+            _err(f"warning: {warning}")
+        _json(rows) if args.json else _out("\n".join(row.id for row in rows))
+    return 0
+
+
+def _queue_to_target(registry: Registry, request: console.SendRequest,
+                     config: BridgeConfig) -> tuple[list[CommandRow], list[str]]:
+    """Queue for a device, or for every known member of `group/G` (one tracked command each)."""
+    target = fleet.parse_target(request.device_id)
+    resend = config.dispatch.resend_interval_s
+    if isinstance(target, str):
+        row, warnings = console.queue_command(registry, request, resend_interval_s=resend)
+        return [row], warnings
+    fanout = fleet.send_to_many(registry, request, target, resend_interval_s=resend)
+    return fanout.rows, fanout.warnings
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -145,7 +226,8 @@ def cmd_watch(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         try:
             console.watch(registry, _out, args.device, args.for_s, on_ready=lambda: _err(
-                f"watching {registry.path}" + (f" for {args.device}" if args.device else "") + "; Ctrl-C to stop"))
+                f"watching {registry.path}" + (f" for {args.device}" if args.device else "") + "; Ctrl-C to stop"),
+                as_json=args.json)
         except KeyboardInterrupt:
             pass
     return 0
@@ -156,16 +238,16 @@ def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
         device_id=args.device, kind=args.kind, prompt=args.prompt, stream=args.stream,
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, params=args.params,
         expires_in_s=args.expires_in if args.expires_in is not None else config.dispatch.default_expiry_s,
-        command_id=args.command_id,
+        command_id=args.command_id, priority=args.priority,
     )
     with _registry(config) as registry:
-        row, warnings = console.queue_command(registry, request, resend_interval_s=config.dispatch.resend_interval_s)
+        rows, warnings = _queue_to_target(registry, request, config)
         for warning in warnings:
             _err(f"warning: {warning}")
-        if args.no_wait:
-            _out(row.id)
+        if args.no_wait or len(rows) > 1:
+            _json(rows) if args.json else _out("\n".join(row.id for row in rows))
             return 0
-        return _wait_and_print(registry, row.id, args)
+        return _wait_and_print(registry, rows[0].id, args)
 
 
 def _wait_and_print(registry: Registry, command_id: str, args: argparse.Namespace) -> int:
@@ -192,7 +274,7 @@ def _progress(row: CommandRow) -> dict:
 @contextmanager
 def _registry(config: BridgeConfig) -> Iterator[Registry]:
     """Open the registry read/write without creating it (a console never creates an orphan file)."""
-    registry = Registry.open(config.store.path, create=False)
+    registry = Registry.from_config(config.store, create=False)
     try:
         yield registry
     finally:
@@ -205,6 +287,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "send": cmd_send,
     "commands": cmd_commands,
     "watch": cmd_watch,
+    "alerts": cmd_alerts,
+    "cancel": cmd_cancel,
+    "policy": cmd_policy,
 }
 
 

@@ -21,6 +21,15 @@ Example (every key optional)::
     resend_interval_s = 5
     default_expiry_s = 3600
     qos = 1
+
+    [http]                      # the HTTP API, OpenAI-compatible endpoint and web console
+    enabled = true
+    host = "127.0.0.1"
+    port = 8080
+    token_file = "api-token"    # one line: the bearer token every API call must carry
+
+    [alerts]                    # thresholds of the abnormal-device checks (cloud_bridge/alerts.py)
+    offline_after_s = 300
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from cloud_bridge.alerts import AlertConfig
 from edge_agent import settings
 
 ENV_PREFIX = "CLOUD_BRIDGE_"
@@ -40,16 +50,42 @@ class MqttConfig(settings.BrokerConfig):
     """The broker keys plus the bridge's client id (one bridge per id: its persistent session)."""
 
     client_id: str = Field(default="cloud-bridge", min_length=1, max_length=128)
+    shared_group: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="share replies/events/telemetry/streams among the bridges of this group ($share/<group>/...); "
+                    "each replica needs its own client_id and [store] url on one PostgreSQL")
 
 
 class StoreConfig(settings.Section):
+    """`[store]`: the SQLite file `path`, or with `url` a PostgreSQL database shared by bridge replicas."""
+
     path: Path = Path("cloud-bridge.db")
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://",
+                            description='e.g. "postgresql://bridge@db.example/autoglm"; overrides path')
 
 
 class DispatchConfig(settings.Section):
     resend_interval_s: float = Field(default=5.0, gt=0)
     default_expiry_s: float = Field(default=3600.0, gt=0)
     qos: int = Field(default=1, ge=1, le=2, description="QoS of command publishes: 1 or 2")
+
+
+class HttpConfig(settings.Section):
+    """`[http]`: the API and console server inside `cloud-bridge serve` (off unless enabled)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    token_file: Path | None = Field(default=None, description="file whose first line is the API bearer token")
+    chat_timeout_s: float = Field(default=300.0, gt=0, description="how long /v1/chat/completions waits")
+
+    @model_validator(mode="after")
+    def _token_required(self) -> HttpConfig:
+        if self.enabled and self.token_file is None:
+            raise ValueError("[http] enabled needs token_file: create one with "
+                             "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > api-token` "
+                             "and set token_file = \"api-token\"")
+        return self
 
 
 class BridgeConfig(settings.TomlSettings):
@@ -61,6 +97,9 @@ class BridgeConfig(settings.TomlSettings):
     reconnect: settings.ReconnectConfig = Field(default_factory=settings.ReconnectConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    alerts: AlertConfig = Field(default_factory=AlertConfig)
+    security: settings.SigningConfig = Field(default_factory=settings.SigningConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -72,6 +111,9 @@ def load_config(path: Path) -> BridgeConfig:
 
 
 def _resolve_relative_paths(config: BridgeConfig, base: Path) -> BridgeConfig:
-    """Make `store.path` and `mqtt.password_file` absolute, relative to the config file's folder."""
+    """Make `store.path`, `http.token_file` and `mqtt.password_file` absolute, relative to the config's folder."""
     store = config.store.model_copy(update={"path": settings.resolve_relative(config.store.path, base)})
-    return config.model_copy(update={"store": store, "mqtt": config.mqtt.resolved_against(base)})
+    http = config.http
+    if http.token_file is not None:
+        http = http.model_copy(update={"token_file": settings.resolve_relative(http.token_file, base)})
+    return config.model_copy(update={"store": store, "http": http, "mqtt": config.mqtt.resolved_against(base)})

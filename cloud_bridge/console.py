@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -68,15 +68,36 @@ def _device_cells(d: DeviceRow) -> list[str]:
             (d.model_sha256 or "-")[:12], _cell(d.n_gpu_layers), _cell(d.agent_version)]
 
 
-def commands_table(registry: Registry, device_id: str | None = None, limit: int = 20) -> str:
+def commands_table(registry: Registry, device_id: str | None = None, limit: int = 20,
+                   batch: str | None = None) -> str:
     """The most recent commands, newest first."""
     headers = ["ID", "DEVICE", "KIND", "STATE", "ATTEMPTS", "CREATED", "LAST SENT", "UPDATED", "ERROR"]
     rows = [[c.id, c.device_id, c.kind, c.state, str(c.attempts), short_ts(c.created_at),
              short_ts(c.last_sent_at), short_ts(c.updated_at), (c.error or {}).get("code", "-")]
-            for c in registry.commands(device_id, limit)]
+            for c in registry.commands(device_id, limit, batch)]
     if not rows:
         return "no commands yet" + (f" for {device_id}" if device_id else "")
     return render_table(headers, rows)
+
+
+def alerts_table(registry: Registry, include_cleared: bool = False) -> str:
+    """Abnormal-device alerts, newest first."""
+    headers = ["DEVICE", "ALERT", "RAISED", "CLEARED", "MESSAGE"]
+    rows = [[a.device_id, a.kind, short_ts(a.raised_at), short_ts(a.cleared_at), a.message]
+            for a in registry.alerts(open_only=not include_cleared)]
+    if not rows:
+        return "no open alerts" if not include_cleared else "no alerts yet"
+    return render_table(headers, rows)
+
+
+def policies_table(registry: Registry) -> str:
+    """The policy in force on each device (the output of its last succeeded `config` command)."""
+    rows = [[d.device_id, ", ".join(d.groups) or "-",
+             json.dumps(d.policy, sort_keys=True) if d.policy is not None else "(agent defaults)"]
+            for d in registry.devices()]
+    if not rows:
+        return "no devices yet"
+    return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
 
 
 # --- send ----------------------------------------------------------------------------------------
@@ -96,6 +117,7 @@ class SendRequest:
     params: dict[str, Any] = field(default_factory=dict)
     expires_in_s: float = 3600.0
     command_id: str | None = None
+    priority: int = 0
 
 
 def build_params(request: SendRequest) -> dict[str, Any]:
@@ -122,6 +144,8 @@ def _prompt_params(request: SendRequest) -> dict[str, Any]:
             raise InvalidRequest(f"kind {request.kind!r} takes no PROMPT; pass its params with --params JSON")
         return {}
     if request.prompt is None:
+        if {"messages", "prompt", "target"} & request.params.keys():
+            return {}  # given whole in --params (the API's and /v1's way)
         what = "the target command id" if request.kind == "cancel" else "a PROMPT"
         raise InvalidRequest(f"kind {request.kind!r} needs {what}")
     if request.kind == "chat":
@@ -142,18 +166,21 @@ def build_command(request: SendRequest, now: datetime | None = None) -> Command:
         raise InvalidRequest(f"command id {command_id!r} must be 1-128 characters of [A-Za-z0-9_.:-]")
     if request.expires_in_s <= 0:
         raise InvalidRequest("--expires-in must be more than 0 seconds")
+    if not -1000 <= request.priority <= 1000:
+        raise InvalidRequest(f"priority {request.priority} must be between -1000 and 1000 (higher runs first)")
     moment = now or utc_now()
     moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
     return Command(v=1, id=command_id, kind=request.kind, params=build_params(request), created_at=moment,
-                   expires_at=moment + timedelta(seconds=request.expires_in_s), target=request.device_id)
+                   expires_at=moment + timedelta(seconds=request.expires_in_s), target=request.device_id,
+                   priority=request.priority)
 
 
 def queue_command(registry: Registry, request: SendRequest, now: datetime | None = None,
-                  resend_interval_s: float = 5.0) -> tuple[CommandRow, list[str]]:
+                  resend_interval_s: float = 5.0, batch: str | None = None) -> tuple[CommandRow, list[str]]:
     """Validate and queue a command; returns its row and warnings worth showing the operator."""
     command = build_command(request, now)
     with registry.transaction():
-        row = registry.add_command(command, request.device_id, now)
+        row = registry.add_command(command, request.device_id, now, batch=batch)
         notes = _cancel_undelivered(registry, row, now) if row.kind == "cancel" else []
     return row, notes + device_warnings(registry.device(request.device_id), row, resend_interval_s)
 
@@ -284,39 +311,58 @@ def describe_failure(row: CommandRow) -> str:
     return f"command {row.id} on {row.device_id} ended {row.state}{detail}"
 
 
+def _stream_lines(registry: Registry, cursor: dict[str, int],
+                  device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """One line per command with the text its stream chunks added since the last poll."""
+    runs: dict[str, dict[str, Any]] = {}
+    for chunk in registry.chunks_after(cursor["stream_chunks"], device_id):
+        cursor["stream_chunks"] = chunk.id
+        run = runs.setdefault(chunk.command_id, {"type": "stream", "device_id": chunk.device_id,
+                                                 "command_id": chunk.command_id, "first_index": chunk.idx,
+                                                 "text": "", "received_at": chunk.received_at})
+        run["text"] += chunk.delta
+    return [(run["received_at"], f"{run['received_at']} stream {run['device_id']} {run['command_id']} "
+                                 f"{json.dumps(run['text'])}", run) for run in runs.values()]
+
+
 # --- watch ---------------------------------------------------------------------------------------
 
 
 def watch(registry: Registry, write: Write, device_id: str | None = None, for_s: float | None = None,
-          poll_s: float = 0.2, on_ready: Callable[[], None] | None = None) -> None:
+          poll_s: float = 0.2, on_ready: Callable[[], None] | None = None, as_json: bool = False) -> None:
     """Print new status changes, replies and events as they are stored, until `for_s` passed.
 
     `on_ready` is called once the starting point is fixed: everything stored after it is printed.
+    With `as_json`, each is one JSON object per line (`{"type": "status"|"reply"|"event", ...}`).
     """
     cursor = registry.last_ids()
     if on_ready is not None:
         on_ready()
     deadline = None if for_s is None else time.monotonic() + for_s
     while deadline is None or time.monotonic() < deadline:
-        for _, line in sorted(_new_lines(registry, cursor, device_id)):
-            write(line)
+        for _, line, record in sorted(_new_lines(registry, cursor, device_id), key=lambda item: item[:2]):
+            write(json.dumps(record) if as_json else line)
         time.sleep(poll_s)
 
 
-def _new_lines(registry: Registry, cursor: dict[str, int], device_id: str | None) -> list[tuple[str, str]]:
-    """(timestamp, line) of every row past `cursor`; advances the cursor."""
+def _new_lines(registry: Registry, cursor: dict[str, int],
+               device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(timestamp, line, JSON record) of every row past `cursor`; advances the cursor."""
     lines = []
     for change in registry.device_states_after(cursor["device_states"], device_id):
         cursor["device_states"] = change.id
-        lines.append((change.ts, f"{change.ts} status {change.device_id} {change.state}"))
+        lines.append((change.ts, f"{change.ts} status {change.device_id} {change.state}",
+                      {"type": "status", **asdict(change)}))
     for reply in registry.replies_after(cursor["replies"], device_id):
         cursor["replies"] = reply.id
         error = reply.payload.get("error")
         tail = f" {error['code']}: {error['message']}" if error else ""
         lines.append((reply.received_at, f"{reply.received_at} reply  {reply.device_id} #{reply.seq} "
-                                         f"{reply.command_id or '-'} {reply.status}{tail}"))
+                                         f"{reply.command_id or '-'} {reply.status}{tail}",
+                      {"type": "reply", **asdict(reply)}))
+    lines.extend(_stream_lines(registry, cursor, device_id))
     for event in registry.events_after(cursor["events"], device_id):
         cursor["events"] = event.id
         lines.append((event.received_at, f"{event.received_at} event  {event.device_id} {event.level} "
-                                         f"{event.code}: {event.message}"))
+                                         f"{event.code}: {event.message}", {"type": "event", **asdict(event)}))
     return lines

@@ -24,7 +24,8 @@ from edge_agent.protocol import TERMINAL_STATUSES
 
 BRIDGE_STATES: tuple[str, ...] = ("pending", "sent")
 DEVICE_STATES: tuple[str, ...] = ("accepted", "running")
-ALL_STATES: tuple[str, ...] = BRIDGE_STATES + DEVICE_STATES + tuple(sorted(TERMINAL_STATUSES))
+TERMINAL_STATES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
+ALL_STATES: tuple[str, ...] = BRIDGE_STATES + DEVICE_STATES + TERMINAL_STATES
 
 STATE_RANKS: dict[str, int] = {"pending": 0, "sent": 1, "accepted": 2, "running": 3}
 TERMINAL_RANK = 4

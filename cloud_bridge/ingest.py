@@ -102,8 +102,16 @@ class Ingestor:
             return Outcome.BAD
 
     def handle_batch(self, messages: list[Inbound], now: datetime) -> list[Outcome]:
-        """Store several messages in one commit; all or none are written."""
+        """Store several messages in one commit; all or none are written.
+
+        The batch's devices are touched first, in id order: bridge replicas sharing one PostgreSQL
+        then take the device row locks in the same order and never deadlock each other.
+        """
+        topics = [t for t in (parse_cloud_topic(self._prefix, m.topic) for m in messages) if t is not None]
+        devices = sorted({t.device_id for t in topics})
+        seen = {t.device_id for t in topics if t.channel != "status"}  # a status may be a replay or a will
         with self._registry.transaction():
+            self._registry.touch_devices(devices, seen, now)
             return [self.handle(message, now) for message in messages]
 
     def _status(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:

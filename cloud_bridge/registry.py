@@ -24,15 +24,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
 
-from cloud_bridge.dispatcher import BRIDGE_STATES, STATE_RANKS, TERMINAL_RANK, CommandView, is_terminal
+from cloud_bridge.dispatcher import BRIDGE_STATES, STATE_RANKS, TERMINAL_RANK, TERMINAL_STATES, CommandView, is_terminal
 from cloud_bridge.errors import BridgeError, DuplicateCommand, RegistryMissing, UnknownCommand
+from cloud_bridge.sql import Backend, IntegrityError, PostgresBackend, SqliteBackend
 from edge_agent.protocol import Command, Event, Reply, Status, StreamChunk, Telemetry, format_ts, utc_now
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from cloud_bridge.config import StoreConfig
+
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 
 SCHEMA = """
@@ -47,7 +51,8 @@ CREATE TABLE IF NOT EXISTS devices (
     n_gpu_layers INTEGER,
     groups TEXT,                -- JSON list
     kinds TEXT,                 -- JSON list
-    last_telemetry TEXT         -- JSON object
+    last_telemetry TEXT,        -- JSON object
+    policy TEXT                 -- JSON object: the policy in force (output of the last `config` command)
 );
 CREATE TABLE IF NOT EXISTS device_states (
     id INTEGER PRIMARY KEY,
@@ -67,7 +72,10 @@ CREATE TABLE IF NOT EXISTS commands (
     last_sent_at TEXT,
     updated_at TEXT NOT NULL,
     reply TEXT,                 -- the terminal Reply JSON
-    error TEXT                  -- {"code", "message"}: from the terminal reply, or the bridge's own
+    error TEXT,                 -- {"code", "message"}: from the terminal reply, or the bridge's own
+    priority INTEGER NOT NULL DEFAULT 0,
+    batch TEXT,                 -- the fan-out this command belongs to (a group or a filter), or NULL
+    wire_id TEXT                -- the id the device sees: `id`, or the group command's id for a member row
 );
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state);
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device_id, created_at);
@@ -90,7 +98,7 @@ CREATE TABLE IF NOT EXISTS stream_chunks (
     delta TEXT NOT NULL,
     done INTEGER NOT NULL,
     received_at TEXT NOT NULL,
-    UNIQUE (command_id, idx)
+    UNIQUE (device_id, command_id, idx)  -- devices answering one group command share its id
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -102,11 +110,41 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     received_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS commands_by_batch ON commands (batch);
+CREATE INDEX IF NOT EXISTS commands_by_wire_id ON commands (wire_id, device_id);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop
+    message TEXT NOT NULL,
+    raised_at TEXT NOT NULL,
+    cleared_at TEXT             -- NULL while the condition holds
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device_id, kind) WHERE cleared_at IS NULL;
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 """
+
+
+# Upgrades of an existing registry, by the version they lead to. Applied in order, each atomically.
+MIGRATIONS: dict[int, str] = {
+    2: """
+ALTER TABLE devices ADD COLUMN policy TEXT;
+ALTER TABLE commands ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commands ADD COLUMN batch TEXT;
+ALTER TABLE commands ADD COLUMN wire_id TEXT;
+UPDATE commands SET wire_id = id;
+ALTER TABLE stream_chunks RENAME TO stream_chunks_v1;
+CREATE TABLE stream_chunks (
+    id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, command_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    delta TEXT NOT NULL, done INTEGER NOT NULL, received_at TEXT NOT NULL, UNIQUE (device_id, command_id, idx)
+);
+INSERT INTO stream_chunks SELECT * FROM stream_chunks_v1;
+DROP TABLE stream_chunks_v1;
+""",
+}
 
 
 def _rank_sql(column: str) -> str:
@@ -179,13 +217,15 @@ class DeviceRow:
     groups: list[str]
     kinds: list[str]
     last_telemetry: dict[str, Any] | None
+    policy: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> DeviceRow:
         values = dict(row)
         for key in ("groups", "kinds"):
             values[key] = _loads(values[key]) or []
-        values["last_telemetry"] = _loads(values["last_telemetry"])
+        for key in ("last_telemetry", "policy"):
+            values[key] = _loads(values[key])
         return cls(**values)
 
 
@@ -203,11 +243,15 @@ class CommandRow:
     updated_at: str
     reply: dict[str, Any] | None
     error: dict[str, Any] | None
+    priority: int = 0
+    batch: str | None = None
+    wire_id: str | None = None  # the id on the wire (differs from `id` for a group command's member row)
     raw_payload: str = field(repr=False, default="")  # the exact bytes that are published
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CommandRow:
         values = dict(row, raw_payload=row["payload"])
+        values.pop("rowid", None)  # PostgreSQL's stand-in for SQLite's rowid (insertion order)
         for key in ("payload", "reply", "error"):
             values[key] = _loads(values[key])
         return cls(**values)
@@ -261,6 +305,28 @@ class EventRow:
 
 
 @dataclass(frozen=True)
+class StreamRow:
+    """A stored stream chunk as the `watch` feed shows it."""
+
+    id: int
+    device_id: str
+    command_id: str
+    idx: int
+    delta: str
+    received_at: str
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    id: int
+    device_id: str
+    kind: str
+    message: str
+    raised_at: str
+    cleared_at: str | None
+
+
+@dataclass(frozen=True)
 class StateChange:
     id: int
     device_id: str
@@ -272,12 +338,30 @@ class StateChange:
 
 
 class Registry:
-    """The bridge's SQLite registry. Thread-safe: every call takes the connection's lock."""
+    """The bridge's registry on SQLite or PostgreSQL. Thread-safe: every call takes the connection's lock."""
 
-    def __init__(self, db: Database, path: Path) -> None:
-        self._db = db
+    def __init__(self, backend: Backend, path: Path | str) -> None:
+        self._backend = backend
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0  # nesting of transaction() (guarded by the lock)
+        self._touched: dict[str, str] = {}  # device -> last_seen already written in this transaction
+
+    @classmethod
+    def connect(cls, url: str) -> Registry:
+        """The registry in the PostgreSQL database at `url` (tables created on first use)."""
+        backend = PostgresBackend(url)
+        try:
+            backend.create_schema(SCHEMA_VERSION)
+        except BaseException:
+            backend.close()
+            raise
+        return cls(backend, backend.label)
+
+    @classmethod
+    def from_config(cls, store: StoreConfig, *, create: bool = True) -> Registry:
+        """`[store] url` (PostgreSQL) when set, else the SQLite file `[store] path`."""
+        return cls.connect(store.url) if store.url else cls.open(store.path, create=create)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = True) -> Registry:
@@ -291,12 +375,16 @@ class Registry:
             if not create:
                 raise RegistryMissing(path)
             _initialise(path)
-        registry = cls(_connect(path), path)
-        registry._check_schema()
+        registry = cls(SqliteBackend(_connect(path), str(path)), path)
+        try:
+            registry._check_schema()
+        except BaseException:
+            registry.close()
+            raise
         return registry
 
     def _check_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = self._sqlite().execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise BridgeError(
                 f"the registry {self.path} has schema version {version}, newer than this cloud-bridge "
@@ -307,24 +395,64 @@ class Registry:
                 f"{self.path} is not a cloud-bridge registry (no schema version); check [store] path in the "
                 "config: it must not point at another program's database"
             )
+        if version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Upgrade an older registry in place, one exclusive transaction per step (safe against a racing peer)."""
+        conn = self._sqlite().conn
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in filter(str.strip, MIGRATIONS[target].split(";")):
+                        conn.execute(statement)
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _sqlite(self) -> Database:
+        assert isinstance(self._backend, SqliteBackend)
+        return self._backend.db
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._backend.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Registry]:
-        """Group several writes into one commit (one fsync). Nests."""
-        with self._lock, self._db.atomic():
-            yield self
-
-    def _execute(self, sql: str, params: Any = None) -> sqlite3.Cursor:
+        """Group several writes into one commit (one fsync). Nests: an inner block joins the outer
+        transaction (no savepoint: on PostgreSQL each would cost two round trips), so an error
+        anywhere rolls back the whole outer block."""
         with self._lock:
-            return self._db.execute(sql, params)
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
+            try:
+                with self._backend.transaction():
+                    yield self
+            finally:
+                self._depth = 0
+                self._touched.clear()
 
-    def _query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    def _execute(self, sql: str, params: Any = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
         with self._lock:
-            return list(self._db.query(sql, params or ()))
+            return self._backend.execute(sql, params)
+
+    def _query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._backend.query(sql, params)
 
     # --- counters --------------------------------------------------------------------------------
 
@@ -332,7 +460,7 @@ class Registry:
         """Add `by` to a named counter (bad payloads, duplicates, ...)."""
         self._execute(
             "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
             (name, by),
         )
 
@@ -343,11 +471,22 @@ class Registry:
 
     def _ensure_device(self, device_id: str, seen: str | None) -> None:
         """Create the device row if needed; `seen` (when not None) becomes its `last_seen`."""
+        if seen is not None and self._touched.get(device_id) == seen:
+            return  # touch_devices did it in this transaction
         self._execute(
             "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) "
-            "ON CONFLICT (device_id) DO UPDATE SET last_seen = coalesce(excluded.last_seen, last_seen)",
+            "ON CONFLICT (device_id) DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
             (device_id, seen),
         )
+
+    def touch_devices(self, device_ids: list[str], seen: set[str], now: datetime | None = None) -> None:
+        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch); those in `seen`
+        get `last_seen` = `now`, and the rest of the transaction skips doing it again per message."""
+        ts = _ts(now)
+        for device_id in device_ids:
+            self._ensure_device(device_id, ts if device_id in seen else None)
+            if device_id in seen and self._depth:
+                self._touched[device_id] = ts
 
     def record_status(self, status: Status, now: datetime | None = None, retained: bool = False) -> bool:
         """Store a status or a last will. Returns True when the device's state changed.
@@ -362,9 +501,9 @@ class Registry:
         with self.transaction():
             self._ensure_device(status.device_id, seen)
             changed = self._execute(
-                "UPDATE devices SET state = ?, since = ? WHERE device_id = ? AND state IS NOT ?",
+                "UPDATE devices SET state = ?, since = ? WHERE device_id = ? AND state IS DISTINCT FROM ?",
                 (status.state, since, status.device_id, status.state),
-            ).rowcount == 1
+            ) == 1
             if changed:
                 self._execute(
                     "INSERT INTO device_states (device_id, state, ts) VALUES (?, ?, ?)",
@@ -416,19 +555,26 @@ class Registry:
 
     # --- commands --------------------------------------------------------------------------------
 
-    def add_command(self, command: Command, device_id: str, now: datetime | None = None) -> CommandRow:
-        """Queue a command for a device (state `pending`). Raises DuplicateCommand if the id exists."""
+    def add_command(self, command: Command, device_id: str, now: datetime | None = None,
+                    batch: str | None = None, row_id: str | None = None) -> CommandRow:
+        """Queue a command for a device (state `pending`). Raises DuplicateCommand if the id exists.
+
+        `batch` names the fan-out (a group or a filter) the command belongs to, if any. `row_id`
+        is for one member of a group command: the row is `row_id`, the device sees `command.id`.
+        """
         ts = _ts(now)
         expires = format_ts(command.expires_at) if command.expires_at else None
+        key = row_id or command.id
         try:
             self._execute(
-                "INSERT INTO commands (id, device_id, kind, payload, created_at, expires_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (command.id, device_id, command.kind, command.model_dump_json(by_alias=True), ts, expires, ts),
+                "INSERT INTO commands (id, device_id, kind, payload, created_at, expires_at, updated_at, priority, "
+                "batch, wire_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, device_id, command.kind, command.model_dump_json(by_alias=True), ts, expires, ts,
+                 command.priority, batch, command.id),
             )
-        except sqlite3.IntegrityError as exc:
-            raise DuplicateCommand(command.id) from exc
-        return self.command(command.id)
+        except IntegrityError as exc:
+            raise DuplicateCommand(key) from exc
+        return self.command(key)
 
     def command(self, command_id: str) -> CommandRow:
         """The command with this id. Raises UnknownCommand."""
@@ -437,30 +583,38 @@ class Registry:
             raise UnknownCommand(command_id)
         return CommandRow.from_row(rows[0])
 
-    def commands(self, device_id: str | None = None, limit: int = 20) -> list[CommandRow]:
-        """Most recent commands first, optionally of one device."""
+    def commands(self, device_id: str | None = None, limit: int = 20, batch: str | None = None) -> list[CommandRow]:
+        """Most recent commands first, optionally of one device and/or one batch."""
         rows = self._query(
-            "SELECT * FROM commands WHERE (? IS NULL OR device_id = ?) ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            (device_id, device_id, limit),
+            "SELECT * FROM commands WHERE (? IS NULL OR device_id = ?) AND (? IS NULL OR batch = ?) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (device_id, device_id, batch, batch, limit),
         )
         return [CommandRow.from_row(row) for row in rows]
 
     def active_commands(self) -> list[CommandRow]:
-        """Commands the bridge still has to deliver (`pending` or `sent`), oldest first."""
+        """Commands the bridge still has to deliver (`pending` or `sent`): highest priority, then oldest first."""
         marks = ", ".join("?" for _ in BRIDGE_STATES)
         rows = self._query(
-            f"SELECT * FROM commands WHERE state IN ({marks}) ORDER BY created_at, rowid", BRIDGE_STATES
+            f"SELECT * FROM commands WHERE state IN ({marks}) ORDER BY priority DESC, created_at, rowid", BRIDGE_STATES
         )
         return [CommandRow.from_row(row) for row in rows]
 
-    def mark_sent(self, command_id: str, now: datetime | None = None) -> bool:
-        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send)."""
+    def mark_sent(self, command_id: str, now: datetime | None = None, *, claim: CommandRow | None = None) -> bool:
+        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send).
+
+        With `claim` (the row as the caller read it), also False when someone else sent it since: of
+        several bridge replicas deciding on the same row, exactly one wins each send.
+        """
         ts = _ts(now)
+        guard, params = "", (ts, ts, command_id)
+        if claim is not None:
+            guard, params = " AND attempts = ?", (*params, claim.attempts)
         return self._execute(
             "UPDATE commands SET state = 'sent', attempts = attempts + 1, last_sent_at = ?, updated_at = ? "
-            "WHERE id = ? AND state IN ('pending', 'sent')",
-            (ts, ts, command_id),
-        ).rowcount == 1
+            f"WHERE id = ? AND state IN ('pending', 'sent'){guard}",
+            params,
+        ) == 1
 
     def mark_expired(self, command_id: str, message: str, now: datetime | None = None) -> bool:
         """Expire a command the device never accepted. False if a reply got there first."""
@@ -479,7 +633,16 @@ class Registry:
         return self._execute(
             "UPDATE commands SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN ('pending', 'sent')",
             (state, error, ts, command_id),
-        ).rowcount == 1
+        ) == 1
+
+    def active_counts(self) -> dict[str, int]:
+        """Unfinished commands per device (how busy each device is)."""
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        rows = self._query(
+            f"SELECT device_id, count(*) AS n FROM commands WHERE state NOT IN ({marks}) GROUP BY device_id",
+            TERMINAL_STATES,
+        )
+        return {row["device_id"]: row["n"] for row in rows}
 
     def device_states(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""
@@ -497,17 +660,27 @@ class Registry:
         payload = reply.model_dump_json()
         with self.transaction():
             inserted = self._execute(
-                "INSERT OR IGNORE INTO replies (device_id, seq, command_id, status, payload, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO replies (device_id, seq, command_id, status, payload, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (reply.device_id, reply.seq, reply.command_id, reply.status, payload, ts),
-            ).rowcount == 1
+            ) == 1
             self._ensure_device(reply.device_id, ts)
             if not inserted:
                 self.bump("duplicate_replies")
                 return False
             if reply.command_id is not None:
                 self._advance(reply, payload, ts)
+                if reply.status == "succeeded" and reply.output is not None:
+                    self._record_policy(reply)
         return True
+
+    def _record_policy(self, reply: Reply) -> None:
+        """A succeeded `config` command's output is the policy now in force on the device."""
+        self._execute(
+            "UPDATE devices SET policy = ? WHERE device_id = ? AND EXISTS "
+            "(SELECT 1 FROM commands WHERE wire_id = ? AND device_id = ? AND kind = 'config')",
+            (json.dumps(reply.output), reply.device_id, reply.command_id, reply.device_id),
+        )
 
     def _advance(self, reply: Reply, payload: str, ts: str) -> None:
         terminal = reply.is_terminal
@@ -515,12 +688,21 @@ class Registry:
         self._execute(
             f"UPDATE commands SET state = ?, updated_at = ?, "
             f"reply = CASE WHEN ? THEN ? ELSE reply END, error = CASE WHEN ? THEN ? ELSE error END "
-            f"WHERE id = ? AND device_id = ? AND {_rank_sql('state')} < {_rank_sql('?')}",
+            f"WHERE wire_id = ? AND device_id = ? AND {_rank_sql('state')} < {_rank_sql('?')}",
             (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status),
         )
 
+    def reply_count(self) -> int:
+        """How many distinct replies are stored."""
+        return self._query("SELECT count(*) AS n FROM replies")[0]["n"]
+
     def replies(self, command_id: str) -> list[ReplyRow]:
-        rows = self._query("SELECT * FROM replies WHERE command_id = ? ORDER BY id", (command_id,))
+        """The replies the command's device sent for it, in arrival order."""
+        wire_id, device_id = self._on_the_wire(command_id)
+        rows = self._query(
+            "SELECT * FROM replies WHERE command_id = ? AND (? IS NULL OR device_id = ?) ORDER BY id",
+            (wire_id, device_id, device_id),
+        )
         return [ReplyRow.from_row(row) for row in rows]
 
     def replies_after(self, after_id: int, device_id: str | None = None) -> list[ReplyRow]:
@@ -538,10 +720,10 @@ class Registry:
         ts = _ts(now)
         with self.transaction():
             inserted = self._execute(
-                "INSERT OR IGNORE INTO stream_chunks (device_id, command_id, idx, delta, done, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO stream_chunks (device_id, command_id, idx, delta, done, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (device_id, chunk.command_id, chunk.index, chunk.delta, chunk.done, ts),
-            ).rowcount == 1
+            ) == 1
             self._ensure_device(device_id, ts)
             if not inserted:
                 self.bump("duplicate_chunks")
@@ -549,11 +731,20 @@ class Registry:
 
     def chunks(self, command_id: str, from_idx: int = 0) -> list[ChunkRow]:
         """Stored chunks of a command with index >= `from_idx`, in index order (gaps possible: QoS 0)."""
+        wire_id, device_id = self._on_the_wire(command_id)
         rows = self._query(
-            "SELECT command_id, idx, delta, done FROM stream_chunks WHERE command_id = ? AND idx >= ? ORDER BY idx",
-            (command_id, from_idx),
+            "SELECT idx, delta, done FROM stream_chunks WHERE command_id = ? AND (? IS NULL OR device_id = ?) "
+            "AND idx >= ? ORDER BY idx",
+            (wire_id, device_id, device_id, from_idx),
         )
-        return [ChunkRow(r["command_id"], r["idx"], r["delta"], bool(r["done"])) for r in rows]
+        return [ChunkRow(command_id, r["idx"], r["delta"], bool(r["done"])) for r in rows]
+
+    def _on_the_wire(self, command_id: str) -> tuple[str, str | None]:
+        """(id the device uses, device) of a queued command; (command_id, None) for one never queued here."""
+        rows = self._query("SELECT wire_id, device_id FROM commands WHERE id = ?", (command_id,))
+        if not rows or rows[0]["wire_id"] is None:
+            return command_id, None
+        return rows[0]["wire_id"], rows[0]["device_id"]
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -575,9 +766,79 @@ class Registry:
         )
         return [EventRow.from_row(row) for row in rows]
 
+    def events(self, device_id: str | None = None, limit: int = 50) -> list[EventRow]:
+        """Most recent events first."""
+        rows = self._query(
+            "SELECT * FROM events WHERE (? IS NULL OR device_id = ?) ORDER BY id DESC LIMIT ?",
+            (device_id, device_id, limit),
+        )
+        return [EventRow.from_row(row) for row in rows]
+
+    def recent_replies(self, device_id: str | None = None, limit: int = 50) -> list[ReplyRow]:
+        """Most recent replies first."""
+        rows = self._query(
+            "SELECT * FROM replies WHERE (? IS NULL OR device_id = ?) ORDER BY id DESC LIMIT ?",
+            (device_id, device_id, limit),
+        )
+        return [ReplyRow.from_row(row) for row in rows]
+
+    # --- alerts ----------------------------------------------------------------------------------
+
+    def raise_alert(self, device_id: str, kind: str, message: str, now: datetime | None = None) -> bool:
+        """Open an alert unless one of this kind is open for the device. True when a new one opened."""
+        return self._execute(
+            "INSERT INTO alerts (device_id, kind, message, raised_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id, kind) WHERE cleared_at IS NULL DO NOTHING",
+            (device_id, kind, message, _ts(now)),
+        ) == 1
+
+    def clear_alert(self, device_id: str, kind: str, now: datetime | None = None) -> bool:
+        """Close the open alert of this kind, if any. True when one was closed."""
+        return self._execute(
+            "UPDATE alerts SET cleared_at = ? WHERE device_id = ? AND kind = ? AND cleared_at IS NULL",
+            (_ts(now), device_id, kind),
+        ) == 1
+
+    def alerts(self, open_only: bool = True, limit: int = 100) -> list[AlertRow]:
+        """Alerts, newest first; by default only those whose condition still holds."""
+        rows = self._query(
+            "SELECT * FROM alerts WHERE (? = 0 OR cleared_at IS NULL) ORDER BY id DESC LIMIT ?",
+            (int(open_only), limit),
+        )
+        return [AlertRow(**row) for row in rows]
+
+    def terminal_states(self, device_id: str, limit: int) -> list[str]:
+        """States of the device's last `limit` finished commands, newest first."""
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        rows = self._query(
+            f"SELECT state FROM commands WHERE device_id = ? AND state IN ({marks}) "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
+            (device_id, *TERMINAL_STATES, limit),
+        )
+        return [row["state"] for row in rows]
+
+    def decode_speeds(self, device_id: str, limit: int) -> list[float]:
+        """`tokens_per_s` of the device's last `limit` succeeded generations, newest first."""
+        tps = self._backend.json_number("payload", "metrics", "tokens_per_s")
+        rows = self._query(
+            f"SELECT {tps} AS tps FROM replies "
+            f"WHERE device_id = ? AND status = 'succeeded' AND {tps} IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [float(row["tps"]) for row in rows]
+
     def last_ids(self) -> dict[str, int]:
         """Highest row id of each feed table, so `watch` can start at "now"."""
         return {
             table: self._query(f"SELECT coalesce(max(id), 0) AS m FROM {table}")[0]["m"]
-            for table in ("replies", "events", "device_states")
+            for table in ("replies", "events", "device_states", "stream_chunks")
         }
+
+    def chunks_after(self, after_id: int, device_id: str | None = None) -> list[StreamRow]:
+        """Stream chunks with id > `after_id`, in arrival order (the `watch` feed)."""
+        rows = self._query(
+            "SELECT id, device_id, command_id, idx, delta, received_at FROM stream_chunks "
+            "WHERE id > ? AND (? IS NULL OR device_id = ?) ORDER BY id",
+            (after_id, device_id, device_id),
+        )
+        return [StreamRow(**row) for row in rows]

@@ -6,7 +6,9 @@ Threads:
   then acknowledges each to the broker in arrival order.
 - `bridge-dispatch`: every `POLL_S` asks the dispatcher what to do with each pending/sent command
   (commands may be queued by another process through the registry file), publishes to
-  `P/<device>/cmd`, expires what the device never accepted, and reads the broker's PUBACKs.
+  `P/<device>/cmd`, expires what the device never accepted, and reads the broker's PUBACKs; every
+  `alerts.check_interval_s` it raises and clears abnormal-device alerts.
+- `bridge-http` (when `[http] enabled`): uvicorn serving the API, `/v1` and the console page.
 Signal handlers only set the stop event; the main thread then shuts everything down.
 """
 
@@ -20,20 +22,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from cloud_bridge.alerts import check_fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, decide, message_expiry_s
+from cloud_bridge.errors import BridgeError
 from cloud_bridge.ingest import Ingestor
 from cloud_bridge.link import BridgeLink, Delivery, PublishResult
 from cloud_bridge.registry import CommandRow, Registry
 from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.protocol import utc_now
-from edge_agent.topics import DeviceTopics, cloud_subscriptions
+from edge_agent.signing import sign_payload, signer_from_config
+from edge_agent.topics import DeviceTopics, cloud_subscriptions, group_cmd
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+HTTP_START_S = 15.0
+PASS_CHUNK = 200  # sends claimed per registry commit; a publish may precede its commit (a crash then resends)
 INGEST_BATCH = 256
 PUBLISH_TRACK_S = 600.0
 
@@ -66,19 +73,29 @@ class Dispatch:
         self._publisher = publisher
         self._prefix = config.mqtt.topic_prefix
         self._dispatch = config.dispatch
+        self._signer = signer_from_config(config.security)  # issue #6: sign each command when a key is set
         self.stats = stats or BridgeStats()
         self._sent: dict[int, tuple[str, float]] = {}  # paho mid -> (command id, monotonic time)
 
     def run_once(self, now: datetime) -> int:
-        """Act on every active command; returns how many were published."""
+        """Act on every active command; returns how many were published.
+
+        The member rows of one group command share a publish: the first member due sends it on
+        `P/group/G/cmd`, and the others due in the same pass count that send as theirs.
+        """
         published = 0
         device_states = self._registry.device_states()
-        for row in self._registry.active_commands():
-            decision = decide(row.view(), device_states.get(row.device_id), now, self._dispatch.resend_interval_s)
-            if decision.action is Action.EXPIRE:
-                self._expire(row, decision.reason, now)
-            elif decision.action is Action.SEND and self._publisher.connected:
-                published += self._send(row, decision.reason, now)
+        this_pass: set[tuple[str, str | None]] = set()
+        rows = self._registry.active_commands()
+        for start in range(0, len(rows), PASS_CHUNK):
+            with self._registry.transaction():  # one commit per chunk of sends, not one fsync per command
+                for row in rows[start:start + PASS_CHUNK]:
+                    decision = decide(row.view(), device_states.get(row.device_id), now,
+                                      self._dispatch.resend_interval_s)
+                    if decision.action is Action.EXPIRE:
+                        self._expire(row, decision.reason, now)
+                    elif decision.action is Action.SEND and self._publisher.connected:
+                        published += self._send(row, decision.reason, now, this_pass)
         return published
 
     def _expire(self, row: CommandRow, reason: str, now: datetime) -> None:
@@ -86,18 +103,28 @@ class Dispatch:
             self.stats.expired += 1
             log.warning("command %s for %s expired: %s", row.id, row.device_id, reason)
 
-    def _send(self, row: CommandRow, reason: str, now: datetime) -> int:
-        if not self._registry.mark_sent(row.id, now):
-            return 0  # a reply moved it past `sent` since we read it
-        topic = DeviceTopics(self._prefix, row.device_id).cmd
-        payload = row.raw_payload.encode("utf-8")
+    def _send(self, row: CommandRow, reason: str, now: datetime, this_pass: set[tuple[str, str | None]]) -> int:
+        if not self._registry.mark_sent(row.id, now, claim=row):
+            return 0  # a reply moved it past `sent` since we read it, or another replica sent it
+        topic = self._topic(row)
+        if (topic, row.wire_id) in this_pass:
+            return 0
+        this_pass.add((topic, row.wire_id))
+        payload = sign_payload(row.raw_payload, self._signer)
         mid = self._publisher.publish(topic, payload, self._dispatch.qos, message_expiry_s(_expires(row), now))
         if mid is None:
             return 0
         self._sent[mid] = (row.id, time.monotonic())
         self.stats.sends += 1
-        log.info("sent %s %s to %s (attempt %d: %s)", row.kind, row.id, row.device_id, row.attempts + 1, reason)
+        log.info("sent %s %s on %s (attempt %d: %s)", row.kind, row.id, topic, row.attempts + 1, reason)
         return 1
+
+    def _topic(self, row: CommandRow) -> str:
+        """`P/group/G/cmd` for a group command's member row, else the device's `P/D/cmd`."""
+        target = row.payload.get("target") or ""
+        if target.startswith("group/"):
+            return group_cmd(self._prefix, target.removeprefix("group/"))
+        return DeviceTopics(self._prefix, row.device_id).cmd
 
     def settle(self, results: list[PublishResult]) -> None:
         """Log what the broker said about our publishes (refusals, nobody subscribed)."""
@@ -113,6 +140,19 @@ class Dispatch:
         cutoff = time.monotonic() - PUBLISH_TRACK_S
         for mid in [m for m, (_, at) in self._sent.items() if at < cutoff]:
             del self._sent[mid]
+
+
+def subscriptions(config: BridgeConfig) -> list[str]:
+    """The device -> cloud topics; with `mqtt.shared_group`, shared among the replicas of that group.
+
+    Status stays a plain subscription on every replica: the broker sends retained messages (the
+    fleet's current states) only to non-shared subscriptions, and recording a status twice is harmless.
+    """
+    topics = cloud_subscriptions(config.mqtt.topic_prefix)
+    group = config.mqtt.shared_group
+    if group is None:
+        return topics
+    return [t if t.endswith("/status") else f"$share/{group}/{t}" for t in topics]
 
 
 def _expires(row: CommandRow) -> datetime | None:
@@ -138,26 +178,64 @@ class BridgeService:
         self._clock = clock
         self.stats = BridgeStats()
         options = BrokerOptions.from_config(config.mqtt, config.reconnect, client_id=config.mqtt.client_id)
-        self._link = BridgeLink(options, cloud_subscriptions(config.mqtt.topic_prefix))
+        self._link = BridgeLink(options, subscriptions(config))
         self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
         self._dispatch = Dispatch(registry, self._link, config, self.stats)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once the link is connected (and has asked for its subscriptions)."""
+        return self._link.wait_connected(timeout_s)
+
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set, then shut down cleanly."""
+        http = self._http_server()
         self._link.start()
-        for name, target in (("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch)):
+        loops = [("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch)]
+        if http is not None:
+            loops.append(("bridge-http", http.run))
+        for name, target in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        while not stop.wait(0.5):
+        failure = None if http is None else self._http_failure(http, self._threads[-1])
+        while failure is None and not stop.wait(0.5):
             pass
         log.info("stopping")
         self._stop.set()
+        if http is not None:
+            http.should_exit = True
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._link.stop()
+        if failure is not None:
+            raise BridgeError(failure)
+
+    def _http_failure(self, server: Any, thread: threading.Thread) -> str | None:
+        """None once uvicorn listens; else why it could not (it ends its thread on a bind error)."""
+        deadline = time.monotonic() + HTTP_START_S
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if server.started:
+            return None
+        http = self._config.http
+        return (f"the HTTP server could not listen on {http.host}:{http.port} (is the port in use? see the log "
+                "above); change [http] port or host, or set [http] enabled = false")
+
+    def _http_server(self) -> Any:
+        """The uvicorn server of `[http]`, or None when it is off. Reads the token now (errors at start)."""
+        http = self._config.http
+        if not http.enabled or http.token_file is None:
+            return None
+        import uvicorn
+
+        from cloud_bridge.api import create_app, read_token
+
+        app = create_app(self._registry, self._config, read_token(http.token_file))
+        log.info("HTTP API and console on http://%s:%d/ (OpenAPI at /docs)", http.host, http.port)
+        return uvicorn.Server(uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
+                                             access_log=False))
 
     # --- ingest ----------------------------------------------------------------------------------
 
@@ -188,19 +266,28 @@ class BridgeService:
     # --- dispatch --------------------------------------------------------------------------------
 
     def _run_dispatch(self) -> None:
+        next_check = 0.0
         while not self._stop.is_set():
             try:
                 self._dispatch.settle(_drain(self._link.results, None, 10_000))
                 self._dispatch.run_once(self._clock())
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self._config.alerts.check_interval_s
+                    self._check_alerts()
             except Exception:
                 log.exception("dispatch pass failed; retrying in 1 s")
                 self._stop.wait(1.0)
             self._stop.wait(POLL_S)
 
 
+    def _check_alerts(self) -> None:
+        for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock()):
+            log.warning("alert %s %s for %s", kind, "raised" if raised else "cleared", device_id)
+
+
 def serve(config: BridgeConfig) -> int:
     """Run the bridge until SIGTERM/SIGINT; returns the process exit code (0 on a clean stop)."""
-    registry = Registry.open(config.store.path, create=True)
+    registry = Registry.from_config(config.store, create=True)
     log.info("registry %s; broker %s:%s; prefix %r", registry.path, config.mqtt.host, config.mqtt.port,
              config.mqtt.topic_prefix)
     stop = threading.Event()

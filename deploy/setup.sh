@@ -43,6 +43,25 @@ ensure_mosquitto() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto
 }
 
+ensure_chromium() {
+  # Debian's chromium + chromium-driver drive the web console tests (tests/bridge/test_stack.py);
+  # best effort: without them those tests skip and say why.
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      say "chromium is missing (the console's browser tests will skip): sudo apt-get install -y chromium chromium-driver"
+      return 0
+    fi
+  fi
+  command -v apt-get >/dev/null 2>&1 || { say "chromium is missing and apt-get is not available; browser tests will skip"; return 0; }
+  say "installing chromium and chromium-driver with apt-get (for the web console tests)"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver; } ||
+    say "could not install chromium; the console's browser tests will skip"
+}
+
 ensure_venv() {
   local python; python=$(pick_python)
   if [ ! -x "$VENV/bin/python" ]; then
@@ -73,6 +92,7 @@ install_llama() {
 }
 
 ensure_mosquitto
+ensure_chromium
 ensure_venv
 install_llama
 say "installing autoglm-edge and its dependencies"

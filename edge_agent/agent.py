@@ -4,6 +4,7 @@ signals and the systemd watchdog. Signal handlers only set a flag; the main thre
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,19 +15,42 @@ from types import FrameType
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
-from edge_agent.engine import TextEngine
-from edge_agent.errors import AgentError, Unauthorized
+from edge_agent.engine import EngineReload, TextEngine
+from edge_agent.engine.onnx import onnx_handlers
+from edge_agent.errors import AgentError, Busy, ConfigError, InvalidCommand, Unauthorized
 from edge_agent.executor import IMMEDIATE_KINDS, Executor
 from edge_agent.link import InboundMessage, Link, LinkOptions
 from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.notify import sd_notify, watchdog_interval_s
-from edge_agent.protocol import Event, ParsedCommand, Status, Telemetry, format_ts, parse_command, to_bytes, utc_now
-from edge_agent.store import ReplyDraft, Store
+from edge_agent.protocol import (
+    ChatParams,
+    CompleteParams,
+    Event,
+    ParsedCommand,
+    Sampling,
+    Status,
+    Telemetry,
+    format_ts,
+    parse_command,
+    to_bytes,
+    utc_now,
+)
+from edge_agent.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
+from edge_agent.store import OutboxLimits, ReplyDraft, Store
 from edge_agent.topics import DeviceTopics, group_cmd
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[AgentConfig], TextEngine]
+
+
+def prompt_chars(params: object) -> int:
+    """Characters of prompt text a command brings: the prompt, or every message and template variable."""
+    if isinstance(params, CompleteParams):
+        return len(params.prompt)
+    if isinstance(params, ChatParams):
+        return sum(len(m.content) for m in params.messages) + sum(len(v) for v in params.variables.values())
+    return 0
 
 
 def rss_mb() -> float:
@@ -40,13 +64,22 @@ def rss_mb() -> float:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, engine_factory: EngineFactory) -> None:
+    def __init__(self, config: AgentConfig, engine_factory: EngineFactory,
+                 reload_config: Callable[[], AgentConfig] | None = None) -> None:
         self.config = config
         self.topics = DeviceTopics(config.mqtt.topic_prefix, config.device_id)
-        self.store = Store(config.store.path, self.topics, config.store.synchronous)
+        limits = OutboxLimits(config.store.max_outbox_rows, config.store.max_outbox_bytes)
+        self.store = Store(config.store.path, self.topics, config.store.synchronous, limits)
         self.engine = engine_factory(config)
+        self._engine_factory = engine_factory
+        self._reload_config = reload_config  # SIGHUP: re-read the config, reload the model
+        self._reload_requested = threading.Event()
         self.started_at = time.monotonic()
         self._stop = threading.Event()
+        security = config.security
+        self.verifier = CommandVerifier(VerifyPolicy(
+            required=security.require_signed_commands, trusted=load_trusted_keys(security.trusted_keys),
+            max_clock_skew_s=security.max_clock_skew_s, replay_window_s=security.replay_window_s))
         self.link = Link(
             options=self._link_options(),
             subscriptions=[self.topics.cmd] + [group_cmd(config.mqtt.topic_prefix, g) for g in config.mqtt.groups],
@@ -64,6 +97,7 @@ class Agent:
             publish_volatile=self.link.publish_volatile,
             on_stored=self.link.kick,
         )
+        self.executor.handlers.update(onnx_handlers(config.onnx.models))
 
     def _link_options(self) -> LinkOptions:
         """Broker options (the device id is the client id) plus the agent's will delay and window."""
@@ -76,7 +110,7 @@ class Agent:
     def intake(self, message: InboundMessage) -> None:
         try:
             parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
-            self._check_target(parsed)
+            self._authorize(parsed, message)
         except AgentError as exc:
             self._reject(exc, message)
             return
@@ -84,10 +118,14 @@ class Agent:
         if message.message_expiry_s is not None:
             by_broker = time.time() + message.message_expiry_s
             expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
-        intake = self.store.accept(
-            parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
-            message.response_topic, message.correlation_data,
-        )
+        try:
+            intake = self.store.accept(
+                parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
+                message.response_topic, message.correlation_data,
+            )
+        except Busy as exc:  # the outbox is at its cap: refuse new work rather than lose its reply
+            self._reject(exc, message)
+            return
         self.link.kick()
         if intake.duplicate:
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
@@ -104,6 +142,38 @@ class Agent:
         if target is not None and target not in allowed:
             raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
 
+    def _authorize(self, parsed: ParsedCommand, message: InboundMessage) -> None:
+        """Target, signature and age, reply topic, limits: raises the AgentError to reject with."""
+        self._check_target(parsed)
+        if self.verifier.enabled:
+            key_id = self.verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
+            log.debug("command %s: signature key %s", parsed.id, key_id)
+        if not self._response_topic_allowed(message.response_topic):
+            raise Unauthorized(f"ResponseTopic {message.response_topic!r} is outside this device's reply tree "
+                               f"({self.topics.reply}/...) and security.response_topic_prefixes", parsed.id)
+        self._check_limits(parsed)
+
+    def _response_topic_allowed(self, topic: str | None) -> bool:
+        """A command may send its replies to `P/D/reply` or below it, or under a configured prefix."""
+        if topic is None:
+            return True
+        if any(c in topic for c in "+#\0"):
+            return False
+        own = self.topics.reply
+        return topic == own or topic.startswith(own + "/") or any(
+            topic.startswith(prefix) for prefix in self.config.security.response_topic_prefixes)
+
+    def _check_limits(self, parsed: ParsedCommand) -> None:
+        """`[limits]`: prompt length and max_tokens; a command asking for more is rejected, not trimmed."""
+        limits, params = self.config.limits, parsed.params
+        if isinstance(params, Sampling) and params.max_tokens > limits.max_tokens:
+            raise InvalidCommand(f"max_tokens {params.max_tokens} is above this device's limit "
+                                 f"{limits.max_tokens} (limits.max_tokens)", parsed.id)
+        chars = prompt_chars(params)
+        if chars > limits.max_prompt_chars:
+            raise InvalidCommand(f"the prompt is {chars} characters; this device accepts at most "
+                                 f"{limits.max_prompt_chars} (limits.max_prompt_chars)", parsed.id)
+
     def _reject(self, exc: AgentError, message: InboundMessage) -> None:
         log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
         event = Event(
@@ -111,8 +181,9 @@ class Agent:
             message=exc.message, data={"error_code": exc.code.value, "command_id": exc.command_id,
                                        "topic": message.topic, "bytes": len(message.payload)},
         )
+        response_topic = message.response_topic if self._response_topic_allowed(message.response_topic) else None
         self.store.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
-                          message.response_topic, message.correlation_data)
+                          response_topic, message.correlation_data)
         self.link.kick()
 
     # --- status and telemetry --------------------------------------------------------------------
@@ -131,6 +202,7 @@ class Agent:
             queue_depth=self.store.count_in_state("accepted"), outbox_depth=rows, outbox_bytes=size,
             tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_mb=round(rss_mb(), 1),
             gpu_layers=self.engine.info.n_gpu_layers, uptime_s=round(time.monotonic() - self.started_at, 1),
+            dropped=dict(self.store.dropped),
         )
 
     def _event(self, level: str, code: str, message: str, **data: object) -> None:
@@ -146,6 +218,7 @@ class Agent:
         """Serve until SIGTERM/SIGINT; drain and return 0."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._reload_requested.set())
         if self.store.quarantined is not None:
             self._event("error", "store_quarantined", "the SQLite store failed its integrity check and was "
                         "replaced by a fresh one", quarantined_as=str(self.store.quarantined))
@@ -165,6 +238,8 @@ class Agent:
         watchdog = watchdog_interval_s()
         next_watchdog = next_telemetry = time.monotonic()
         while not self._stop.wait(0.5):
+            if self._reload_requested.is_set():
+                self._reload_model()
             now = time.monotonic()
             if watchdog is not None and now >= next_watchdog and self.healthy():
                 sd_notify("WATCHDOG=1")
@@ -172,6 +247,38 @@ class Agent:
             if now >= next_telemetry:
                 self.link.publish_volatile(self.topics.telemetry, to_bytes(self.telemetry()))
                 next_telemetry = now + self.config.telemetry_interval_s
+
+    def _reload_model(self) -> None:
+        """SIGHUP: re-read the config file; the worker swaps the model (and templates) between commands."""
+        self._reload_requested.clear()
+        if self._reload_config is None:
+            return
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            self._event("error", "model_reload_failed", f"config not reloaded: {exc}")
+            return
+        old = self.config
+        log.info("SIGHUP: reloading the model from %s", new.model.path)
+        self.executor.reload_engine(EngineReload(load_new=lambda: self._engine_factory(new),
+                                                 load_old=lambda: self._engine_factory(old),
+                                                 done=lambda engine, error: self._engine_reloaded(new, engine, error)))
+
+    def _engine_reloaded(self, new: AgentConfig, engine: TextEngine, error: Exception | None) -> None:
+        """On the worker thread, after a reload: announce the model now in force (status + event)."""
+        self.engine = engine
+        if error is not None:
+            log.error("model reload failed, still serving %s: %s", engine.info.name, error)
+            self._event("error", "model_reload_failed", f"kept the previous model: {error}",
+                        model_sha256=engine.info.sha256)
+        else:
+            self.config = self.config.model_copy(update={"model": new.model, "templates": new.templates})
+            log.info("model reloaded: %s sha256 %s (%s)", engine.info.name, engine.info.sha256, engine.gpu_reason)
+            self._event("info", "model_reloaded", f"now serving {engine.info.name}", model=engine.info.name,
+                        model_sha256=engine.info.sha256, gpu=engine.gpu_reason)
+        self.store.enqueue_status(self._status_payload())
+        self.link.kick()
 
     def healthy(self) -> bool:
         """The watchdog is fed only while the worker thread and the link threads run."""

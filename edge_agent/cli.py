@@ -3,6 +3,7 @@
 Examples:
   edge-agent run --config /etc/edge-agent/edge-agent.toml
   edge-agent check-config /etc/edge-agent/edge-agent.toml
+  edge-agent tune --model glm.gguf --target tokens_per_s --max-latency-ms 500 --budget-s 300 --out profile.toml
   EDGE_AGENT_MQTT__HOST=broker.lan edge-agent check-config edge-agent.toml
 """
 
@@ -21,7 +22,7 @@ from edge_agent.errors import AgentError, ConfigError
 def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama.cpp is heavy
     from edge_agent.engine.llama import LlamaEngine
 
-    return LlamaEngine(config.model)
+    return LlamaEngine(config.model, config.templates)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.config))
     logging.getLogger().setLevel(config.log_level.upper())
-    return Agent(config, _llama_engine).run()
+    return Agent(config, _llama_engine, reload_config=lambda: load_config(Path(args.config))).run()
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -38,6 +39,13 @@ def _check_config(args: argparse.Namespace) -> int:
     if not config.model.path.is_file():
         print(f"warning: model file {config.model.path} does not exist yet", file=sys.stderr)
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from edge_agent.tune import run_tune
+
+    return run_tune(Path(args.model), args.target, args.max_latency_ms, args.budget_s, Path(args.out),
+                    n_ctx=args.n_ctx, max_tokens=args.max_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
+    tune = sub.add_parser("tune", help="benchmark llama.cpp settings for a model and write the best as a profile")
+    tune.add_argument("--model", required=True, help="the GGUF file to tune for")
+    tune.add_argument("--target", choices=["tokens_per_s", "ttft"], default="tokens_per_s",
+                      help="what to maximize: decode speed, or (lowest) time to first token")
+    tune.add_argument("--max-latency-ms", type=float, default=None,
+                      help="only accept settings whose time to first token on the benchmark prompt is within this")
+    tune.add_argument("--budget-s", type=float, default=300.0, help="stop starting trials after this (default 300)")
+    tune.add_argument("--out", default="profile.toml", help="profile to write (default profile.toml)")
+    tune.add_argument("--n-ctx", type=int, default=2048, help="context size to tune with (default 2048)")
+    tune.add_argument("--max-tokens", type=int, default=32, help="tokens decoded per trial (default 32)")
+    tune.set_defaults(func=_tune)
     return parser
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge_agent.engine.profile import KvCacheType, OnnxOptimization, apply_onnx_profile, apply_profile
+from edge_agent.engine.templates import PromptTemplate
 from edge_agent.settings import (
     BrokerConfig,
     ReconnectConfig,
@@ -23,6 +25,7 @@ from edge_agent.settings import (
     load_toml_settings,
     resolve_relative,
 )
+from edge_agent.signing import is_raw_key
 from edge_agent.topics import check_device_id, check_group
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -46,6 +49,8 @@ class MqttConfig(BrokerConfig):
 class StoreConfig(Section):
     path: Path = Path("edge-agent.db")
     synchronous: Literal["full", "normal"] = "full"
+    max_outbox_rows: int = Field(default=100_000, ge=10)
+    max_outbox_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
 
 
 class ModelConfig(Section):
@@ -54,7 +59,56 @@ class ModelConfig(Section):
     n_ctx: int = Field(default=4096, ge=64)
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
+    n_ubatch: int | None = Field(default=None, ge=1)
+    flash_attn: bool = False
+    type_k: KvCacheType | None = None
+    type_v: KvCacheType | None = None
+    prefix_cache_mb: int = Field(default=0, ge=0)
+    stall_timeout_s: float = Field(default=120.0, gt=0.0)
+    profile: Path | None = None
     name: str | None = None
+
+
+class OnnxModelConfig(Section):
+    path: Path
+    providers: list[str] | None = None
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    graph_optimization: OnnxOptimization = "all"
+    parallel_execution: bool = False
+    profile: Path | None = None
+
+
+class OnnxConfig(Section):
+    models: dict[str, OnnxModelConfig] = Field(default_factory=dict)
+
+
+class SecurityConfig(Section):
+    """`[security]`: signed commands (edge_agent.signing) and where replies may go (docs/security.md)."""
+
+    require_signed_commands: bool = False
+    trusted_keys: dict[str, str] = Field(default_factory=dict, description="key_id -> base64 raw key or PEM path")
+    max_clock_skew_s: float = Field(default=300.0, ge=0.0)
+    replay_window_s: float = Field(default=86400.0, gt=0.0)
+    response_topic_prefixes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> SecurityConfig:
+        if self.require_signed_commands and not self.trusted_keys:
+            raise ValueError("require_signed_commands needs at least one entry in trusted_keys "
+                             '(key_id = "base64 public key" or "path/to/key.pem")')
+        return self
+
+    def resolved_against(self, base: Path) -> SecurityConfig:
+        """Key files (values that are not inline base64 keys) made absolute against `base`."""
+        keys = {k: v if is_raw_key(v) else str(resolve_relative(Path(v), base)) for k, v in self.trusted_keys.items()}
+        return self.model_copy(update={"trusted_keys": keys})
+
+
+class LimitsConfig(Section):
+    """`[limits]`: what one command may ask for; more is rejected with `invalid_command`."""
+
+    max_prompt_chars: int = Field(default=65536, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
 
 
 class AgentConfig(TomlSettings):
@@ -67,6 +121,10 @@ class AgentConfig(TomlSettings):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     model: ModelConfig
+    templates: dict[str, PromptTemplate] = Field(default_factory=dict)
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     telemetry_interval_s: float = Field(default=60.0, ge=1.0)
     shutdown_timeout_s: float = Field(default=30.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -81,8 +139,20 @@ def load_config(path: Path) -> AgentConfig:
     return _resolve_relative_paths(config, path.parent)
 
 
+def _resolve_onnx(model: OnnxModelConfig, base: Path) -> OnnxModelConfig:
+    model = model.model_copy(update={"path": resolve_relative(model.path, base)})
+    if model.profile is None:
+        return model
+    return apply_onnx_profile(model.model_copy(update={"profile": resolve_relative(model.profile, base)}))
+
+
 def _resolve_relative_paths(config: AgentConfig, base: Path) -> AgentConfig:
     """Paths in the file are relative to the file's folder, so a config can travel with its data."""
     store = config.store.model_copy(update={"path": resolve_relative(config.store.path, base)})
     model = config.model.model_copy(update={"path": resolve_relative(config.model.path, base)})
-    return config.model_copy(update={"store": store, "model": model, "mqtt": config.mqtt.resolved_against(base)})
+    if model.profile is not None:
+        model = apply_profile(model.model_copy(update={"profile": resolve_relative(model.profile, base)}))
+    onnx = OnnxConfig(models={name: _resolve_onnx(m, base) for name, m in config.onnx.models.items()})
+    return config.model_copy(update={"store": store, "model": model, "onnx": onnx,
+                                     "mqtt": config.mqtt.resolved_against(base),
+                                     "security": config.security.resolved_against(base)})

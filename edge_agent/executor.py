@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import lifecycle
-from edge_agent.engine import Generation, TextEngine
+from edge_agent.engine import EngineReload, Generation, TextEngine
+from edge_agent.engine.stream import ChunkStreamer
 from edge_agent.errors import AgentError, Cancelled, Expired, Internal, InvalidCommand
 from edge_agent.lifecycle import State
 from edge_agent.protocol import (
@@ -22,11 +23,9 @@ from edge_agent.protocol import (
     CompleteParams,
     ErrorInfo,
     ParsedCommand,
-    StreamChunk,
     parse_command,
-    to_bytes,
 )
-from edge_agent.store import ReplyDraft, Store, StoredCommand
+from edge_agent.store import ReplyDraft, Store, StoredCommand, StoreFull, fault_point
 from edge_agent.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,7 @@ class Executor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._running: tuple[str, threading.Event] | None = None
+        self._reload: EngineReload | None = None
         self._thread: threading.Thread | None = None
         self.tokens_per_s_ewma: float | None = None
         self.handlers: dict[str, Handler] = {
@@ -113,8 +113,25 @@ class Executor:
             self._cancel_running("the agent is shutting down")
             self._thread.join(10.0)
 
+    @property
+    def engine(self) -> TextEngine:
+        return self._engine
+
+    def reload_engine(self, reload: EngineReload) -> None:
+        """Swap the text engine between commands, on the worker thread (the only one that uses it)."""
+        with self._lock:
+            self._reload = reload
+        self._wake.set()
+
+    def _reload_if_requested(self) -> None:
+        with self._lock:
+            reload, self._reload = self._reload, None
+        if reload is not None:
+            self._engine = reload.swap(self._engine)
+
     def _run_worker(self) -> None:
         while not self._stopping.is_set():
+            self._reload_if_requested()
             command = self._store.next_runnable()
             if command is None:
                 self._wake.wait(timeout=1.0)
@@ -123,7 +140,8 @@ class Executor:
             try:
                 self.run(command)
             except Exception:
-                log.exception("executor failed on command %s; the worker goes on", command.id)
+                log.exception("executor failed on command %s; the worker goes on in 1 s", command.id)
+                self._stopping.wait(1.0)  # a store that cannot write (disk full) must not spin the worker
 
     # --- running one command ---------------------------------------------------------------------
 
@@ -142,6 +160,7 @@ class Executor:
         self._on_stored()
         if not claimed:
             return
+        fault_point("command_running")
         queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
         cancel = threading.Event()
         tracked = command.kind not in IMMEDIATE_KINDS
@@ -172,8 +191,23 @@ class Executor:
             error=ErrorInfo(code=error.code, message=error.message) if error else None,
             metrics={**(extra_metrics or {}), **outcome.metrics},
         )
-        self._store.transition(command_id, outcome.state, draft)
+        self._store_until_written(command_id, outcome.state, draft)
+        fault_point("reply_stored")
         self._on_stored()
+
+    def _store_until_written(self, command_id: str, state: State, draft: ReplyDraft) -> None:
+        """A terminal reply is never dropped: while the disk is full, keep it and retry (until stop;
+        then the command stays `running` and the restart's recovery gives it `failed`/`internal`)."""
+        delay = 0.5
+        while True:
+            try:
+                self._store.transition(command_id, state, draft)
+                return
+            except StoreFull as exc:
+                log.error("cannot store the %s reply of %s: %s; retrying in %.0f s", state, command_id, exc, delay)
+                if self._stopping.wait(delay):
+                    raise
+                delay = min(delay * 2, 30.0)
 
     def _cancel_running(self, reason: str, target: str | None = None) -> bool:
         with self._lock:
@@ -203,7 +237,7 @@ class Executor:
               generate: Callable[[Callable[[str], None] | None], Generation]) -> Outcome:
         params = parsed.params
         assert isinstance(params, ChatParams | CompleteParams)
-        streamer = _Streamer(self._topics.stream(parsed.id), parsed.id, self._publish_volatile)
+        streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_volatile)
         generation = generate(streamer.delta if params.stream else None)
         if params.stream:
             streamer.done()
@@ -259,25 +293,3 @@ class Executor:
         previous = self.tokens_per_s_ewma
         self.tokens_per_s_ewma = generation.tokens_per_s if previous is None else (
             0.8 * previous + 0.2 * generation.tokens_per_s)
-
-
-class _Streamer:
-    """Publishes StreamChunks (QoS 0) for one command as tokens arrive."""
-
-    def __init__(self, topic: str, command_id: str, publish: Callable[[str, bytes], None]) -> None:
-        self._topic = topic
-        self._command_id = command_id
-        self._publish = publish
-        self._index = 0
-
-    def delta(self, text: str) -> None:
-        self._send(text, done=False)
-
-    def done(self) -> None:
-        self._send("", done=True)
-
-    def _send(self, text: str, done: bool) -> None:
-        chunk = StreamChunk(command_id=self._command_id, index=self._index, delta=text, done=done)
-        self._publish(self._topic, to_bytes(chunk))
-        self._index += 1
-

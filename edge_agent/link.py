@@ -30,9 +30,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.mqtt_session import BrokerOptions, SessionRunner, make_client
-from edge_agent.store import OutboxRow
+from edge_agent.store import OutboxRow, StoreFull, fault_point
 
 log = logging.getLogger(__name__)
+
+# A command whose storing failed (disk full) stays unacknowledged; MQTT 5 brokers redeliver only on a
+# new connection, so the pump reconnects this long after the failure (and again while it persists).
+REDELIVERY_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class Link:
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; pump thread only
         self._last_sent_id = 0
+        self._unsettled: list[int] = []  # acked rows whose delete failed (disk full); retried
+        self._redeliver_at: float | None = None  # set on the paho thread, read by the pump
         self._client = self._make_client()
         self._runner = SessionRunner(self._client, options.broker, self._connected, self._count_failure, log)
         self._threads: list[threading.Thread] = []
@@ -202,9 +208,11 @@ class Link:
         try:
             self._on_command(inbound)
         except Exception:
-            log.exception("could not store a command from %s; leaving it unacknowledged for redelivery",
-                          message.topic)
+            log.exception("could not store a command from %s; leaving it unacknowledged: the link reconnects"
+                          " in %.0f s so the broker redelivers it", message.topic, REDELIVERY_RETRY_S)
+            self._redeliver_at = self._redeliver_at or time.monotonic() + REDELIVERY_RETRY_S
             return
+        fault_point("command_stored")
         client.ack(message.mid, message.qos)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode,
@@ -230,12 +238,15 @@ class Link:
                 self._settle_acks()
                 if self._connected.is_set():
                     self._fill_window()
+                    self._reconnect_for_redelivery()
+            except StoreFull as exc:  # expected while the disk is full: one line, not a traceback
+                log.error("outbox pump: %s; retrying in 1 s", exc)
+                self._stopping.wait(1.0)
             except Exception:
                 log.exception("outbox pump error; retrying in 1 s")
                 self._stopping.wait(1.0)
 
     def _settle_acks(self) -> None:
-        done: list[int] = []
         while True:
             try:
                 mid, ok = self._acks.get_nowait()
@@ -245,14 +256,24 @@ class Link:
             if row_id is None:
                 continue  # status/offline publishes are not outbox rows
             if ok:
-                done.append(row_id)
+                self._unsettled.append(row_id)
             else:
                 self.stats.refused += 1
                 log.error("broker refused outbox row %d (not authorized?); it stays stored and is retried"
                           " after the agent restarts", row_id)
-        if done:
-            self._outbox.delete_outbox(done)
-            self.stats.acked += len(done)
+        if self._unsettled:
+            self._outbox.delete_outbox(self._unsettled)  # raises on a full disk: kept, retried next wake
+            self.stats.acked += len(self._unsettled)
+            self._unsettled = []
+
+    def _reconnect_for_redelivery(self) -> None:
+        """After a command could not be stored, end the session so the broker redelivers it."""
+        due = self._redeliver_at
+        if due is None or time.monotonic() < due:
+            return
+        self._redeliver_at = None
+        log.warning("reconnecting so the broker redelivers the commands that could not be stored")
+        self._client.disconnect()
 
     def _fill_window(self) -> None:
         room = self._options.inflight_window - len(self._inflight)
@@ -266,6 +287,7 @@ class Link:
             self._inflight[info.mid] = row.id
             self._last_sent_id = row.id
             self.stats.published += 1
+            fault_point("row_published")
         self._settle_acks()
 
     def _publish_row(self, row: OutboxRow) -> mqtt.MQTTMessageInfo:

@@ -1,6 +1,8 @@
 """The MQTT 5 session machinery both links share (`edge_agent.link`, `cloud_bridge.link`).
 
-- `BrokerOptions`: where and how to connect, built from the `[mqtt]` and `[reconnect]` config.
+- `BrokerOptions`: where and how to connect, built from the `[mqtt]` and `[reconnect]` config;
+  `TlsOptions`: TLS 1.2+ with the broker's certificate (and host name) verified, mTLS when a client
+  certificate is set. The password never appears in a repr or a log line.
 - `make_client`: a paho client for a persistent session (MQTT 5, `clean_start=False`,
   SessionExpiryInterval on every CONNECT, `manual_ack`), with paho's own reconnect off.
 - `SessionRunner`: the network thread's loop. It runs one session at a time (`reconnect()`, then
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,13 +32,64 @@ from paho.mqtt.properties import Properties
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
 
 from edge_agent.backoff import reconnect_wait
-from edge_agent.settings import BrokerConfig, ReconnectConfig, read_password
+from edge_agent.errors import ConfigError
+from edge_agent.settings import BrokerConfig, ReconnectConfig, read_password, secret_path
 
 log = logging.getLogger(__name__)
 
 MIN_SESSION_S = 1.0
 
 PahoCallback = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS to the broker: CA file (None: the system's CAs), optional client certificate and key (mTLS)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    @classmethod
+    def from_config(cls, broker: BrokerConfig) -> TlsOptions:
+        """Options from the `[mqtt]` tls_* keys; `credential:NAME` paths are looked up here."""
+        def path(value: Path | None, key: str) -> Path | None:
+            return None if value is None else secret_path(value, f"mqtt.{key}")
+
+        return cls(ca_file=path(broker.tls_ca_file, "tls_ca_file"),
+                   cert_file=path(broker.tls_cert_file, "tls_cert_file"),
+                   key_file=path(broker.tls_key_file, "tls_key_file"),
+                   check_hostname=not broker.tls_insecure_skip_hostname_check)
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS 1.2 or later, the broker's certificate verified (and its host name,
+        unless switched off), our certificate presented when one is set. Raises ConfigError."""
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = self.check_hostname
+            if self.cert_file is not None:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot set up TLS from mqtt.tls_ca_file={self.ca_file}, tls_cert_file="
+                              f"{self.cert_file}, tls_key_file={self.key_file}: {exc}; check the files exist, "
+                              "are PEM and readable by this user, and that the key matches the certificate") from exc
+        return ctx
+
+
+def describe_connect_error(exc: BaseException, tls: bool) -> str:
+    """`exc` plus what to check next, for the log line of a failed connection attempt."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "hostname" in text.lower() or "ip address mismatch" in text.lower():
+            return f"{text} (mqtt.host must match a name in the broker's certificate)"
+        return f"{text} (is mqtt.tls_ca_file the CA that signed the broker's certificate?)"
+    if isinstance(exc, ssl.SSLError):
+        return f"{text} (TLS handshake failed: check the broker's TLS listener, our client certificate and its CA)"
+    if tls and isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return f"{text} (with TLS: the broker may require a client certificate: set mqtt.tls_cert_file/tls_key_file)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -50,7 +105,8 @@ class BrokerOptions:
     backoff_multiplier: float
     backoff_max_s: float
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsOptions | None = None
 
     @classmethod
     def from_config(cls, broker: BrokerConfig, reconnect: ReconnectConfig, client_id: str) -> BrokerOptions:
@@ -66,6 +122,7 @@ class BrokerOptions:
             backoff_max_s=reconnect.max_s,
             username=broker.username,
             password=read_password(broker),
+            tls=TlsOptions.from_config(broker) if broker.uses_tls else None,
         )
 
 
@@ -104,6 +161,8 @@ def make_client(
         client.max_inflight_messages_set(max_inflight)
     if options.username is not None:
         client.username_pw_set(options.username, options.password)
+    if options.tls is not None:
+        client.tls_set_context(options.tls.context())
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.on_message = on_message
@@ -168,7 +227,8 @@ class SessionRunner:
         try:
             self._client.reconnect()
         except Exception as exc:  # OSError mostly; anything else must not kill the thread
-            raise self._failed(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from exc
+            reason = describe_connect_error(exc, self._options.tls is not None)
+            raise self._failed(f"cannot connect to {self._options.host}:{self._options.port}: {reason}") from exc
         started = time.monotonic()
         self._client.loop_forever()
         self._connected.clear()
@@ -176,7 +236,9 @@ class SessionRunner:
             return
         lasted = time.monotonic() - started
         if not self._session_ok:
-            raise self._failed("the broker closed the connection before accepting it")
+            hint = (" (with TLS: was our client certificate refused? check mqtt.tls_cert_file/tls_key_file and "
+                    "the broker's log)") if self._options.tls is not None else ""
+            raise self._failed(f"the broker closed the connection before accepting it{hint}")
         if lasted < MIN_SESSION_S:
             raise self._failed(f"the connection ended after {lasted:.1f} s")
 

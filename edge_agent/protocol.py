@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edge_agent.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
 
@@ -104,9 +104,15 @@ class ChatMessage(_Strict):
 
 
 class ChatParams(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(default_factory=list)
     template: str | None = None
     variables: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_a_conversation(self) -> ChatParams:
+        if not self.messages and self.template is None:
+            raise ValueError("`messages` must hold at least one message unless a `template` is named")
+        return self
 
 
 class CompleteParams(Sampling):
@@ -256,6 +262,7 @@ class ModelInfo(_Tolerant):
     arch: str
     quant: str
     n_gpu_layers: int
+    gpu_reason: str | None = None
 
 
 class Status(_Tolerant):

@@ -8,11 +8,12 @@ the link is built. Every failure is a `ConfigError` whose message names the file
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from edge_agent.errors import ConfigError
@@ -35,12 +36,28 @@ class BrokerConfig(Section):
     password_file: Path | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_insecure_skip_hostname_check: bool = False
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for mTLS, or neither")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS is on when `tls = true` (system CA store) or a `tls_ca_file` or client certificate is set."""
+        return self.tls or self.tls_ca_file is not None or self.tls_cert_file is not None
 
     def resolved_against(self, base: Path) -> Self:
-        """A copy whose relative `password_file` is made absolute against `base`."""
-        if self.password_file is None:
-            return self
-        return self.model_copy(update={"password_file": resolve_relative(self.password_file, base)})
+        """A copy whose relative file paths (password, TLS) are made absolute against `base`."""
+        keys = ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+        update = {k: resolve_relative(getattr(self, k), base) for k in keys if getattr(self, k) is not None}
+        return self.model_copy(update=update) if update else self
 
 
 class ReconnectConfig(Section):
@@ -49,6 +66,22 @@ class ReconnectConfig(Section):
     initial_s: float = Field(default=1.0, gt=0)
     multiplier: float = Field(default=2.0, ge=1.0)
     max_s: float = Field(default=30.0, gt=0)
+
+
+class SigningConfig(Section):
+    """The bridge's `[security]`: sign every dispatched command (edge_agent.signing) with this key."""
+
+    signing_key_file: Path | None = None
+    key_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _key_and_id(self) -> Self:
+        if (self.signing_key_file is None) != (self.key_id is None):
+            raise ValueError("signing_key_file and key_id go together: set both to sign commands, or neither")
+        path = self.signing_key_file
+        if path is not None and not (path.is_absolute() or str(path).startswith(CREDENTIAL_PREFIX)):
+            raise ValueError(f"signing_key_file {str(path)!r} must be an absolute path or credential:NAME")
+        return self
 
 
 class TomlSettings(BaseSettings):
@@ -105,17 +138,40 @@ def _read_toml(path: Path, hint: str) -> dict[str, Any]:
 
 
 def resolve_relative(path: Path, base: Path) -> Path:
-    """`path` if absolute, else `base / path` made absolute: a config travels with its data."""
-    return path if path.is_absolute() else (base / path).resolve()
+    """`path` if absolute (or a `credential:NAME`), else `base / path` made absolute: a config travels
+    with its data."""
+    if path.is_absolute() or str(path).startswith(CREDENTIAL_PREFIX):
+        return path
+    return (base / path).resolve()
+
+
+CREDENTIAL_PREFIX = "credential:"
+
+
+def secret_path(path: Path, key: str) -> Path:
+    """Where a secret file really is: `credential:NAME` is the file systemd's `LoadCredential=NAME:...`
+    put in `$CREDENTIALS_DIRECTORY`; any other value is a path. `key` names the config key in errors."""
+    text = str(path)
+    if not text.startswith(CREDENTIAL_PREFIX):
+        return path
+    name = text[len(CREDENTIAL_PREFIX):]
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not name or "/" in name:
+        raise ConfigError(f"{key} = {text!r}: write credential:NAME with the name given to LoadCredential=")
+    if not directory:
+        raise ConfigError(f"{key} = {text!r} needs systemd's LoadCredential={name}:/path/to/file in the unit "
+                          "($CREDENTIALS_DIRECTORY is not set); outside systemd give a file path instead")
+    return Path(directory) / name
 
 
 def read_password(broker_config: BrokerConfig) -> str | None:
-    """The broker password: the first line of `password_file`, or None when no file is set."""
+    """The broker password: the first line of `password_file` (a path or `credential:NAME`), or None."""
     if broker_config.password_file is None:
         return None
+    path = secret_path(broker_config.password_file, "mqtt.password_file")
     try:
-        text = broker_config.password_file.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read mqtt.password_file {broker_config.password_file}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read mqtt.password_file {path}: {exc.strerror}") from exc
     lines = text.splitlines()
     return lines[0] if lines else ""

@@ -9,11 +9,16 @@ are deleted only when the link reports the broker's ack.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +27,7 @@ from typing import Any, Literal
 from sqlite_utils import Database
 
 from edge_agent import lifecycle
-from edge_agent.errors import AgentError
+from edge_agent.errors import AgentError, Busy
 from edge_agent.lifecycle import State
 from edge_agent.protocol import ErrorInfo, Event, Reply, ReplyStatus, format_ts, to_bytes, utc_now
 from edge_agent.topics import DeviceTopics
@@ -59,8 +64,41 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+FAULT_POINT_ENV = "EDGE_AGENT_FAULT_POINT"
+_FAULT_POINT = os.environ.get(FAULT_POINT_ENV, "")  # test-only; read here and nowhere else
+_fault_hits: Counter[str] = Counter()
+
+
+def fault_point(name: str) -> None:
+    """Test-only crash hook, OFF by default: with EDGE_AGENT_FAULT_POINT=`name` (or `name:n`) the
+    process SIGKILLs itself the first (or n-th) time it passes the point called `name`. Points:
+    `command_stored` (stored, before PUBACK), `command_running` (claimed, before the handler),
+    `reply_stored` (terminal reply stored, before it is published), `row_published` (an outbox row
+    handed to paho, before its PUBACK). See docs/reliability.md."""
+    if not _FAULT_POINT:
+        return
+    target, _, nth = _FAULT_POINT.partition(":")
+    if target == name:
+        _fault_hits[name] += 1
+        if _fault_hits[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StoreError(Exception):
     """The store cannot do what was asked; the message says why."""
+
+
+class StoreFull(StoreError):
+    """The disk (or filesystem) holding the store has no room for a write; nothing was written."""
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    """Soft caps on the outbox. At or above either, new events are dropped (counted) and new
+    commands are refused with `busy`; replies of accepted commands are always stored."""
+
+    max_rows: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -145,8 +183,13 @@ def _quarantine_if_corrupt(path: Path) -> Path | None:
 class Store:
     """The agent's durable state. Thread-safe; every public method is one transaction."""
 
-    def __init__(self, path: Path, topics: DeviceTopics, synchronous: Literal["full", "normal"] = "full") -> None:
+    def __init__(self, path: Path, topics: DeviceTopics, synchronous: Literal["full", "normal"] = "full",
+                 limits: OutboxLimits | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or OutboxLimits()
+        self.dropped: Counter[str] = Counter()  # what the caps and a full disk cost, by kind
+        self._full_reported = False
+        self._write_failing = False
         self.quarantined: Path | None = _quarantine_if_corrupt(path)
         self.path = path
         self.topics = topics
@@ -188,12 +231,13 @@ class Store:
     ) -> Intake:
         """Store a new command with its `accepted` reply, or re-send the last reply of a known id."""
         now = time.time()
-        with self._lock, self.db.atomic():
+        with self._write():
             existing = self._get(command_id)
             if existing is not None:
                 if existing.last_reply is not None:
                     self._enqueue_reply_bytes(existing.last_reply, existing.response_topic, existing.correlation_data)
                 return Intake(duplicate=True, state=existing.state)
+            self._refuse_if_full(command_id)
             self.db.execute(
                 "INSERT INTO commands (id, kind, payload, priority, state, received_at, expires_at,"
                 " response_topic, correlation_data, updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?, ?, ?)",
@@ -211,7 +255,7 @@ class Store:
         threads agree on who runs or cancels a command.
         """
         allowed = frozenset(only_from) if only_from is not None else lifecycle.sources(new_state)
-        with self._lock, self.db.atomic():
+        with self._write():
             current = self._get(command_id)
             if current is None:
                 raise StoreError(f"no command {command_id!r} in the ledger")
@@ -222,10 +266,10 @@ class Store:
 
     def reject(self, command_id: str | None, draft: ReplyDraft, event: Event,
                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
-        """Enqueue a `rejected` reply and its Event for a payload that never became a command."""
-        with self._lock, self.db.atomic():
+        """Enqueue a `rejected` reply (always) and its Event (unless the outbox is full: counted)."""
+        with self._write():
             self._enqueue_reply_bytes(self._reply_bytes(command_id, draft), response_topic, correlation_data)
-            self._enqueue(self.topics.event, to_bytes(event), qos=1)
+            self._enqueue_event_capped(event)
 
     def get(self, command_id: str) -> StoredCommand | None:
         with self._lock:
@@ -251,9 +295,16 @@ class Store:
 
     # --- outbox ----------------------------------------------------------------------------------
 
-    def enqueue_event(self, event: Event) -> None:
-        with self._lock, self.db.atomic():
-            self._enqueue(self.topics.event, to_bytes(event), qos=1)
+    def enqueue_event(self, event: Event) -> bool:
+        """Store an Event for publishing; False if the outbox is full (the drop is counted)."""
+        with self._write():
+            return self._enqueue_event_capped(event)
+
+    def enqueue_status(self, payload: bytes) -> None:
+        """Store a retained Status (QoS 1) for publishing: a model reload re-announces the device."""
+        with self._write():
+            self.db.execute("INSERT INTO outbox (topic, payload, qos, retain, bytes, created_at) "
+                            "VALUES (?, ?, 1, 1, ?, ?)", [self.topics.status, payload, len(payload), time.time()])
 
     def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
         """Outbox rows with id > after_id, oldest first."""
@@ -268,14 +319,68 @@ class Store:
         id_list = list(ids)
         if not id_list:
             return
-        with self._lock, self.db.atomic():
+        with self._write():
             self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in id_list])
+            if self._full_reported and not self._outbox_full():
+                self._full_reported = False
+                self._enqueue(self.topics.event, self._event_bytes(
+                    "info", "outbox_recovered", "the outbox is below its caps again", dict(self.dropped)), qos=1)
 
     def outbox_depth(self) -> tuple[int, int]:
         """(rows, payload bytes) waiting in the outbox."""
         with self._lock:
             rows, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox").fetchone()
         return int(rows), int(size)
+
+    # --- caps and write failures -----------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """Lock + one transaction; a full disk becomes StoreFull (rolled back, counted)."""
+        with self._lock:
+            try:
+                with self.db.atomic():
+                    if self._write_failing:
+                        self._write_failing = False
+                        self._enqueue(self.topics.event, self._event_bytes(
+                            "warning", "store_recovered", "the store accepts writes again after the disk was full",
+                            {"failed_writes": self.dropped["store_full_writes"]}), qos=1)
+                    yield
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not _disk_full(exc):
+                    raise
+                self._write_failing = True
+                self.dropped["store_full_writes"] += 1
+                raise StoreFull(f"the disk holding {self.path} is full ({exc}); nothing was written. Free space "
+                                "there: unacknowledged commands are redelivered and writes retried") from exc
+
+    def _outbox_full(self) -> bool:
+        rows, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox").fetchone()
+        return rows >= self.limits.max_rows or size >= self.limits.max_bytes
+
+    def _refuse_if_full(self, command_id: str) -> None:
+        if self._outbox_full():
+            self.dropped["commands_refused"] += 1
+            raise Busy(f"the device's outbox is full (caps: {self.limits.max_rows} rows, {self.limits.max_bytes} "
+                       "bytes) because the link is slow or down; resend the command later", command_id)
+
+    def _enqueue_event_capped(self, event: Event) -> bool:
+        """Low-priority rows go first: an Event is dropped (counted) when the outbox is full, and
+        the first drop of a full spell stores one `outbox_full` Event despite the cap."""
+        if not self._outbox_full():
+            self._enqueue(self.topics.event, to_bytes(event), qos=1)
+            return True
+        self.dropped["events"] += 1
+        if not self._full_reported:
+            self._full_reported = True
+            self._enqueue(self.topics.event, self._event_bytes(
+                "error", "outbox_full", "the outbox reached its cap; new events are dropped and new commands "
+                "refused with busy until the broker acknowledges the backlog", dict(self.dropped)), qos=1)
+        return False
+
+    def _event_bytes(self, level: str, code: str, message: str, data: dict[str, Any]) -> bytes:
+        return to_bytes(Event(device_id=self.topics.device_id, ts=format_ts(utc_now()), level=level,  # type: ignore[arg-type]
+                              code=code, message=message, data=data))
 
     # --- internals (caller holds the lock and a transaction) -------------------------------------
 
@@ -324,6 +429,12 @@ class Store:
             "INSERT INTO outbox (topic, payload, qos, correlation_data, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             [topic, payload, qos, correlation, len(payload), time.time()],
         )
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 def _statements(script: str) -> list[str]:

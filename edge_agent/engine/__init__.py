@@ -45,3 +45,22 @@ class TextEngine(Protocol):
     def complete(self, params: CompleteParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineReload:
+    """A model reload: load the new engine after closing the old one (two models may not fit in
+    memory); if the new one fails, load the old config again. `done` hears the outcome."""
+
+    load_new: Callable[[], TextEngine]
+    load_old: Callable[[], TextEngine]
+    done: Callable[[TextEngine, Exception | None], None]
+
+    def swap(self, old: TextEngine) -> TextEngine:
+        old.close()
+        try:
+            engine, error = self.load_new(), None
+        except Exception as exc:  # any load failure: keep serving with the old model
+            engine, error = self.load_old(), exc
+        self.done(engine, error)
+        return engine

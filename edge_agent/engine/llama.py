@@ -1,8 +1,12 @@
 """GLM (or any GGUF) text generation through llama-cpp-python.
 
 Chat prompts are formatted with the GGUF's own `tokenizer.chat_template` (GLM-4's template for
-GLM GGUFs); generation uses `create_completion` on the formatted tokens with a stopping
-criterion that watches the cancel event, so a cancel takes effect within one token step.
+GLM GGUFs), after a named prompt template from the config (if the command names one) filled in
+the conversation. Generation uses `create_completion` on the formatted tokens with a stopping
+criterion that watches the cancel event, so a cancel or a stall takes effect within one token
+step. llama.cpp reuses the longest token prefix shared with the previous prompt by itself (a long
+shared system prompt is evaluated once); `prefix_cache_mb` adds a RAM cache of states for several
+prefixes. `response_format` is compiled to a grammar and the output is checked against the schema.
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_agent.config import ModelConfig
 from edge_agent.engine import FinishReason, Generation, OnDelta
-from edge_agent.engine.gpu import choose_gpu_layers
-from edge_agent.errors import InvalidCommand, ModelError
+from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
+from edge_agent.engine.prefix import PrefixStates
+from edge_agent.engine.templates import PromptTemplate, apply_template
+from edge_agent.engine.watchdog import StallWatchdog
+from edge_agent.errors import InvalidCommand, ModelError, Timeout
 from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ FILE_TYPES = {
     11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
     17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
 }
+KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16,
+            "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 def file_sha256(path: Path) -> str:
@@ -42,40 +53,76 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gguf_metadata(path: Path) -> dict[str, str]:
+    """The GGUF's metadata without loading its weights (vocab only)."""
+    probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(probe.metadata)
+    finally:
+        probe.close()
+
+
+def decide_gpu_layers(config: ModelConfig) -> GpuChoice:
+    """What to offload: reads the model's metadata and the free device memory only when it matters."""
+    supports = bool(llama_cpp.llama_supports_gpu_offload())
+    if config.n_gpu_layers != "auto" or not supports:
+        return choose_gpu_layers(config.n_gpu_layers, supports)
+    footprint = footprint_from_metadata(gguf_metadata(config.path), config.path.stat().st_size, config.n_ctx)
+    return choose_gpu_layers("auto", supports, footprint, probe_free_device_memory())
+
+
+def llama_settings(config: ModelConfig, n_gpu_layers: int) -> dict[str, Any]:
+    """Keyword arguments of `llama_cpp.Llama` for a model config (shared with the tuner)."""
+    settings: dict[str, Any] = {
+        "model_path": str(config.path), "n_gpu_layers": n_gpu_layers, "n_ctx": config.n_ctx,
+        "n_batch": config.n_batch, "n_threads": config.n_threads, "flash_attn": config.flash_attn,
+        "verbose": False,
+    }
+    if config.n_ubatch is not None:
+        settings["n_ubatch"] = min(config.n_ubatch, config.n_batch)
+    for key in ("type_k", "type_v"):
+        kind = getattr(config, key)
+        if kind is not None:
+            settings[key] = KV_TYPES[kind]
+    return settings
+
+
 class LlamaEngine:
     """One loaded GGUF model and its llama.cpp context."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, templates: Mapping[str, PromptTemplate] | None = None) -> None:
         if not config.path.is_file():
             raise ModelError(
                 f"model file {config.path} does not exist; build the tiny model with "
                 "`python models/build_gguf.py` or point [model] path at a GLM GGUF (see models/manifest.toml)"
             )
-        gpu = choose_gpu_layers(config.n_gpu_layers, bool(llama_cpp.llama_supports_gpu_offload()))
+        self._templates = dict(templates or {})
+        self._stall_timeout_s = config.stall_timeout_s
+        self._watchdog = StallWatchdog(config.stall_timeout_s)
+        gpu = decide_gpu_layers(config)
         self.gpu_reason = gpu.reason
         log.info("GPU offload: %s", gpu.reason)
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(config.path),
-                n_gpu_layers=gpu.n_gpu_layers,
-                n_ctx=config.n_ctx,
-                n_batch=config.n_batch,
-                n_threads=config.n_threads,
-                verbose=False,
-            )
+            self._llm = llama_cpp.Llama(**llama_settings(config, gpu.n_gpu_layers))
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {config.path}: {exc}") from exc
+        self._prefixes = PrefixStates(config.prefix_cache_mb * 1024 * 1024) if config.prefix_cache_mb else None
         meta = self._llm.metadata
         self._n_ctx = self._llm.n_ctx()
         self._formatter = self._make_formatter(meta)
+        self.info = self._model_info(config, meta, gpu)
+        self._watchdog.start()
+
+    def _model_info(self, config: ModelConfig, meta: dict[str, str], gpu: GpuChoice) -> ModelInfo:
         arch = meta.get("general.architecture", "unknown")
         layers = int(meta.get(f"{arch}.block_count", 0))
-        self.info = ModelInfo(
+        return ModelInfo(
             name=config.name or meta.get("general.name") or config.path.stem,
             sha256=file_sha256(config.path),
             arch=arch,
             quant=FILE_TYPES.get(int(meta.get("general.file_type", -1)), "unknown"),
             n_gpu_layers=layers if gpu.n_gpu_layers < 0 else min(gpu.n_gpu_layers, layers),
+            gpu_reason=gpu.reason,
         )
 
     def _make_formatter(self, meta: dict[str, str]) -> Jinja2ChatFormatter | None:
@@ -92,14 +139,17 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
+        self._watchdog.close()
         self._llm.close()
 
     def chat(self, params: ChatParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation:
+        messages = [m.model_dump() for m in params.messages]
         if params.template is not None:
-            raise InvalidCommand(f"prompt template {params.template!r} is not defined on this device")
+            messages = apply_template(self._templates, params.template, params.variables, messages)
+        elif params.variables:
+            raise InvalidCommand("`variables` were given without a `template`: name the template they fill in")
         if self._formatter is None:
             raise ModelError("this GGUF has no tokenizer.chat_template; send `complete` with a formatted prompt")
-        messages = [m.model_dump() for m in params.messages]
         prompt = self._formatter(messages=messages).prompt
         tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         return self._generate(tokens, params, on_delta, cancel)
@@ -116,55 +166,93 @@ class LlamaEngine:
             )
         max_tokens = min(params.max_tokens, self._n_ctx - len(tokens))
         seed = params.seed if params.seed is not None else random.randrange(2**32)
-        grammar = None
-        if params.response_format is not None:
-            grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(params.response_format.schema_), verbose=False)
+        schema = params.response_format.schema_ if params.response_format is not None else None
+        grammar = _compile_grammar(schema) if schema is not None else None
+
         def should_stop(input_ids: object, logits: object) -> bool:
             return cancel.is_set()
 
         started = time.perf_counter()
-        first_token_at: float | None = None
-        pieces: list[str] = []
-        finish: FinishReason = "stop"
-        try:
-            stream = self._llm.create_completion(
-                prompt=tokens,
-                max_tokens=max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stop=params.stop or None,
-                seed=seed,
-                grammar=grammar,
-                stream=True,
-                stopping_criteria=llama_cpp.StoppingCriteriaList([should_stop]),
-            )
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                delta = choice["text"]
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if delta:
-                    pieces.append(delta)
-                    if on_delta is not None:
-                        on_delta(delta)
-                if choice.get("finish_reason"):
-                    finish = "length" if choice["finish_reason"] == "length" else "stop"
-        except (RuntimeError, ValueError) as exc:
-            raise ModelError(f"llama.cpp failed while generating: {exc}") from exc
+        if self._prefixes is not None:
+            self._prefixes.restore(self._llm, tokens)
+        with self._watchdog.watching(cancel) as watchdog:
+            try:
+                stream = self._llm.create_completion(
+                    prompt=tokens, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                    stop=params.stop or None, seed=seed, grammar=grammar, stream=True,
+                    stopping_criteria=llama_cpp.StoppingCriteriaList([should_stop]),
+                )
+                text, finish, first_token_at = _consume(stream, on_delta, watchdog)
+            except (RuntimeError, ValueError) as exc:
+                raise ModelError(f"llama.cpp failed while generating: {exc}") from exc
         ended = time.perf_counter()
+        if self._prefixes is not None:
+            self._prefixes.save(self._llm, len(tokens))
+        if watchdog.stalled:
+            raise Timeout(f"no token for {self._stall_timeout_s} s (model.stall_timeout_s); the generation was "
+                          "stopped. Raise the key if long prompts legitimately take that long on this device")
         if cancel.is_set():
             finish = "cancelled"
-        # Tokens evaluated after the prompt; the last sampled token is never evaluated, and it counts
-        # as output unless it was end-of-generation (finish "stop" without stop strings).
-        evaluated = self._llm.n_tokens - len(tokens)
-        last_counts = finish == "length" or (finish == "stop" and bool(params.stop))
-        completion_tokens = min(max_tokens, evaluated + (1 if last_counts else 0))
+        if schema is not None and finish == "stop":
+            _check_schema(text, schema)
         return Generation(
-            text="".join(pieces),
-            finish_reason=finish,
-            prompt_tokens=len(tokens),
-            completion_tokens=completion_tokens,
-            ttft_ms=((first_token_at or ended) - started) * 1000.0,
-            total_ms=(ended - started) * 1000.0,
-            seed=seed,
+            text=text, finish_reason=finish, prompt_tokens=len(tokens),
+            completion_tokens=self._completion_tokens(len(tokens), max_tokens, finish, bool(params.stop)),
+            ttft_ms=((first_token_at or ended) - started) * 1000.0, total_ms=(ended - started) * 1000.0, seed=seed,
         )
+
+    def _completion_tokens(self, prompt_tokens: int, max_tokens: int, finish: FinishReason, has_stop: bool) -> int:
+        """Tokens evaluated after the prompt; the last sampled token is never evaluated, and it counts
+        as output unless it was end-of-generation (finish "stop" without stop strings)."""
+        evaluated = self._llm.n_tokens - prompt_tokens
+        last_counts = finish == "length" or (finish == "stop" and has_stop)
+        return min(max_tokens, evaluated + (1 if last_counts else 0))
+
+
+def _consume(stream: Iterable[Any], on_delta: OnDelta | None,
+             watchdog: StallWatchdog) -> tuple[str, FinishReason, float | None]:
+    """Drain a llama.cpp completion stream: (text, finish reason, time of the first token)."""
+    first_token_at: float | None = None
+    pieces: list[str] = []
+    finish: FinishReason = "stop"
+    for chunk in stream:
+        watchdog.tick()
+        choice = chunk["choices"][0]
+        delta = choice["text"]
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        if delta:
+            pieces.append(delta)
+            if on_delta is not None:
+                on_delta(delta)
+        if choice.get("finish_reason"):
+            finish = "length" if choice["finish_reason"] == "length" else "stop"
+    return "".join(pieces), finish, first_token_at
+
+
+def _compile_grammar(schema: dict[str, Any]) -> llama_cpp.LlamaGrammar:
+    import jsonschema  # imported on first use: ~3 MB the agent needs only for response_format
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+        return llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except jsonschema.SchemaError as exc:
+        raise InvalidCommand(f"response_format.schema is not a valid JSON Schema: {exc.message}") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise InvalidCommand(f"response_format.schema cannot be compiled to a llama.cpp grammar ({exc!r}); "
+                             "use plain objects, arrays, strings, numbers, enums and $defs") from exc
+
+
+def _check_schema(text: str, schema: dict[str, Any]) -> None:
+    """The grammar forces JSON shape, types, enums, required keys and string lengths; numeric bounds
+    and a few other keywords it does not. Anything that slips through fails the command."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"the output is not JSON ({exc.msg}) although a grammar constrained it: {text[:200]!r}") \
+            from exc
+    except jsonschema.ValidationError as exc:
+        raise ModelError(f"the output does not satisfy response_format.schema: {exc.message} (llama.cpp's grammar "
+                         "does not enforce every JSON Schema keyword, e.g. minimum/maximum)") from exc

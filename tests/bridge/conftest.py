@@ -7,6 +7,7 @@ tests/conftest.py later).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud_bridge.registry import Registry
@@ -24,9 +26,41 @@ MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry.open(tmp_path / "registry.db")
+PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run (`autoglm_test_<random>`), dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (make setup installs it)")
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} ({exc}); start it or set AUTOGLM_TEST_PG")
+    name = f"autoglm_test_{os.urandom(4).hex()}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def empty_pg_registry(url: str) -> Registry:
+    """The registry in `url` with every table emptied (a clean slate per test, one database per run)."""
+    reg = Registry.connect(url)
+    reg._execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")
+    return reg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    """The registry on each store: a tmp SQLite file, and the run's PostgreSQL database."""
+    if request.param == "sqlite":
+        reg = Registry.open(tmp_path / "registry.db")
+    else:
+        reg = empty_pg_registry(request.getfixturevalue("pg_url"))
     yield reg
     reg.close()
 
@@ -131,7 +165,8 @@ class BridgeProcess:
                               capture_output=True, text=True, timeout=timeout_s)
 
 
-def write_bridge_config(folder: Path, port: int, prefix: str, resend_s: float = 1.0) -> Path:
+def write_bridge_config(folder: Path, port: int, prefix: str, resend_s: float = 1.0, extra: str = "") -> Path:
+    """A bridge config in `folder`; `extra` is appended as is (more TOML tables)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "bridge.toml"
     path.write_text(
@@ -154,9 +189,16 @@ path = "registry.db"
 [dispatch]
 resend_interval_s = {resend_s}
 default_expiry_s = 60
-"""
+{extra}"""
     )
     return path
+
+
+def http_section(folder: Path, port: int, token: str) -> str:
+    """The `[http]` table of a bridge serving its API on `port`, with `token` in a token file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "api-token").write_text(token + "\n")
+    return f'\n[http]\nenabled = true\nport = {port}\ntoken_file = "api-token"\n'
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> object:
@@ -182,6 +224,40 @@ def launch_bridge(config: Path, log_path: Path) -> subprocess.Popen:
     wait_until(connected, 10.0, "the bridge to connect")
     assert process.poll() is None, f"cloud-bridge serve exited early:\n{log_path.read_text()}"
     return process
+
+
+@dataclass
+class HttpBridge:
+    """A running `cloud-bridge serve` with its HTTP server, and an API client carrying the token."""
+
+    process: subprocess.Popen
+    log_path: Path
+    url: str
+    token: str
+    api: httpx.Client
+
+    def stop(self) -> int | None:
+        self.api.close()
+        return stop_process(self.process)
+
+
+def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str = "",
+                      store_url: str | None = None, shared_group: str | None = None) -> HttpBridge:
+    """Start a bridge serving its API on a free port; optionally on PostgreSQL, in a shared group."""
+    token, http_port = secrets.token_urlsafe(24), free_port()
+    extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n"
+    config = write_bridge_config(folder, broker_port, prefix, extra=extra)
+    text = config.read_text().replace(f'client_id = "bridge-{prefix}"', f'client_id = "bridge-{prefix}{name}"'
+                                      + (f'\nshared_group = "{shared_group}"' if shared_group else ""))
+    if store_url is not None:
+        text = text.replace('path = "registry.db"', f'url = "{store_url}"')
+    config.write_text(text)
+    log_path = folder / "bridge.log"
+    process = launch_bridge(config, log_path)
+    url = f"http://127.0.0.1:{http_port}"
+    wait_for_port(http_port)
+    return HttpBridge(process, log_path, url, token,
+                      httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120))
 
 
 @pytest.fixture

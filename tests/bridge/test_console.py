@@ -153,3 +153,27 @@ def test_the_devices_table_shows_the_bridge_counters(registry):
     registry.record_status(online(), T0)
     registry.bump("bad_payloads")
     assert devices_table(registry).splitlines()[-1] == "bad_payloads=1"
+
+
+def test_watch_shows_streamed_text_as_it_arrives_and_json_lines_for_scripts(registry):
+    import json
+
+    from cloud_bridge.console import watch
+
+    registry.record_status(online(), T0)
+    registry.record_chunk("dev-1", chunk(0, "Hel", "c9"), T0)  # before watch starts: not shown
+
+    def produce() -> None:
+        for index, delta in enumerate(["lo", " wor", "ld"], start=1):
+            registry.record_chunk("dev-1", chunk(index, delta, "c9"), at(1))
+        registry.record_reply(reply(1, "succeeded", "c9"), at(2))
+
+    text_lines: list[str] = []
+    watch(registry, text_lines.append, for_s=0.01, on_ready=produce)
+    assert any('stream dev-1 c9 "lo world"' in line for line in text_lines)
+    json_lines: list[str] = []
+    watch(registry, json_lines.append, for_s=0.01, on_ready=lambda: registry.record_chunk(
+        "dev-1", chunk(4, "!", "c9"), at(3)), as_json=True)
+    assert json.loads(json_lines[0]) == {
+        "type": "stream", "device_id": "dev-1", "command_id": "c9", "first_index": 4, "text": "!",
+        "received_at": "2026-11-21T10:00:03.000Z"}

@@ -79,3 +79,23 @@ def test_broker_refusals_are_counted(registry):
     dispatch.run_once(at(0))
     dispatch.settle([PublishResult(mid=1, reason=0x87)])
     assert dispatch.stats.refused == 1
+
+
+def test_a_group_command_is_published_once_on_the_group_topic_and_resent_until_each_member_accepts(registry):
+    from cloud_bridge.console import SendRequest
+    from cloud_bridge.fleet import DeviceFilter, send_to_many
+
+    dispatch, publisher = make(registry)
+    for device_id in ("gw-a", "gw-b"):
+        registry.record_status(online(device_id), T0)
+    send_to_many(registry, SendRequest("any", "ping", command_id="g1"), DeviceFilter(group="lab"), T0)
+    assert dispatch.run_once(at(0)) == 1
+    assert [(t, p["id"], p["target"]) for t, p, _, _ in publisher.sent] == [("P/group/lab/cmd", "g1", "group/lab")]
+    assert {registry.command(f"g1.{d}").attempts for d in ("gw-a", "gw-b")} == {1}
+    registry.record_reply(reply(1, "accepted", "g1", "gw-a"), at(1))
+    dispatch.run_once(at(6))
+    assert len(publisher.sent) == 2  # resent for gw-b, which has not accepted yet
+    assert (registry.command("g1.gw-a").attempts, registry.command("g1.gw-b").attempts) == (1, 2)
+    registry.record_reply(reply(1, "accepted", "g1", "gw-b"), at(7))
+    dispatch.run_once(at(20))
+    assert len(publisher.sent) == 2

@@ -242,3 +242,40 @@ def test_any_order_of_replies_never_moves_a_command_backward(tmp_path_factory, s
         assert seen[-1] == (first_terminal or max(statuses, key=rank))
     finally:
         reg.close()
+
+
+def test_a_version_1_registry_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
+    from cloud_bridge.registry import SCHEMA_VERSION
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE devices (device_id TEXT PRIMARY KEY, state TEXT, since TEXT, last_seen TEXT, agent_version TEXT,"
+        " model_name TEXT, model_sha256 TEXT, n_gpu_layers INTEGER, groups TEXT, kinds TEXT, last_telemetry TEXT);"
+        "CREATE TABLE commands (id TEXT PRIMARY KEY, device_id TEXT NOT NULL, kind TEXT NOT NULL,"
+        " payload TEXT NOT NULL,"
+        " state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL,"
+        " expires_at TEXT, last_sent_at TEXT, updated_at TEXT NOT NULL, reply TEXT, error TEXT);"
+        "CREATE TABLE stream_chunks (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, command_id TEXT NOT NULL,"
+        " idx INTEGER NOT NULL, delta TEXT NOT NULL, done INTEGER NOT NULL, received_at TEXT NOT NULL,"
+        " UNIQUE (command_id, idx));"
+        "INSERT INTO stream_chunks VALUES (1, 'old-gw', 'c0', 0, 'hi', 1, '2026-11-21T10:00:00.000Z');"
+        "INSERT INTO devices (device_id, state) VALUES ('old-gw', 'online');"
+        "PRAGMA user_version = 1;"
+    )
+    conn.close()
+    registry = Registry.open(path)
+    try:
+        assert registry.device("old-gw").state == "online" and registry.device("old-gw").policy is None
+        assert registry.add_command(command(), "old-gw", T0).priority == 0
+        assert registry.alerts() == [] and registry.chunks_after(0)[0].delta == "hi"
+        assert registry._sqlite().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        registry.close()
+
+
+def test_of_two_replicas_claiming_the_same_send_exactly_one_wins(registry):
+    row = registry.add_command(command(), "dev-1", T0)
+    assert registry.mark_sent(row.id, at(1), claim=row) is True
+    assert registry.mark_sent(row.id, at(1), claim=row) is False  # the other replica read the same row
+    assert registry.command(row.id).attempts == 1

@@ -138,9 +138,10 @@ def test_a_bad_payload_gets_a_rejected_reply_and_an_event_and_the_agent_keeps_se
 def test_replies_also_go_to_the_response_topic_with_correlation_data(device, cloud: CloudClient) -> None:
     device_id, _, _ = device
     cmd = command("ping")
-    cloud.send(device_id, cmd, response_topic="autoglm/console-1/inbox", correlation=b"corr-42")
+    # a ResponseTopic must lie under the device's reply tree (docs/protocol.md, issue #6)
+    cloud.send(device_id, cmd, response_topic=f"autoglm/{device_id}/reply/console-1", correlation=b"corr-42")
     cloud.wait_terminal(cmd["id"])
-    cloud.wait_for(lambda: [r for r in cloud.on("/console-1/inbox") if r["status"] == "succeeded"], 10,
+    cloud.wait_for(lambda: [r for r in cloud.on("/reply/console-1") if r["status"] == "succeeded"], 10,
                    "reply on the response topic")
 
 

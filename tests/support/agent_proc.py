@@ -12,15 +12,17 @@ from pathlib import Path
 AGENT = [sys.executable, "-m", "edge_agent.cli", "run", "--config"]
 
 
-def write_agent_config(path: Path, device_id: str, port: int, model: Path, store: Path, **extra: str) -> Path:
-    """Write a minimal agent TOML; `extra` adds top-level `key = value` lines (values pre-quoted)."""
+def write_agent_config(path: Path, device_id: str, port: int, model: Path, store: Path, tail: str = "",
+                       **extra: str) -> Path:
+    """Write a minimal agent TOML; `extra` adds top-level `key = value` lines (values pre-quoted);
+    `tail` is raw TOML appended after the `[model]` section (more model keys, then other tables)."""
     top = "\n".join(f"{k} = {v}" for k, v in extra.items())
     path.write_text(
         f'device_id = "{device_id}"\n{top}\n'
         f"[mqtt]\nport = {port}\nkeepalive = 5\nwill_delay_s = 0\n"
         "[reconnect]\ninitial_s = 0.2\nmultiplier = 2.0\nmax_s = 1.0\n"
         f'[store]\npath = "{store}"\n'
-        f'[model]\npath = "{model}"\nn_ctx = 4096\nn_threads = 1\n'
+        f'[model]\npath = "{model}"\nn_ctx = 4096\nn_threads = 1\n{tail}'
     )
     return path
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -33,10 +34,36 @@ def wait_for_port(port: int, timeout: float = 10.0, up: bool = True) -> None:
     raise TimeoutError(f"port {port} did not come {'up' if up else 'down'} within {timeout} s")
 
 
-class Broker:
-    """mosquitto with `persistence true` in its own folder; `stop()` then `start()` keeps the port."""
+@dataclass(frozen=True)
+class TlsListener:
+    """A second, authenticated listener: TLS with the given files, optional client certificates,
+    password file and ACL. The plain listener on `Broker.port` stays anonymous (the test's observer)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = True
+    use_identity_as_username: bool = False
+    password_file: Path | None = None
+    acl_file: Path | None = None
+
+    def lines(self, port: int) -> list[str]:
+        lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"cafile {self.ca_file}",
+                 f"certfile {self.cert_file}", f"keyfile {self.key_file}", "tls_version tlsv1.2",
+                 f"require_certificate {str(self.require_certificate).lower()}",
+                 f"use_identity_as_username {str(self.use_identity_as_username).lower()}"]
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        return lines
+
+
+class Broker:
+    """mosquitto with `persistence true` in its own folder; `stop()` then `start()` keeps the port.
+    With `tls`, it also listens on `tls_port` (per-listener authentication and ACL)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, tls: TlsListener | None = None) -> None:
         if not Path(MOSQUITTO).exists():
             raise RuntimeError("mosquitto is not installed: run `sudo apt-get install -y mosquitto` (make setup does)")
         self.workdir = workdir
@@ -57,12 +84,18 @@ class Broker:
         ]
         if os.geteuid() == 0:
             lines.append("user root")
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            lines = ["per_listener_settings true", *lines, *tls.lines(self.tls_port)]
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> Broker:
         self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
+        if self.tls_port is not None:
+            wait_for_port(self.tls_port)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -73,6 +106,11 @@ class Broker:
         self.process.wait(timeout=10)
         self.process = None
         wait_for_port(self.port, up=False)
+
+    def restart(self, sig: int = signal.SIGTERM) -> Broker:
+        """Stop (SIGTERM keeps sessions, SIGKILL loses unsaved ones) and start again on the same port."""
+        self.stop(sig)
+        return self.start()
 
     @property
     def running(self) -> bool:

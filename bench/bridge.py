@@ -1,0 +1,236 @@
+"""Throughput of the cloud bridge against a raw paho baseline, on a private mosquitto.
+
+  (a) ingest: N replies (QoS 1, 10 devices) are queued in the broker for a consumer's persistent
+      session while it is away; time from its (re)connect until it has stored all of them, so the
+      publisher's speed does not enter the figure:
+        raw     a paho subscriber that only counts (auto-ack, same session settings)
+        sqlite  `BridgeService` storing into a SQLite registry (WAL, synchronous=FULL, batched commits)
+        pg      the same into PostgreSQL (when --pg-url or the local server is reachable)
+      The figure is each store's rate as a fraction of the raw rate.
+  (b) dispatch: M commands queued in the registry for 100 simulated devices (one paho client
+      subscribed to `P/+/cmd` that counts them); time from the bridge's start until all arrived.
+
+  python bench/bridge.py                                    # 5000 replies, 2000 commands
+  python bench/bridge.py --replies 20000 --commands 5000 --pg-url postgresql://postgres@127.0.0.1/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cloud_bridge.config import BridgeConfig  # noqa: E402
+from cloud_bridge.console import SendRequest, queue_command  # noqa: E402
+from cloud_bridge.registry import Registry  # noqa: E402
+from cloud_bridge.service import BridgeService  # noqa: E402
+from edge_agent.mqtt_session import disable_nagle  # noqa: E402
+from edge_agent.protocol import Reply, Status, format_ts, to_bytes, utc_now  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+
+DEVICES = 10
+TARGETS = 100
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _client(port: int, name: str) -> mqtt.Client:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(20)
+    client.on_socket_open = disable_nagle
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    return client
+
+
+def _payloads(n: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        device, seq = f"gw-{i % DEVICES:02d}", i // DEVICES + 1
+        reply = Reply(command_id=f"job-{seq}", device_id=device, status="succeeded", seq=seq, ts=format_ts(utc_now()),
+                      output={"text": "x" * 64}, metrics={"tokens_per_s": 10.0})
+        out.append((device, to_bytes(reply)))
+    return out
+
+
+def _publish_all(port: int, prefix: str, payloads: list[tuple[str, bytes]]) -> float:
+    client = _client(port, f"bench-pub-{os.urandom(3).hex()}")
+    start = time.monotonic()
+    infos = [client.publish(f"{prefix}/{device}/reply", body, qos=1) for device, body in payloads]
+    infos[-1].wait_for_publish(120)
+    client.loop_stop()
+    client.disconnect()
+    return start
+
+
+def _wait(done: Callable[[], bool], timeout_s: float = 600) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the consumer did not get everything in time")
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def _raw_subscriber(port: int, prefix: str, count: list[int]) -> mqtt.Client:
+    """A persistent-session subscriber to `P/+/reply` that only counts; returns once subscribed."""
+    ready = threading.Event()
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{prefix}",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: count.__setitem__(0, count[0] + 1)
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.on_connect = lambda c, u, f, r, p: c.subscribe(f"{prefix}/+/reply", qos=1)
+    sub.on_socket_open = disable_nagle
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    sub.connect("127.0.0.1", port, clean_start=False, properties=props)
+    sub.loop_start()
+    ready.wait(10)
+    return sub
+
+
+def raw_ingest(port: int, n: int) -> float:
+    prefix, count = "raw" + os.urandom(2).hex(), [0]
+    first = _raw_subscriber(port, prefix, count)
+    first.disconnect()
+    first.loop_stop()
+    _publish_all(port, prefix, _payloads(n))
+    start = time.monotonic()
+    sub = _raw_subscriber(port, prefix, count)
+    end = _wait(lambda: count[0] >= n)
+    sub.loop_stop()
+    sub.disconnect()
+    return n / (end - start)
+
+
+def _config(port: int, prefix: str, store: dict) -> BridgeConfig:
+    return BridgeConfig.model_validate({"mqtt": {"port": port, "topic_prefix": prefix,
+                                                 "client_id": f"bench-{prefix}"}, "store": store,
+                                        "alerts": {"check_interval_s": 3600}})
+
+
+def _running(config: BridgeConfig, registry: Registry,
+             settle_s: float = 0.5) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    service = BridgeService(config, registry)
+    thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    thread.start()
+    service.wait_connected(10)
+    time.sleep(settle_s)  # SUBACK
+    return stop, thread
+
+
+def bridge_ingest(port: int, n: int, store: dict, registry: Registry) -> float:
+    prefix = "br" + os.urandom(2).hex()
+    config = _config(port, prefix, store)
+    stop, thread = _running(config, registry)  # creates the bridge's persistent session
+    stop.set()
+    thread.join(30)
+    _publish_all(port, prefix, _payloads(n))
+    start = time.monotonic()
+    stop, thread = _running(config, registry, settle_s=0)
+    try:
+        end = _wait(lambda: registry.reply_count() >= n)
+    finally:
+        stop.set()
+        thread.join(30)
+    return n / (end - start)
+
+
+def dispatch(port: int, m: int, folder: Path) -> float:
+    prefix = "dp" + os.urandom(2).hex()
+    registry = Registry.open(folder / "dispatch.db")
+    for i in range(TARGETS):
+        registry.record_status(Status(device_id=f"dev-{i:03d}", state="online", ts=format_ts(utc_now())))
+    with registry.transaction():
+        for i in range(m):
+            queue_command(registry, SendRequest(device_id=f"dev-{i % TARGETS:03d}", kind="ping"))
+    count, ready = [0], threading.Event()
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-devices",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, msg: count.__setitem__(0, count[0] + 1)
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.on_socket_open = disable_nagle
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe(f"{prefix}/+/cmd", qos=1)
+    ready.wait(10)
+    config = _config(port, prefix, {"path": str(folder / "dispatch.db")})
+    start = time.monotonic()
+    stop, thread = _running(config, registry)
+    try:
+        end = _wait(lambda: count[0] >= m)
+    finally:
+        stop.set()
+        thread.join(30)
+        sub.loop_stop()
+        sub.disconnect()
+        registry.close()
+    return m / (end - start)
+
+
+def _pg_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
+    try:
+        import psycopg
+
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - any failure just skips the PostgreSQL run
+        print(f"PostgreSQL skipped: {exc}")
+        return None
+    name = f"autoglm_bench_{os.urandom(4).hex()}"
+    admin.execute(f"CREATE DATABASE {name}")
+
+    def drop() -> None:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replies", type=int, default=5000)
+    parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        broker = Broker(folder / "broker").start()
+        try:
+            raw = raw_ingest(broker.port, args.replies)
+            print(f"ingest  raw paho counter   {raw:9.0f} replies/s")
+            sqlite = Registry.open(folder / "ingest.db")
+            rate = bridge_ingest(broker.port, args.replies, {"path": str(folder / "ingest.db")}, sqlite)
+            sqlite.close()
+            print(f"ingest  bridge -> SQLite   {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
+            pg = _pg_database(args.pg_url)
+            if pg is not None:
+                url, drop = pg
+                try:
+                    registry = Registry.connect(url)
+                    rate = bridge_ingest(broker.port, args.replies, {"url": url}, registry)
+                    registry.close()
+                    print(f"ingest  bridge -> Postgres {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
+                finally:
+                    drop()
+            rate = dispatch(broker.port, args.commands, folder)
+            print(f"dispatch {args.commands} commands to {TARGETS} devices: {rate:9.0f} commands/s")
+        finally:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Abnormal devices: pure checks of one device's registry facts, and raising/clearing alerts.
+
+Each check returns a message while its condition holds and None once it ended; `check_fleet`
+opens an alert the first time a message appears and closes it when it turns None (one open alert
+per device and kind, kept in the registry with raised/cleared times).
+
+- `offline`: the device has been offline longer than `offline_after_s`.
+- `error_rate`: of its last `error_window` finished commands, more than `error_rate` did not succeed.
+- `outbox_growing`: its last telemetry reports more than `outbox_depth_max` replies waiting to be
+  published while it is online (the link or the broker is not draining it).
+- `tokens_per_s_drop`: its latest decode speed is below `1 - tokens_per_s_drop` times the median of
+  the `speed_window` generations before it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import Field
+
+from cloud_bridge.registry import DeviceRow, Registry
+from edge_agent import settings
+
+
+class AlertConfig(settings.Section):
+    """`[alerts]`: thresholds of the abnormal-device checks."""
+
+    offline_after_s: float = Field(default=300.0, gt=0)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    error_window: int = Field(default=10, ge=1)
+    outbox_depth_max: int = Field(default=100, ge=1)
+    tokens_per_s_drop: float = Field(default=0.5, gt=0, lt=1)
+    speed_window: int = Field(default=10, ge=2)
+    check_interval_s: float = Field(default=5.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the checks read about one device."""
+
+    device: DeviceRow
+    terminal_states: list[str]  # newest first
+    speeds: list[float]  # newest first
+
+
+Check = Callable[[Facts, datetime, AlertConfig], "str | None"]
+
+
+def offline(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
+    device = facts.device
+    if device.state != "offline" or not device.since:
+        return None
+    gone_s = (now - datetime.fromisoformat(device.since)).total_seconds()
+    if gone_s <= config.offline_after_s:
+        return None
+    return f"offline for {gone_s / 60:.0f} min (since {device.since}; threshold {config.offline_after_s:g} s)"
+
+
+def error_rate(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
+    states = facts.terminal_states[: config.error_window]
+    if len(states) < config.error_window:
+        return None
+    failed = sum(state != "succeeded" for state in states)
+    if failed / len(states) <= config.error_rate:
+        return None
+    return f"{failed} of its last {len(states)} commands did not succeed (threshold {config.error_rate:.0%})"
+
+
+def outbox_growing(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
+    telemetry = facts.device.last_telemetry or {}
+    depth = telemetry.get("outbox_depth") or 0
+    if facts.device.state != "online" or depth <= config.outbox_depth_max:
+        return None
+    return f"{depth} replies waiting in its outbox while online (threshold {config.outbox_depth_max})"
+
+
+def tokens_per_s_drop(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
+    if len(facts.speeds) < 2:
+        return None
+    latest, before = facts.speeds[0], facts.speeds[1: config.speed_window + 1]
+    baseline = statistics.median(before)
+    if baseline <= 0 or latest >= baseline * (1 - config.tokens_per_s_drop):
+        return None
+    return f"decoding at {latest:.1f} tokens/s, down from a median of {baseline:.1f}"
+
+
+CHECKS: dict[str, Check] = {
+    "offline": offline,
+    "error_rate": error_rate,
+    "outbox_growing": outbox_growing,
+    "tokens_per_s_drop": tokens_per_s_drop,
+}
+
+
+def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig) -> Facts:
+    return Facts(device, registry.terminal_states(device.device_id, config.error_window),
+                 registry.decode_speeds(device.device_id, config.speed_window + 1))
+
+
+def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
+    """Run every check on every device; returns (device, kind, raised?) for each alert opened or closed."""
+    changes = []
+    for device in registry.devices():
+        facts = facts_of(registry, device, config)
+        for kind, check in CHECKS.items():
+            message = check(facts, now, config)
+            if message is not None and registry.raise_alert(device.device_id, kind, message, now):
+                changes.append((device.device_id, kind, True))
+            elif message is None and registry.clear_alert(device.device_id, kind, now):
+                changes.append((device.device_id, kind, False))
+    return changes

@@ -1,0 +1,104 @@
+"""`/api`: devices, commands (one device, a group or a filter; cancel; priorities), replies, events,
+alerts. Mounted by `api.create_app` behind the bearer token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Query
+
+from cloud_bridge import console, fleet
+from cloud_bridge.api import (
+    CFG,
+    REG,
+    ApiError,
+    CommandBody,
+    command_json,
+    follow_chunks,
+    send_request,
+    sse,
+    stream_response,
+)
+from cloud_bridge.config import BridgeConfig
+from cloud_bridge.registry import Registry
+
+router = APIRouter()
+
+
+@router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry")
+def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(device) for device in registry.devices()]
+
+
+@router.get("/devices/{device_id}", summary="one device")
+def get_device(device_id: str, registry: Registry = REG) -> dict[str, Any]:
+    device = registry.device(device_id)
+    if device is None:
+        raise ApiError(404, f"no device {device_id!r} has reported to this bridge; list them with GET /api/devices",
+                       "unknown_device")
+    return asdict(device)
+
+
+@router.post("/commands", status_code=201,
+             summary="queue a command for a device, a group (`group/G`) or a filtered set; one row per device")
+def create_command(body: CommandBody, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
+    resend = config.dispatch.resend_interval_s
+    if (body.target is None) == (body.filter is None):
+        raise ApiError(400, 'give exactly one of "target" (a device id or "group/G") and "filter"', "bad_target")
+    target = fleet.parse_target(body.target) if body.target is not None else body.filter.to_filter()
+    if isinstance(target, str):
+        row, warnings = console.queue_command(registry, send_request(body, target, config), resend_interval_s=resend)
+        return {"batch": None, "commands": [command_json(row)], "warnings": warnings}
+    fanout = fleet.send_to_many(registry, send_request(body, "placeholder", config), target, resend_interval_s=resend)
+    return {"batch": fanout.batch, "commands": [command_json(r) for r in fanout.rows], "warnings": fanout.warnings}
+
+
+@router.get("/commands", summary="recent commands, newest first")
+def list_commands(device: str | None = None, batch: str | None = None,
+                  limit: int = Query(default=50, ge=1, le=1000), registry: Registry = REG) -> list[dict[str, Any]]:
+    return [command_json(row) for row in registry.commands(device, limit, batch)]
+
+
+@router.get("/commands/{command_id}", summary="one command with every reply stored for it")
+def get_command(command_id: str, registry: Registry = REG) -> dict[str, Any]:
+    row = registry.command(command_id)
+    return {**command_json(row), "replies": [asdict(r) for r in registry.replies(command_id)]}
+
+
+@router.post("/commands/{command_id}/cancel", status_code=201, summary="send a cancel for a command")
+def cancel_command(command_id: str, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
+    row, warnings = fleet.cancel(registry, command_id, resend_interval_s=config.dispatch.resend_interval_s)
+    return {"cancel": command_json(row), "target": command_json(registry.command(command_id)), "warnings": warnings}
+
+
+@router.get("/commands/{command_id}/stream",
+            summary="server-sent events: `delta` {text} for each streamed chunk, then `done` with the command")
+def stream_command(command_id: str, timeout_s: float = Query(default=300.0, gt=0, le=3600),
+                   registry: Registry = REG) -> Any:
+    registry.command(command_id)  # 404 before the stream starts
+
+    def events() -> Iterator[str]:
+        for delta, row in follow_chunks(registry, command_id, timeout_s):
+            yield sse("done", command_json(row)) if row is not None else sse("delta", {"text": delta})
+
+    return stream_response(events())
+
+
+@router.get("/replies", summary="recent replies, newest first")
+def list_replies(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
+                 registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(r) for r in registry.recent_replies(device, limit)]
+
+
+@router.get("/events", summary="recent device events, newest first")
+def list_events(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
+                registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(e) for e in registry.events(device, limit)]
+
+
+@router.get("/alerts", summary="abnormal-device alerts, newest first (open ones only unless all=true)")
+def list_alerts(all: bool = False, limit: int = Query(default=100, ge=1, le=1000),  # noqa: A002
+                registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(a) for a in registry.alerts(open_only=not all, limit=limit)]

@@ -1,0 +1,206 @@
+"""Signed commands (protocol v1 `sig`): Ed25519 over the canonical JSON of the command without `sig`.
+
+Canonical JSON: keys sorted at every level, no whitespace (`","` and `":"` separators), non-ASCII
+characters as UTF-8 (not `\\u` escapes), numbers as Python's `json` writes them. The cloud signs
+with a private key named by `key_id`; a device trusts a set of public keys by `key_id`, so a key is
+rotated by trusting the new one next to the old one, moving the signer over, then dropping the old.
+
+`CommandVerifier.check` is the device's whole decision (pure: time is passed in). It raises
+`Unauthorized` for an unsigned command when signatures are required, an unknown key id, a bad or
+tampered signature, a signed command without `target`, and a `created_at` outside the window
+[now - replay_window_s - max_clock_skew_s, now + max_clock_skew_s]. A replay of a command id the
+device has seen inside the window is the store's business: its dedupe re-sends the stored reply.
+
+Loading keys from files (`load_trusted_keys`, `CommandSigner.from_file`) is the module's only I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_agent.errors import ConfigError, Unauthorized
+from edge_agent.settings import SigningConfig, secret_path
+
+ALG = "ed25519"
+RAW_KEY_BYTES = 32
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """The signed form of a JSON object: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def signing_input(command: Mapping[str, Any]) -> bytes:
+    """The bytes a command's signature covers: its canonical JSON without `sig`."""
+    return canonical_json({k: v for k, v in command.items() if k != "sig"})
+
+
+# --- cloud side ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandSigner:
+    """Signs commands with one private key; `key_id` tells devices which public key to use."""
+
+    key_id: str
+    private_key: Ed25519PrivateKey = field(repr=False)
+
+    def sign(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of `command` with `sig` set (any old `sig` replaced)."""
+        value = self.private_key.sign(signing_input(command))
+        sig = {"key_id": self.key_id, "alg": ALG, "value": base64.b64encode(value).decode("ascii")}
+        return {**{k: v for k, v in command.items() if k != "sig"}, "sig": sig}
+
+    @classmethod
+    def from_file(cls, path: Path, key_id: str) -> CommandSigner:
+        """Read a PEM (PKCS#8) Ed25519 private key. Raises ConfigError saying what to fix."""
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except OSError as exc:
+            raise ConfigError(f"cannot read security.signing_key_file {path}: {exc.strerror}") from exc
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"security.signing_key_file {path} is not an unencrypted PEM private key "
+                              "(make one with `openssl genpkey -algorithm ed25519`)") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"security.signing_key_file {path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key_id=key_id, private_key=key)
+
+
+def sign_payload(payload: bytes | str, signer: CommandSigner | None) -> bytes:
+    """A command payload ready to publish: signed when there is a signer, else unchanged."""
+    data = payload.encode("utf-8") if isinstance(payload, str) else payload
+    if signer is None:
+        return data
+    return canonical_json(signer.sign(json.loads(data)))
+
+
+# --- device side ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """What the device demands of a command's signature and age."""
+
+    required: bool = False
+    trusted: Mapping[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
+    max_clock_skew_s: float = 300.0
+    replay_window_s: float = 86400.0
+
+
+@dataclass(frozen=True)
+class CommandVerifier:
+    policy: VerifyPolicy
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing is required and no key is trusted: `check` would accept anything."""
+        return self.policy.required or bool(self.policy.trusted)
+
+    def check(self, command: Mapping[str, Any], created_at: datetime, now: datetime) -> str | None:
+        """Raise Unauthorized unless the command may run; the key id that signed it, or None if unsigned.
+
+        `command` is the decoded JSON object as it arrived; `created_at` its parsed `created_at`.
+        A signature is checked whenever the device trusts keys; it is required when `policy.required`.
+        """
+        command_id = command.get("id") if isinstance(command.get("id"), str) else None
+        sig = command.get("sig")
+        if sig is None:
+            if self.policy.required:
+                raise Unauthorized("the command is not signed and this device requires signed commands "
+                                   "(sign it with a trusted key: `sig` = {key_id, alg, value})", command_id)
+            return None
+        if not self.policy.trusted:
+            return None
+        key_id = self._verify_signature(command, sig, command_id)
+        if not command.get("target"):
+            raise Unauthorized("a signed command must carry `target` (the device id or group/G it is for)",
+                               command_id)
+        self._check_age(created_at, now, command_id)
+        return key_id
+
+    def _verify_signature(self, command: Mapping[str, Any], sig: Any, command_id: str | None) -> str:
+        key_id = sig.get("key_id") if isinstance(sig, dict) else None
+        key = self.policy.trusted.get(key_id) if isinstance(key_id, str) else None
+        if key is None:
+            raise Unauthorized(f"the command is signed with key_id {key_id!r}, which this device does not trust "
+                               f"(trusted: {sorted(self.policy.trusted)})", command_id)
+        try:
+            value = base64.b64decode(sig.get("value", ""), validate=True)
+            key.verify(value, signing_input(command))
+        except (binascii.Error, ValueError, InvalidSignature) as exc:
+            raise Unauthorized(f"the signature (key_id {key_id!r}) does not match the command: it was changed "
+                               "after signing, or signed over another canonical form", command_id) from exc
+        return key_id
+
+    def _check_age(self, created_at: datetime, now: datetime, command_id: str | None) -> None:
+        skew = timedelta(seconds=self.policy.max_clock_skew_s)
+        if created_at > now + skew:
+            raise Unauthorized(f"created_at {created_at.isoformat()} is more than {self.policy.max_clock_skew_s:g} s "
+                               "in the future: check the clocks of the cloud and this device (NTP)", command_id)
+        oldest = now - timedelta(seconds=self.policy.replay_window_s) - skew
+        if created_at < oldest:
+            raise Unauthorized(f"created_at {created_at.isoformat()} is older than the replay window "
+                               f"({self.policy.replay_window_s:g} s): a stale or replayed command; send it again "
+                               "with a new id and created_at", command_id)
+
+
+def public_key_from_text(value: str) -> Ed25519PublicKey:
+    """A public key from base64 of its 32 raw bytes, or from PEM text. Raises ValueError."""
+    text = value.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_public_key(text.encode("ascii"))
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"the PEM key is a {type(key).__name__}, not Ed25519")
+        return key
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != RAW_KEY_BYTES:
+        raise ValueError(f"a raw Ed25519 public key is {RAW_KEY_BYTES} bytes, this one is {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def is_raw_key(value: str) -> bool:
+    """True when `value` is base64 of 32 bytes (else it is taken as the path of a PEM file)."""
+    try:
+        return len(base64.b64decode(value.strip(), validate=True)) == RAW_KEY_BYTES
+    except (binascii.Error, ValueError):
+        return False
+
+
+def load_trusted_keys(values: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+    """`key_id -> base64 raw key or PEM file path` into keys. Raises ConfigError naming the entry."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    for key_id, value in values.items():
+        where = f"security.trusted_keys.{key_id}"
+        try:
+            text = value if is_raw_key(value) else Path(value).read_text(encoding="ascii")
+            keys[key_id] = public_key_from_text(text)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the public key file {value}: {exc.strerror}") from exc
+        except (ValueError, binascii.Error) as exc:
+            raise ConfigError(f"{where}: not an Ed25519 public key ({exc}); give base64 of the 32 raw bytes "
+                              "or the path of a PEM file (`openssl pkey -pubout`)") from exc
+    return keys
+
+
+def public_key_base64(key: Ed25519PublicKey) -> str:
+    """The form `trusted_keys` takes inline: base64 of the 32 raw bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def signer_from_config(config: SigningConfig) -> CommandSigner | None:
+    """The bridge's signer from its `[security]` section; None when no key is configured."""
+    if config.signing_key_file is None or config.key_id is None:
+        return None
+    return CommandSigner.from_file(secret_path(config.signing_key_file, "security.signing_key_file"), config.key_id)

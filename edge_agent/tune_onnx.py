@@ -1,0 +1,124 @@
+"""`edge-agent tune --model FILE.onnx`: the same search as for GGUF models (edge_agent.tune), over
+ONNX Runtime session options: intra-op threads, graph optimization level, sequential or parallel
+execution. Each trial times runs of the model on random inputs of its own signature (symbolic
+dimensions as 1). The winner is written as a profile for `[onnx.models.NAME] profile = "FILE"`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edge_agent.tune import Target, Trial, best, feasible, search
+
+Optimization = Literal["disabled", "basic", "extended", "all"]
+RUNS_PER_TRIAL_S = 0.5  # time each candidate this long (at least 5 runs)
+
+
+@dataclass(frozen=True)
+class OnnxCandidate:
+    intra_op_threads: int
+    graph_optimization: Optimization = "all"
+    parallel_execution: bool = False
+
+    def normalized(self) -> OnnxCandidate:
+        return self
+
+    def profile_keys(self) -> dict[str, object]:
+        return {"intra_op_threads": self.intra_op_threads, "graph_optimization": self.graph_optimization,
+                "parallel_execution": self.parallel_execution}
+
+
+def onnx_search_space(cpu_count: int) -> dict[str, list[object]]:
+    return {"intra_op_threads": sorted({1, max(1, cpu_count // 2), cpu_count}),
+            "graph_optimization": ["all", "basic", "extended"], "parallel_execution": [False, True]}
+
+
+def random_inputs(session: object) -> dict[str, np.ndarray]:
+    """Inputs matching the model's signature: symbolic dimensions become 1."""
+    from edge_agent.engine.onnx import DTYPES
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in session.get_inputs():  # type: ignore[attr-defined]
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        feeds[spec.name] = rng.standard_normal(shape).astype(DTYPES.get(spec.type, np.float32))
+    return feeds
+
+
+def measure_with_onnxruntime(model: Path, providers: list[str]):  # noqa: ANN201 - a Measure
+    import onnxruntime as ort
+
+    from edge_agent.engine.onnx import session_options
+
+    def measure(candidate: OnnxCandidate) -> Trial:
+        started = time.monotonic()
+        try:
+            session = ort.InferenceSession(str(model), session_options(**candidate.profile_keys()),
+                                           providers=providers)
+            feeds = random_inputs(session)
+            session.run(None, feeds)  # warm-up
+            latencies = []
+            while len(latencies) < 5 or sum(latencies) < RUNS_PER_TRIAL_S:
+                run_started = time.perf_counter()
+                session.run(None, feeds)
+                latencies.append(time.perf_counter() - run_started)
+        except Exception as exc:  # onnxruntime raises untyped errors
+            return Trial(candidate, 0.0, 0.0, time.monotonic() - started, f"failed: {exc}")
+        median = float(np.median(latencies))
+        return Trial(candidate, median * 1000.0, 1.0 / median, time.monotonic() - started)
+
+    return measure
+
+
+def onnx_table(trials: list[Trial], winner: Trial | None, max_latency_ms: float | None) -> str:
+    header = f"{'threads':>7} {'optimization':>12} {'parallel':>8} {'latency ms':>10} {'runs/s':>8}  note"
+    lines = [header, "-" * len(header)]
+    for t in trials:
+        c = t.candidate
+        note = "WINNER" if t is winner else (t.error or ("" if feasible(t, max_latency_ms) else "over latency"))
+        lines.append(f"{c.intra_op_threads:>7} {c.graph_optimization:>12} {str(c.parallel_execution).lower():>8} "
+                     f"{t.ttft_ms:>10.3f} {t.tokens_per_s:>8.1f}  {note}")
+    return "\n".join(lines)
+
+
+def onnx_profile_toml(winner: Trial, model: Path, trials: int) -> str:
+    c = winner.candidate
+    return (f"# written by `edge-agent tune` for {model.name}; load it with [onnx.models.NAME] profile = \"<file>\"\n"
+            f"[onnx]\nintra_op_threads = {c.intra_op_threads}\ngraph_optimization = \"{c.graph_optimization}\"\n"
+            f"parallel_execution = {str(c.parallel_execution).lower()}\n\n[tuned]\nmodel = \"{model.name}\"\n"
+            f"trials = {trials}\nlatency_ms = {winner.ttft_ms:.3f}\n")
+
+
+def run_onnx_tune(model: Path, target: Target, max_latency_ms: float | None, budget_s: float, out: Path,
+                  cpu_count: int) -> int:
+    """For ONNX models both targets mean the lowest latency per run."""
+    import onnxruntime as ort
+
+    from edge_agent.engine.onnx import choose_providers
+    from edge_agent.tune import progress
+
+    deadline = time.monotonic() + budget_s
+    providers = choose_providers(None, ort.get_available_providers())
+    space = onnx_search_space(cpu_count)
+
+    def report(trial: Trial, done: int, total: int) -> None:
+        print(progress(trial, done, total, max(0.0, deadline - time.monotonic())), file=sys.stderr, flush=True)
+
+    start = OnnxCandidate(intra_op_threads=cpu_count)
+    trials = search(start, space, measure_with_onnxruntime(model, providers), "ttft", max_latency_ms, budget_s,
+                    on_trial=report)
+    winner = best(trials, "ttft", max_latency_ms)
+    print(f"ONNX Runtime providers: {providers}")
+    print(onnx_table(trials, winner, max_latency_ms))
+    if winner is None:
+        print("edge-agent tune: no configuration could be measured; see the errors above", file=sys.stderr)
+        return 1
+    out.write_text(onnx_profile_toml(winner, model, len(trials)))
+    print(f"wrote {out}; add  profile = \"{out}\"  to [onnx.models.NAME]")
+    return 0

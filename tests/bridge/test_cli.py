@@ -1,0 +1,96 @@
+"""`cloud-bridge alerts|cancel|policy` and `--json`, run in process against a registry file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cloud_bridge.cli import EXIT_USAGE, build_parser, main
+from cloud_bridge.registry import Registry
+
+from .factories import T0, online, reply
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "bridge.toml"
+    path.write_text('[store]\npath = "registry.db"\n')
+    registry = Registry.open(tmp_path / "registry.db")
+    for device_id in ("gw-a", "gw-b"):
+        registry.record_status(online(device_id), T0)
+    registry.close()
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_devices_and_commands_print_json_for_scripts(config, capsys):
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--json")
+    assert code == 0 and [d["device_id"] for d in json.loads(out)] == ["gw-a", "gw-b"]
+    run(capsys, "send", "--config", str(config), "gw-a", "ping", "--no-wait", "--id", "p1", "--priority", "7")
+    code, out, _ = run(capsys, "commands", "--config", str(config), "--json")
+    (row,) = json.loads(out)
+    assert (row["id"], row["priority"], row["state"]) == ("p1", 7, "pending") and "raw_payload" not in row
+
+
+def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
+    code, out, _ = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}')
+    ids = out.split()
+    assert code == 0 and len(ids) == 2 and all(i.endswith((".gw-a", ".gw-b")) for i in ids)
+    registry = Registry.open(config.parent / "registry.db")
+    registry.record_reply(reply(1, "succeeded", ids[0].split(".")[0], "gw-a", output={"temperature": 0.2}), T0)
+    registry.close()
+    code, out, _ = run(capsys, "policy", "--config", str(config))
+    assert '{"temperature": 0.2}' in out and "(agent defaults)" in out
+    code, out, _ = run(capsys, "policy", "--config", str(config), "--json")
+    assert json.loads(out) == {"gw-a": {"temperature": 0.2}, "gw-b": None}
+
+
+def test_cancel_closes_an_undelivered_command_and_refuses_a_finished_one(config, capsys):
+    run(capsys, "send", "--config", str(config), "gw-a", "ping", "--no-wait", "--id", "p1")
+    code, out, err = run(capsys, "cancel", "--config", str(config), "p1", "--json")
+    body = json.loads(out)
+    assert code == 0 and body["target"]["state"] == "cancelled" and body["cancel"]["kind"] == "cancel"
+    code, _, err = run(capsys, "cancel", "--config", str(config), "p1")
+    assert code == EXIT_USAGE and "nothing to cancel" in err
+
+
+def test_alerts_says_when_there_are_none_and_lists_them_as_json(config, capsys):
+    code, out, _ = run(capsys, "alerts", "--config", str(config))
+    assert code == 0 and "no open alerts" in out
+    registry = Registry.open(config.parent / "registry.db")
+    registry.raise_alert("gw-a", "offline", "offline for 10 min", T0)
+    registry.close()
+    code, out, _ = run(capsys, "alerts", "--config", str(config), "--json")
+    assert [(a["device_id"], a["kind"]) for a in json.loads(out)] == [("gw-a", "offline")]
+
+
+def test_every_subcommand_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [name for name in subcommands if f"cloud-bridge {name}" not in readme]
+    assert not missing, f"undocumented in README.md: {missing}"
+
+
+def test_serve_stops_with_a_clear_error_when_its_http_port_is_taken(tmp_path):
+    import socket
+    import subprocess
+
+    from .conftest import VENV_BIN, free_port, http_section, write_bridge_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_bridge_config(tmp_path, free_port(), "tport", extra=http_section(tmp_path, port, "t" * 24))
+        done = subprocess.run([str(VENV_BIN / "cloud-bridge"), "serve", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_USAGE
+    assert f"could not listen on 127.0.0.1:{port}" in done.stderr and "[http] port" in done.stderr

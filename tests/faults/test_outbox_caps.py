@@ -1,0 +1,131 @@
+"""Scenario 4a: the outbox cap and its policy, on a real SQLite file and end to end.
+
+Policy: at or above `store.max_outbox_rows` / `store.max_outbox_bytes`, new Events are dropped
+(counted in `dropped.events`, one `outbox_full` Event stored anyway), new commands are refused with
+`busy` (counted in `dropped.commands_refused`), and replies of commands already accepted are always
+stored. When the backlog drains below the caps an `outbox_recovered` Event reports the counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import Busy
+from edge_agent.lifecycle import State
+from edge_agent.protocol import Event
+from edge_agent.store import OutboxLimits, ReplyDraft, Store
+from edge_agent.topics import DeviceTopics
+from tests.faults.harness import Rig, audit, outbox_depth, seed_outbox, wait_all_terminal
+from tests.support.cloud import command
+
+TOPICS = DeviceTopics("autoglm", "gw-cap")
+
+
+def _event(n: int) -> Event:
+    return Event(device_id="gw-cap", ts="2026-11-22T00:00:00.000Z", level="info", code="test", message=f"e{n}")
+
+
+def _event_codes(store: Store) -> list[str]:
+    rows = store.pending(0, 10_000)
+    return [json.loads(r.payload)["code"] for r in rows if r.topic == TOPICS.event]
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "cap.db", TOPICS, "normal", OutboxLimits(max_rows=10, max_bytes=1 << 20))
+    yield store
+    store.close()
+
+
+def test_events_beyond_the_row_cap_are_dropped_counted_and_announced_once(capped: Store) -> None:
+    stored = [capped.enqueue_event(_event(i)) for i in range(15)]
+    assert stored == [True] * 10 + [False] * 5
+    assert capped.dropped["events"] == 5
+    assert _event_codes(capped).count("outbox_full") == 1
+
+
+def test_a_new_command_is_refused_with_busy_when_the_outbox_is_full(capped: Store) -> None:
+    for i in range(10):
+        capped.enqueue_event(_event(i))
+    with pytest.raises(Busy) as refused:
+        capped.accept("c1", "ping", "{}", 0, None)
+    assert "resend the command later" in refused.value.message
+    assert capped.get("c1") is None, "a refused command is not in the ledger"
+    assert capped.dropped["commands_refused"] == 1
+
+
+def test_replies_of_accepted_commands_are_stored_even_above_the_cap(capped: Store) -> None:
+    capped.accept("c1", "ping", "{}", 0, None)
+    for i in range(20):
+        capped.enqueue_event(_event(i))
+    assert capped.transition("c1", State.RUNNING, ReplyDraft(status="running"))
+    assert capped.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+    statuses = [json.loads(r.payload).get("status") for r in capped.pending(0, 100) if r.topic == TOPICS.reply]
+    assert statuses == ["accepted", "running", "succeeded"]
+
+
+def test_a_duplicate_of_a_known_command_is_answered_even_when_the_outbox_is_full(capped: Store) -> None:
+    capped.accept("c1", "ping", "{}", 0, None)
+    for i in range(20):
+        capped.enqueue_event(_event(i))
+    assert capped.accept("c1", "ping", "{}", 0, None).duplicate
+
+
+def test_the_byte_cap_counts_too(tmp_path: Path) -> None:
+    store = Store(tmp_path / "bytes.db", TOPICS, "normal", OutboxLimits(max_rows=1000, max_bytes=2000))
+    stored = [store.enqueue_event(_event(i)) for i in range(40)]
+    assert 0 < stored.count(True) < 40
+    assert store.outbox_depth()[1] < 2000 + 1000  # one Event of slack at most, plus the notice
+
+
+def test_draining_below_the_cap_publishes_outbox_recovered_with_the_counts(capped: Store) -> None:
+    for i in range(12):
+        capped.enqueue_event(_event(i))
+    capped.delete_outbox([r.id for r in capped.pending(0, 100)])
+    (row,) = capped.pending(0, 100)
+    recovered = json.loads(row.payload)
+    assert recovered["code"] == "outbox_recovered"
+    assert recovered["data"]["events"] == 2
+
+
+def test_the_caps_are_config_keys_with_bounds(tmp_path: Path) -> None:
+    from edge_agent.config import StoreConfig
+
+    assert StoreConfig(max_outbox_rows=10).max_outbox_rows == 10
+    with pytest.raises(ValueError):
+        StoreConfig(max_outbox_rows=1)
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_an_agent_with_a_full_outbox_refuses_new_commands_with_busy_counts_drops_and_recovers(make_rig) -> None:
+    rig: Rig = make_rig(start=False, EDGE_AGENT_STORE__MAX_OUTBOX_ROWS="500", EDGE_AGENT_TELEMETRY_INTERVAL_S="1")
+    seed_outbox(rig.agent.store, rig.device_id, 1500)
+    rig.proxy.latency(0.05)  # a slow uplink: the backlog stays above the cap for a while
+    rig.agent.start()
+    rig.cloud.wait_online(rig.device_id)
+    pings = [command("ping") for _ in range(5)]
+    for ping in pings:
+        rig.cloud.send(rig.device_id, ping)
+    ids = [p["id"] for p in pings]
+    wait_all_terminal(rig.cloud, ids, timeout=120)
+    result = audit(rig.cloud, rig.device_id, ids)
+    result.assert_clean()
+    assert result.outcomes["rejected:busy"] == 5
+    rig.proxy.heal()
+    rig.cloud.wait_for(lambda: outbox_depth(rig.agent.store)[0] == 0, 120, "backlog drained")
+    codes = [e["code"] for e in rig.cloud.on("/event")]
+    assert codes.count("outbox_full") == 1 and codes.count("outbox_recovered") == 1
+    assert codes.count("backlog") == 1500, "nothing queued before the cap was dropped"
+    # the 5 rejection Events, and agent_started (stored at start, above the cap)
+    rig.cloud.wait_for(lambda: any(t["dropped"].get("events") == 6 for t in rig.cloud.on("/telemetry")), 30,
+                       "telemetry reporting the dropped events")
+    again = command("ping")
+    rig.cloud.send(rig.device_id, again)
+    assert rig.cloud.wait_terminal(again["id"])["status"] == "succeeded"
+    assert rig.agent.alive

@@ -1,0 +1,53 @@
+"""Stream chunks: first delta at once, later deltas coalesced, valid StreamChunk JSON."""
+
+from __future__ import annotations
+
+import json
+
+from edge_agent.engine.stream import ChunkStreamer
+from edge_agent.protocol import StreamChunk
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[ChunkStreamer, list[dict], Clock]:
+    sent: list[dict] = []
+    clock = Clock()
+    streamer = ChunkStreamer("p/d/stream/c1", "c1", lambda topic, data: sent.append(json.loads(data)),
+                             interval_s=0.05, clock=clock)
+    return streamer, sent, clock
+
+
+def test_the_first_delta_is_sent_at_once_and_later_ones_are_coalesced() -> None:
+    streamer, sent, clock = make()
+    streamer.delta("He")
+    assert [c["delta"] for c in sent] == ["He"]
+    for piece in ("l", "l", "o"):
+        clock.now += 0.01
+        streamer.delta(piece)
+    assert len(sent) == 1
+    clock.now += 0.05
+    streamer.delta(" w")
+    assert [c["delta"] for c in sent] == ["He", "llo w"]
+
+
+def test_done_flushes_the_rest_then_sends_an_empty_final_chunk() -> None:
+    streamer, sent, clock = make()
+    streamer.delta("a")
+    streamer.delta("b")
+    streamer.done()
+    assert [(c["index"], c["delta"], c["done"]) for c in sent] == [(0, "a", False), (1, "b", False), (2, "", True)]
+
+
+def test_chunks_are_valid_stream_chunks_even_with_quotes_and_unicode() -> None:
+    streamer, sent, _ = make()
+    streamer.delta('say "hé"\n\u2603')
+    streamer.done()
+    chunk = StreamChunk.model_validate(sent[0])
+    assert chunk.delta == 'say "hé"\n\u2603' and chunk.command_id == "c1" and chunk.v == 1
