@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from cloud_bridge.console import SendRequest, build_command, queue_command
+from cloud_bridge.console import SendRequest, build_command, device_warnings, queue_command
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.registry import CommandRow, DeviceRow, Registry
 from edge_agent.protocol import COMMAND_ID_PATTERN
@@ -89,34 +89,37 @@ def send_to_many(registry: Registry, request: SendRequest, device_filter: Device
                              "`cloud-bridge devices` (group membership comes from each device's status)")
     batch = request.command_id or uuid.uuid4().hex
     if device_filter == DeviceFilter(group=device_filter.group) and device_filter.group is not None:
-        return _send_to_group(registry, request, device_filter.group, devices, batch, now)
+        return _send_to_group(registry, request, device_filter.group, devices, batch, now, resend_interval_s)
     fanout = Fanout(batch)
     with registry.transaction():
         for device in devices:
-            command_id = f"{batch}.{device.device_id}"
-            if not re.fullmatch(COMMAND_ID_PATTERN, command_id):
-                raise InvalidRequest(f"batch id {batch!r} is too long for device {device.device_id!r}: "
-                                     "command ids are at most 128 characters")
-            one = dataclasses.replace(request, device_id=device.device_id, command_id=command_id)
+            one = dataclasses.replace(request, device_id=device.device_id, command_id=member_id(batch, device))
             row, warnings = queue_command(registry, one, now, resend_interval_s, batch=batch)
             fanout.rows.append(row)
             fanout.warnings.extend(warnings)
     return fanout
 
 
+def member_id(batch: str, device: DeviceRow) -> str:
+    """The registry id of one device's part of a batch: `<batch>.<device>`."""
+    row_id = f"{batch}.{device.device_id}"
+    if not re.fullmatch(COMMAND_ID_PATTERN, row_id):
+        raise InvalidRequest(f"batch id {batch!r} is too long for device {device.device_id!r}: "
+                             "command ids are at most 128 characters")
+    return row_id
+
+
 def _send_to_group(registry: Registry, request: SendRequest, group: str, members: list[DeviceRow], batch: str,
-                   now: datetime | None) -> Fanout:
+                   now: datetime | None, resend_interval_s: float) -> Fanout:
     """One `target: group/G` command on the group topic, one tracked row per known member."""
     command = build_command(dataclasses.replace(request, device_id=members[0].device_id, command_id=batch), now)
     command = command.model_copy(update={"target": f"{GROUP_PREFIX}{group}"})
     fanout = Fanout(batch)
     with registry.transaction():
         for device in members:
-            row_id = f"{batch}.{device.device_id}"
-            if not re.fullmatch(COMMAND_ID_PATTERN, row_id):
-                raise InvalidRequest(f"batch id {batch!r} is too long for device {device.device_id!r}: "
-                                     "command ids are at most 128 characters")
-            fanout.rows.append(registry.add_command(command, device.device_id, now, batch=batch, row_id=row_id))
+            row = registry.add_command(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
+            fanout.rows.append(row)
+            fanout.warnings.extend(device_warnings(device, row, resend_interval_s))
     return fanout
 
 

@@ -40,9 +40,10 @@ def test_devices_and_commands_print_json_for_scripts(config, capsys):
 
 
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
-    code, out, _ = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}')
+    code, out, err = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}')
     ids = out.split()
     assert code == 0 and len(ids) == 2 and all(i.endswith((".gw-a", ".gw-b")) for i in ids)
+    assert "does not list kind 'config'" in err  # these devices announced ping/chat/complete/cancel only
     registry = Registry.open(config.parent / "registry.db")
     registry.record_reply(reply(1, "succeeded", ids[0].split(".")[0], "gw-a", output={"temperature": 0.2}), T0)
     registry.close()

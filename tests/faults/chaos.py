@@ -17,18 +17,16 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
 
 from tests.support.broker import free_port
 
 
-@dataclass
-class ProxyStats:
-    accepted: int = 0
-    refused: int = 0
-    cuts: int = 0
-    connections_cut: int = 0
-    bytes_dropped: int = 0
+class ProxyStats(Counter[str]):
+    """What the proxy did: accepted, refused, cuts, connections_cut, bytes_dropped (0 until it happens)."""
+
+    def __getattr__(self, name: str) -> int:
+        return self[name]
 
 
 def _reset(sock: socket.socket) -> None:
@@ -64,8 +62,8 @@ class ChaosProxy:
         """Reset every open connection; returns how many were cut."""
         with self._lock:
             pairs, self._pairs = self._pairs, []
-            self.stats.cuts += 1
-            self.stats.connections_cut += len(pairs)
+            self.stats["cuts"] += 1
+            self.stats["connections_cut"] += len(pairs)
         for client, upstream in pairs:
             _reset(client)
             _reset(upstream)
@@ -107,7 +105,7 @@ class ChaosProxy:
 
     def _admit(self, client: socket.socket) -> None:
         if self._refuse:
-            self.stats.refused += 1
+            self.stats["refused"] += 1
             _reset(client)
             return
         try:
@@ -120,7 +118,7 @@ class ChaosProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._pairs.append((client, upstream))
-            self.stats.accepted += 1
+            self.stats["accepted"] += 1
         for src, dst, name in ((client, upstream, "up"), (upstream, client, "down")):
             threading.Thread(target=self._pump, args=(src, dst), name=f"chaos-{name}", daemon=True).start()
 
@@ -131,7 +129,7 @@ class ChaosProxy:
                 if not data:
                     break
                 if self._blackhole:
-                    self.stats.bytes_dropped += len(data)
+                    self.stats["bytes_dropped"] += len(data)
                     continue
                 if self._latency_s:
                     time.sleep(self._latency_s)

@@ -23,7 +23,16 @@ from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_conf
 from tests.support.broker import Broker
 from tests.support.cloud import CloudClient
 
+REPORT_ENV = "EDGE_AGENT_FAULT_REPORT"  # a JSON-lines file the scenarios append their figures to
 FAST_KEEPALIVE_S = 5  # the smallest the config allows; a black-holed link is noticed in ~2 keepalives
+
+
+def report(scenario: str, **figures: Any) -> None:
+    """Append a scenario's figures to $EDGE_AGENT_FAULT_REPORT (docs/reliability.md quotes them)."""
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
 
 
 def slow_enabled(config: Any) -> bool:

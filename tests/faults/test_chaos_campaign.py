@@ -7,8 +7,6 @@ CI runs 100 commands; `-m slow` (or EDGE_AGENT_SLOW_TESTS=1) runs the full 500.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import time
@@ -16,12 +14,18 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Audit, Rig, audit, ledger_terminal, resend_until_accepted, wait_all_terminal
+from tests.faults.harness import (
+    Audit,
+    Rig,
+    audit,
+    ledger_terminal,
+    report,
+    resend_until_accepted,
+    wait_all_terminal,
+)
 from tests.support.cloud import chat, command
 
 pytestmark = pytest.mark.integration
-
-REPORT = os.environ.get("EDGE_AGENT_FAULT_REPORT")  # a JSON-lines file the figures are appended to
 
 
 def _commands(rng: random.Random, n: int) -> list[dict[str, Any]]:
@@ -74,16 +78,10 @@ def run_campaign(rig: Rig, n: int, seed: int) -> Audit:
     wait_all_terminal(rig.cloud, ids, timeout=60 + n)
     result = audit(rig.cloud, rig.device_id, ids)
     assert ledger_terminal(rig.agent.ledger(), ids) == [], "every command is terminal in the ledger"
-    _report("campaign", n=n, seed=seed, faults=dict(rig.faults), resends=resends, lost=len(result.lost),
+    report("campaign", n=n, seed=seed, faults=dict(rig.faults), resends=resends, lost=len(result.lost),
             executed_twice=len(result.executed_twice), duplicates_received=result.duplicates_received,
             outcomes=dict(result.outcomes))
     return result
-
-
-def _report(name: str, **figures: Any) -> None:
-    if REPORT:
-        with open(REPORT, "a") as out:
-            out.write(json.dumps({"scenario": name, **figures}) + "\n")
 
 
 def test_a_hundred_commands_through_cuts_broker_restarts_and_agent_kills_each_end_exactly_once(make_rig) -> None:

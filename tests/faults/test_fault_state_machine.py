@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from tests.conftest import TINY_MODEL
 from tests.faults.chaos import ChaosProxy
@@ -29,6 +29,7 @@ from tests.faults.harness import (
     FaultyAgent,
     audit,
     ledger_terminal,
+    report,
     resend_until_accepted,
     slow_enabled,
     wait_all_terminal,
@@ -68,25 +69,19 @@ class FaultMachine(RuleBasedStateMachine):
     def restore_link(self) -> None:
         self.proxy.heal()
 
-    @precondition(lambda self: self.broker.running)
     @rule()
-    def stop_broker(self) -> None:
-        self.broker.stop(signal.SIGTERM)
+    def stop_or_start_broker(self) -> None:
+        if self.broker.running:
+            self.broker.stop(signal.SIGTERM)
+        else:
+            self.broker.start()
 
-    @precondition(lambda self: not self.broker.running)
     @rule()
-    def start_broker(self) -> None:
-        self.broker.start()
-
-    @precondition(lambda self: self.agent.alive)
-    @rule()
-    def kill_agent(self) -> None:
-        self.agent.kill()
-
-    @precondition(lambda self: not self.agent.alive)
-    @rule()
-    def start_agent(self) -> None:
-        self.agent.start()
+    def kill_or_start_agent(self) -> None:
+        if self.agent.alive:
+            self.agent.kill()
+        else:
+            self.agent.start()
 
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0]))
     def wait(self, seconds: float) -> None:
@@ -114,8 +109,11 @@ class FaultMachine(RuleBasedStateMachine):
         ids = [c["id"] for c in self.commands]
         resend_until_accepted(self.cloud, self.agent.device_id, self.commands, timeout=120)
         wait_all_terminal(self.cloud, ids, timeout=120)
-        audit(self.cloud, self.agent.device_id, ids).assert_clean()
+        result = audit(self.cloud, self.agent.device_id, ids)
+        result.assert_clean()
         assert ledger_terminal(self.agent.ledger(), ids) == []
+        report("state_machine_run", commands=len(ids), agent_kills=self.agent.kills, lost=len(result.lost),
+               executed_twice=len(result.executed_twice), outcomes=dict(result.outcomes))
 
 
 def _settings(slow: bool) -> settings:

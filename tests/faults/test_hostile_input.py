@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from edge_agent.errors import AgentError
 from edge_agent.protocol import parse_command
-from tests.faults.harness import Rig
+from tests.faults.harness import Rig, report
 from tests.support.cloud import command
 
 pytestmark = pytest.mark.integration
@@ -112,7 +112,10 @@ def _storm(rig: Rig, batches: int) -> Counter[str]:
     rig.cloud.wait_for(lambda: len([e for e in rig.cloud.on("/event") if e["code"] == "command_rejected"])
                        >= len(sent), 60, "one command_rejected Event each")
     events = [e for e in rig.cloud.on("/event") if e["code"] == "command_rejected"]
-    return Counter(e["data"]["error_code"] for e in events)
+    codes = Counter(e["data"]["error_code"] for e in events)
+    report("hostile_input", payloads=len(sent), rejected_replies=_rejections(rig), events=len(events),
+           by_code=dict(codes))
+    return codes
 
 
 def _rejections(rig: Rig) -> int:

@@ -5,22 +5,18 @@ and run during the replay; a SIGKILL in the middle of the replay loses nothing.
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.faults.harness import Rig, audit, outbox_depth, seed_outbox, wait_all_terminal
+from tests.faults.harness import Rig, audit, outbox_depth, report, seed_outbox, wait_all_terminal
 from tests.support.cloud import CloudClient, command
 
 pytestmark = pytest.mark.integration
 
 BACKLOG = 20_000
-REPORT = os.environ.get("EDGE_AGENT_FAULT_REPORT")
 
 
 def _backlog_numbers(cloud: CloudClient) -> list[int]:
@@ -33,12 +29,6 @@ def _oldest_row(store: Path) -> int | None:
         return conn.execute("SELECT MIN(id) FROM outbox").fetchone()[0]
     finally:
         conn.close()
-
-
-def _report(**figures: Any) -> None:
-    if REPORT:
-        with open(REPORT, "a") as out:
-            out.write(json.dumps({"scenario": "offline_replay", **figures}) + "\n")
 
 
 def test_twenty_thousand_rows_queued_offline_are_replayed_in_order_while_live_commands_are_served(
@@ -69,7 +59,7 @@ def test_twenty_thousand_rows_queued_offline_are_replayed_in_order_while_live_co
     assert numbers == list(range(BACKLOG)), "every queued row arrived once, in order"
     audit(rig.cloud, rig.device_id, ids).assert_clean()
     rig.cloud.wait_for(lambda: outbox_depth(rig.agent.store)[0] == 0, 60, "outbox empty after the acks")
-    _report(rows=rows, bytes=size, replay_s=round(replay_s, 2), rows_per_s=round(BACKLOG / replay_s),
+    report("offline_replay", rows=rows, bytes=size, replay_s=round(replay_s, 2), rows_per_s=round(BACKLOG / replay_s),
             rows_left_when_pings_done=still_queued)
 
 

@@ -18,7 +18,7 @@ from edge_agent.lifecycle import State
 from edge_agent.protocol import Event
 from edge_agent.store import OutboxLimits, ReplyDraft, Store
 from edge_agent.topics import DeviceTopics
-from tests.faults.harness import Rig, audit, outbox_depth, seed_outbox, wait_all_terminal
+from tests.faults.harness import Rig, audit, outbox_depth, report, seed_outbox, wait_all_terminal
 from tests.support.cloud import command
 
 TOPICS = DeviceTopics("autoglm", "gw-cap")
@@ -125,6 +125,8 @@ def test_an_agent_with_a_full_outbox_refuses_new_commands_with_busy_counts_drops
     # the 5 rejection Events, and agent_started (stored at start, above the cap)
     rig.cloud.wait_for(lambda: any(t["dropped"].get("events") == 6 for t in rig.cloud.on("/telemetry")), 30,
                        "telemetry reporting the dropped events")
+    report("outbox_cap", cap_rows=500, backlog_rows=1500, refused_busy=result.outcomes["rejected:busy"],
+           events_dropped=6, backlog_delivered=codes.count("backlog"))
     again = command("ping")
     rig.cloud.send(rig.device_id, again)
     assert rig.cloud.wait_terminal(again["id"])["status"] == "succeeded"

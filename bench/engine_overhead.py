@@ -1,0 +1,77 @@
+"""The engine's own cost, without MQTT: `LlamaEngine.complete` (watchdog, stopping criterion,
+streaming callback through the ChunkStreamer) against raw `create_completion` on the same `Llama`
+object, same prompt tokens, interleaved. Separates what the engine adds from machine noise and
+from the MQTT path measured by bench/inference.py.
+
+  python bench/engine_overhead.py                          # bench model, 1 thread, 128 tokens, 7 rounds
+  python bench/engine_overhead.py --model models/tiny-glm4-q4_0.gguf --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_agent.config import ModelConfig  # noqa: E402
+from edge_agent.engine.llama import LlamaEngine  # noqa: E402
+from edge_agent.engine.stream import ChunkStreamer  # noqa: E402
+from edge_agent.protocol import CompleteParams  # noqa: E402
+
+PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+
+
+def raw(engine: LlamaEngine, tokens: list[int], seed: int, max_tokens: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    first = last = started
+    count = 0
+    for _ in engine._llm.create_completion(prompt=tokens, max_tokens=max_tokens, seed=seed, stream=True):
+        last = time.perf_counter()
+        if count == 0:
+            first = last
+        count += 1
+    return (first - started) * 1000, (count - 1) / (last - first)
+
+
+def through_engine(engine: LlamaEngine, seed: int, max_tokens: int) -> tuple[float, float]:
+    streamer = ChunkStreamer("autoglm/bench/stream/x", "x", lambda topic, payload: None)
+    params = CompleteParams(prompt=PROMPT, max_tokens=max_tokens, seed=seed, stream=True)
+    generation = engine.complete(params, streamer.delta, threading.Event())
+    return generation.ttft_ms, generation.tokens_per_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bench-glm4-q4_0.gguf")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    engine = LlamaEngine(ModelConfig(path=args.model, n_ctx=2048, n_threads=args.threads))
+    tokens = engine._llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    raws, ours = [], []
+    try:
+        for seed in range(args.rounds + 1):  # round 0 warms up
+            pair = raw(engine, tokens, seed, args.max_tokens), through_engine(engine, seed, args.max_tokens)
+            if seed:
+                raws.append(pair[0])
+                ours.append(pair[1])
+    finally:
+        engine.close()
+    for name, runs in (("raw", raws), ("engine", ours)):
+        print(f"{name:>7}: TTFT median {statistics.median(r[0] for r in runs):7.2f} ms   decode "
+              f"{statistics.median(r[1] for r in runs):7.1f} tokens/s")
+    ratio = statistics.median(o[1] / r[1] for r, o in zip(raws, ours, strict=True))
+    extra = statistics.median(o[0] - r[0] for r, o in zip(raws, ours, strict=True))
+    print(f"engine/raw decode ratio (median of pairs) {ratio:.3f}; TTFT difference (median of pairs) {extra:+.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
