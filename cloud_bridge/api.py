@@ -29,6 +29,7 @@ from cloud_bridge import console, fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
 from cloud_bridge.registry import CommandRow, Registry
+from edge_agent import settings
 
 POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "
@@ -44,7 +45,8 @@ class ApiError(Exception):
 
 
 def read_token(path: Path) -> str:
-    """The API token: the first line of `path`. Raises ConfigError with what to do."""
+    """The API token: the first line of `path` (or `credential:NAME`). Raises ConfigError with what to do."""
+    path = settings.secret_path(path, "[http] token_file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
