@@ -127,10 +127,11 @@ class Soak:
             if baseline is None and time.monotonic() >= warm and self.agent.alive:
                 baseline = sample(self.agent)
             if time.monotonic() >= next_fault:
-                self.strike(FAULTS[fault_index % len(FAULTS)])
+                fault = self.args.faults[fault_index % len(self.args.faults)]
+                self.strike(fault)
                 fault_index += 1
                 next_fault = time.monotonic() + self.args.fault_every
-                if FAULTS[(fault_index - 1) % len(FAULTS)] == "kill":
+                if fault == "kill":
                     baseline = None  # a new process: re-take its baseline after warm-up
                     warm = time.monotonic() + 15
             self.max_outbox_rows = max(self.max_outbox_rows, outbox_depth(self.agent.store)[0])
@@ -172,6 +173,8 @@ def main() -> int:
                         help="seconds a black hole, refusal or broker stop lasts")
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny-glm4-q4_0.gguf"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", type=lambda s: s.split(","), default=FAULTS,
+                        help=f"comma-separated faults to cycle through (default: {','.join(FAULTS)})")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         soak = Soak(args, Path(tmp))
@@ -180,7 +183,8 @@ def main() -> int:
         finally:
             soak.close()
     print(json.dumps(report, indent=2))
-    return 0 if report["lost"] == 0 and report["executed_twice"] == 0 else 1
+    clean = report["lost"] == 0 and report["executed_twice"] == 0 and report["seq_out_of_order"] == 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -182,23 +182,36 @@ def gpu_layer_options(model: Path) -> list[int]:
 # --- reporting ---------------------------------------------------------------------------------------
 
 
-def progress(trial: Trial, done: int, total: int, budget_left_s: float) -> str:
+def progress(trial: Trial, done: int, total: int, budget_left_s: float, outcome: str | None = None) -> str:
     width = 24
     filled = min(width, width * done // max(1, total))
-    outcome = trial.error or f"{trial.tokens_per_s:6.1f} tok/s, TTFT {trial.ttft_ms:7.1f} ms"
+    outcome = trial.error or outcome or f"{trial.tokens_per_s:6.1f} tok/s, TTFT {trial.ttft_ms:7.1f} ms"
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}  {outcome}  ({budget_left_s:.0f} s left)"
 
 
-def table(trials: list[Trial], winner: Trial | None, max_latency_ms: float | None) -> str:
-    header = f"{'threads':>7} {'batch':>5} {'ubatch':>6} {'flash':>5} {'kv':>5} {'gpu':>4} {'TTFT ms':>9} " \
-             f"{'tok/s':>7}  note"
-    lines = [header, "-" * len(header)]
+Column = tuple[str, int, Callable[[Trial], object]]  # title, width, value of a trial
+
+LLAMA_COLUMNS: list[Column] = [
+    ("threads", 7, lambda t: t.candidate.n_threads), ("batch", 5, lambda t: t.candidate.n_batch),
+    ("ubatch", 6, lambda t: t.candidate.n_ubatch), ("flash", 5, lambda t: str(t.candidate.flash_attn).lower()),
+    ("kv", 5, lambda t: t.candidate.kv_type), ("gpu", 4, lambda t: t.candidate.n_gpu_layers),
+    ("TTFT ms", 9, lambda t: f"{t.ttft_ms:.1f}"), ("tok/s", 7, lambda t: f"{t.tokens_per_s:.1f}"),
+]
+
+
+def render_table(columns: list[Column], trials: list[Trial], winner: Trial | None,
+                 max_latency_ms: float | None) -> str:
+    """One line per trial: its cells and a note (winner, error, over the latency bound)."""
+    header = " ".join(f"{title:>{width}}" for title, width, _ in columns)
+    lines = [header + "  note", "-" * (len(header) + 6)]
     for t in trials:
-        c = t.candidate
         note = "WINNER" if t is winner else (t.error or ("" if feasible(t, max_latency_ms) else "over latency"))
-        lines.append(f"{c.n_threads:>7} {c.n_batch:>5} {c.n_ubatch:>6} {str(c.flash_attn).lower():>5} "
-                     f"{c.kv_type:>5} {c.n_gpu_layers:>4} {t.ttft_ms:>9.1f} {t.tokens_per_s:>7.1f}  {note}")
+        lines.append(" ".join(f"{value(t)!s:>{width}}" for _, width, value in columns) + f"  {note}")
     return "\n".join(lines)
+
+
+def table(trials: list[Trial], winner: Trial | None, max_latency_ms: float | None) -> str:
+    return render_table(LLAMA_COLUMNS, trials, winner, max_latency_ms)
 
 
 def _toml_value(value: object) -> str:

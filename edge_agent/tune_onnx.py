@@ -14,10 +14,10 @@ from typing import Literal
 
 import numpy as np
 
-from edge_agent.tune import Target, Trial, best, feasible, search
+from edge_agent.tune import Column, Target, Trial, best, render_table, search
 
 Optimization = Literal["disabled", "basic", "extended", "all"]
-RUNS_PER_TRIAL_S = 0.5  # time each candidate this long (at least 5 runs)
+RUNS_PER_TRIAL_S = 0.5  # run each candidate for this long (wall clock, at least 5 runs)
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,9 @@ def measure_with_onnxruntime(model: Path, providers: list[str]):  # noqa: ANN201
                                            providers=providers)
             feeds = random_inputs(session)
             session.run(None, feeds)  # warm-up
-            latencies = []
-            while len(latencies) < 5 or sum(latencies) < RUNS_PER_TRIAL_S:
+            latencies: list[float] = []
+            until = time.perf_counter() + RUNS_PER_TRIAL_S
+            while len(latencies) < 5 or time.perf_counter() < until:
                 run_started = time.perf_counter()
                 session.run(None, feeds)
                 latencies.append(time.perf_counter() - run_started)
@@ -76,15 +77,16 @@ def measure_with_onnxruntime(model: Path, providers: list[str]):  # noqa: ANN201
     return measure
 
 
+ONNX_COLUMNS: list[Column] = [
+    ("threads", 7, lambda t: t.candidate.intra_op_threads),
+    ("optimization", 12, lambda t: t.candidate.graph_optimization),
+    ("parallel", 8, lambda t: str(t.candidate.parallel_execution).lower()),
+    ("latency ms", 10, lambda t: f"{t.ttft_ms:.3f}"), ("runs/s", 8, lambda t: f"{t.tokens_per_s:.1f}"),
+]
+
+
 def onnx_table(trials: list[Trial], winner: Trial | None, max_latency_ms: float | None) -> str:
-    header = f"{'threads':>7} {'optimization':>12} {'parallel':>8} {'latency ms':>10} {'runs/s':>8}  note"
-    lines = [header, "-" * len(header)]
-    for t in trials:
-        c = t.candidate
-        note = "WINNER" if t is winner else (t.error or ("" if feasible(t, max_latency_ms) else "over latency"))
-        lines.append(f"{c.intra_op_threads:>7} {c.graph_optimization:>12} {str(c.parallel_execution).lower():>8} "
-                     f"{t.ttft_ms:>10.3f} {t.tokens_per_s:>8.1f}  {note}")
-    return "\n".join(lines)
+    return render_table(ONNX_COLUMNS, trials, winner, max_latency_ms)
 
 
 def onnx_profile_toml(winner: Trial, model: Path, trials: int) -> str:
@@ -108,7 +110,8 @@ def run_onnx_tune(model: Path, target: Target, max_latency_ms: float | None, bud
     space = onnx_search_space(cpu_count)
 
     def report(trial: Trial, done: int, total: int) -> None:
-        print(progress(trial, done, total, max(0.0, deadline - time.monotonic())), file=sys.stderr, flush=True)
+        left = max(0.0, deadline - time.monotonic())
+        print(progress(trial, done, total, left, f"{trial.ttft_ms:.3f} ms per run"), file=sys.stderr, flush=True)
 
     start = OnnxCandidate(intra_op_threads=cpu_count)
     trials = search(start, space, measure_with_onnxruntime(model, providers), "ttft", max_latency_ms, budget_s,

@@ -5,8 +5,8 @@ GLM GGUFs), after a named prompt template from the config (if the command names 
 the conversation. Generation uses `create_completion` on the formatted tokens with a stopping
 criterion that watches the cancel event, so a cancel or a stall takes effect within one token
 step. llama.cpp reuses the longest token prefix shared with the previous prompt by itself (a long
-shared system prompt is evaluated once); `prefix_cache_mb` adds a RAM cache of states for several
-prefixes. `response_format` is compiled to a grammar and the output is checked against the schema.
+shared system prompt is evaluated once); `prefix_cache_mb` adds a cache of KV states for several
+prefixes (engine/prefix.py). `response_format` is compiled to a grammar and the output is checked against the schema.
 """
 
 from __future__ import annotations
