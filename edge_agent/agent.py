@@ -13,18 +13,20 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from edge_agent import __version__
+from edge_agent import __version__, policy
 from edge_agent.config import AgentConfig
 from edge_agent.engine import EngineReload, TextEngine
 from edge_agent.engine.onnx import onnx_handlers
 from edge_agent.errors import AgentError, Busy, ConfigError, InvalidCommand, Unauthorized
-from edge_agent.executor import IMMEDIATE_KINDS, Executor
+from edge_agent.executor import IMMEDIATE_KINDS, Executor, Outcome
+from edge_agent.lifecycle import State
 from edge_agent.link import InboundMessage, Link, LinkOptions
 from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.notify import sd_notify, watchdog_interval_s
 from edge_agent.protocol import (
     ChatParams,
     CompleteParams,
+    ConfigParams,
     Event,
     ParsedCommand,
     Sampling,
@@ -98,6 +100,21 @@ class Agent:
             on_stored=self.link.kick,
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
+        self.policy = policy.initial(self.store.load_policy(), config.telemetry_interval_s)
+        self.executor.policy = lambda: self.policy
+        self.executor.handlers["config"] = self._config_command
+
+    def _config_command(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        """`config`: merge the partial policy, persist what was set, answer with the policy in force."""
+        change = parsed.params
+        assert isinstance(change, ConfigParams)
+        if change.max_tokens is not None and change.max_tokens > self.config.limits.max_tokens:
+            raise InvalidCommand(f"max_tokens {change.max_tokens} is above this device's cap "
+                                 f"{self.config.limits.max_tokens} (limits.max_tokens)", parsed.id)
+        self.store.save_policy({**self.store.load_policy(), **change.model_dump(exclude_none=True)})
+        self.policy = policy.merge(self.policy, change)
+        log.info("policy changed by command %s: %s", parsed.id, self.policy.model_dump())
+        return Outcome(State.SUCCEEDED, self.policy.model_dump(), {})
 
     def _link_options(self) -> LinkOptions:
         """Broker options (the device id is the client id) plus the agent's will delay and window."""
@@ -246,7 +263,7 @@ class Agent:
                 next_watchdog = now + watchdog
             if now >= next_telemetry:
                 self.link.publish_volatile(self.topics.telemetry, to_bytes(self.telemetry()))
-                next_telemetry = now + self.config.telemetry_interval_s
+                next_telemetry = now + self.policy.telemetry_interval_s
 
     def _reload_model(self) -> None:
         """SIGHUP: re-read the config file; the worker swaps the model (and templates) between commands."""

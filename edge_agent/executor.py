@@ -17,12 +17,14 @@ from edge_agent.engine import EngineReload, Generation, TextEngine
 from edge_agent.engine.stream import ChunkStreamer
 from edge_agent.errors import AgentError, Cancelled, Expired, Internal, InvalidCommand
 from edge_agent.lifecycle import State
+from edge_agent.policy import Policy, apply_defaults
 from edge_agent.protocol import (
     CancelParams,
     ChatParams,
     CompleteParams,
     ErrorInfo,
     ParsedCommand,
+    Sampling,
     parse_command,
 )
 from edge_agent.store import ReplyDraft, Store, StoredCommand, StoreFull, fault_point
@@ -69,6 +71,7 @@ class Executor:
         self._reload: EngineReload | None = None
         self._thread: threading.Thread | None = None
         self.tokens_per_s_ewma: float | None = None
+        self.policy: Callable[[], Policy] = Policy  # the agent points this at the policy in force
         self.handlers: dict[str, Handler] = {
             "ping": self._ping,
             "chat": self._chat,
@@ -169,6 +172,8 @@ class Executor:
                 self._running = (command.id, cancel)
         try:
             parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
+            if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
+                parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
             outcome = self.handlers[parsed.kind](parsed, cancel)
         except AgentError as exc:
             exc.command_id = command.id

@@ -10,6 +10,7 @@ are deleted only when the link reports the broker's ack.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -305,6 +306,20 @@ class Store:
         with self._write():
             self.db.execute("INSERT INTO outbox (topic, payload, qos, retain, bytes, created_at) "
                             "VALUES (?, ?, 1, 1, ?, ?)", [self.topics.status, payload, len(payload), time.time()])
+
+    # --- policy (set by `config` commands) --------------------------------------------------------
+
+    def load_policy(self) -> dict[str, Any]:
+        """The policy fields `config` commands stored, or {} before the first one."""
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'policy'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        with self._write():
+            self.db.execute("INSERT INTO meta (key, value) VALUES ('policy', ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            [json.dumps(policy, sort_keys=True)])
 
     def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
         """Outbox rows with id > after_id, oldest first."""
