@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -150,11 +151,18 @@ class Soak:
             "minutes": self.args.minutes, "commands": len(ids), "hostile_payloads": self.hostile,
             "faults": self.faults, "resends": resends, "lost": len(result.lost),
             "executed_twice": len(result.executed_twice), "seq_out_of_order": result.seq_out_of_order,
+            "late_pairs": result.late_pairs, "late_replies": self.late_replies(result.late_pairs),
             "outcomes": dict(result.outcomes), "max_outbox_rows": self.max_outbox_rows,
             "start": baseline, "end": end,
             "rss_growth_mb": round(end["rss_mb"] - baseline["rss_mb"], 1) if baseline else None,
             "fd_growth": end["open_fds"] - baseline["open_fds"] if baseline else None,
         }
+
+    def late_replies(self, pairs: list[tuple[int, int]]) -> list[str]:
+        """Arrival index, seq, status and command of each reply in an out-of-order pair (diagnosis)."""
+        wanted = {seq for pair in pairs for seq in pair}
+        return [f"#{i} seq={r['seq']} {r['status']} {r['command_id']}" for i, r in enumerate(self.cloud.replies())
+                if r["seq"] in wanted]
 
     def close(self) -> None:
         self.agent.stop_quietly()
@@ -173,15 +181,20 @@ def main() -> int:
                         help="seconds a black hole, refusal or broker stop lasts")
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny-glm4-q4_0.gguf"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, store) and print it")
     parser.add_argument("--faults", type=lambda s: s.split(","), default=FAULTS,
                         help=f"comma-separated faults to cycle through (default: {','.join(FAULTS)})")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        soak = Soak(args, Path(tmp))
-        try:
-            report = soak.run()
-        finally:
-            soak.close()
+    tmp = tempfile.mkdtemp(prefix="soak-")
+    soak = Soak(args, Path(tmp))
+    try:
+        report = soak.run()
+    finally:
+        soak.close()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        report["workdir"] = tmp
     print(json.dumps(report, indent=2))
     clean = report["lost"] == 0 and report["executed_twice"] == 0 and report["seq_out_of_order"] == 0
     return 0 if clean else 1

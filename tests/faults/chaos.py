@@ -2,7 +2,7 @@
 
     proxy = ChaosProxy(upstream_port=broker.port).start()   # the agent connects to proxy.port
     proxy.cut()                  # reset every open connection (both sides see it at once)
-    proxy.blackhole(True)        # keep connections open but drop every byte: only keepalive notices
+    proxy.blackhole(True)        # connections stay open, nothing gets through: only keepalive notices
     proxy.refuse(True)           # new connections are accepted and reset at once
     proxy.latency(0.05)          # delay every chunk forwarded, both directions
     proxy.heal()                 # all of the above off
@@ -23,7 +23,7 @@ from tests.support.broker import free_port
 
 
 class ProxyStats(Counter[str]):
-    """What the proxy did: accepted, refused, cuts, connections_cut, bytes_dropped (0 until it happens)."""
+    """What the proxy did: accepted, refused, cuts, connections_cut, chunks_held (0 until it happens)."""
 
     def __getattr__(self, name: str) -> int:
         return self[name]
@@ -129,8 +129,9 @@ class ChaosProxy:
                 if not data:
                     break
                 if self._blackhole:
-                    self.stats["bytes_dropped"] += len(data)
-                    continue
+                    self.stats["chunks_held"] += 1
+                while self._blackhole and not self._closing.is_set():
+                    time.sleep(0.05)  # hold the bytes: like a partition, TCP delivers them in order later
                 if self._latency_s:
                     time.sleep(self._latency_s)
                 dst.sendall(data)

@@ -171,12 +171,13 @@ class Audit:
     seq_out_of_order: int
     duplicates_received: int
     outcomes: Counter[str]
+    late_pairs: list[tuple[int, int]] = field(default_factory=list)  # (seq seen, smaller seq first seen after)
 
     def assert_clean(self) -> None:
         assert self.lost == [], f"commands with no terminal reply: {self.lost[:10]}"
         assert self.multiple_terminals == [], f"commands with several terminal replies: {self.multiple_terminals}"
         assert self.executed_twice == [], f"commands run more than once: {self.executed_twice}"
-        assert self.seq_out_of_order == 0, "replies arrived out of seq order"
+        assert self.seq_out_of_order == 0, f"replies arrived out of seq order: {self.late_pairs}"
         assert self.with_one_terminal == self.commands
 
 
@@ -189,7 +190,7 @@ def audit(cloud: CloudClient, device_id: str, command_ids: list[str]) -> Audit:
     for reply in mine:
         first_seen.setdefault(reply["seq"], reply)
     order = list(first_seen)
-    out_of_order = sum(1 for a, b in zip(order, order[1:], strict=False) if b <= a)
+    late = [(a, b) for a, b in zip(order, order[1:], strict=False) if b <= a]
     terminal: dict[str, set[int]] = {cid: set() for cid in command_ids}
     running: dict[str, set[int]] = {cid: set() for cid in command_ids}
     outcomes: Counter[str] = Counter()
@@ -208,7 +209,8 @@ def audit(cloud: CloudClient, device_id: str, command_ids: list[str]) -> Audit:
         lost=[c for c, s in terminal.items() if not s],
         multiple_terminals=[c for c, s in terminal.items() if len(s) > 1],
         executed_twice=[c for c, s in running.items() if len(s) > 1],
-        seq_out_of_order=out_of_order,
+        seq_out_of_order=len(late),
+        late_pairs=late[:20],
         duplicates_received=len(mine) - len(first_seen),
         outcomes=outcomes,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Rig, audit, wait_all_terminal
+from tests.faults.harness import Rig, audit, outbox_depth, wait_all_terminal
 from tests.support.cloud import chat, command
 
 pytestmark = pytest.mark.integration
@@ -65,4 +65,6 @@ def test_a_full_disk_loses_nothing_crashes_nothing_and_recovers_when_space_retur
     assert result.outcomes["succeeded"] == 4
     rig.cloud.wait_for(lambda: any(e["code"] == "store_recovered" for e in rig.cloud.on("/event")), 30,
                        "store_recovered event")
+    # rows acked while the disk was full (their delete failed) are deleted once it can write again
+    rig.cloud.wait_for(lambda: outbox_depth(rig.agent.store)[0] == 0, 60, "outbox drained")
     assert rig.agent.alive

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import Rig, audit
+from tests.faults.harness import Rig, audit, wait_all_terminal
 from tests.support.cloud import chat, command
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def test_a_black_holed_link_is_detected_by_keepalive_and_replaced(make_rig) -> N
     rig.proxy.blackhole(False)
     assert rig.cloud.wait_terminal(job["id"], timeout=60)["status"] == "succeeded"
     assert rig.proxy.stats.accepted > accepted_before
-    assert rig.proxy.stats.bytes_dropped > 0
+    assert rig.proxy.stats.chunks_held > 0
 
 
 def test_refused_connections_are_retried_with_backoff_until_the_path_reopens(make_rig) -> None:
@@ -66,3 +66,15 @@ def test_latency_on_the_link_slows_replies_but_loses_none(make_rig) -> None:
     result = audit(rig.cloud, rig.device_id, [j["id"] for j in jobs])
     result.assert_clean()
     assert result.outcomes["succeeded"] == 10
+
+
+def test_replies_keep_seq_order_while_commands_arrive_as_fast_as_replies_leave(make_rig) -> None:
+    """A guard for the rare reordering described in docs/reliability.md ("Open issue"): it does not
+    reproduce it reliably (bench/soak.py does, a few times in 7,500 replies)."""
+    rig = make_rig()
+    pings = [command("ping") for _ in range(1500)]
+    for ping in pings:
+        rig.cloud.send(rig.device_id, ping)
+    ids = [p["id"] for p in pings]
+    wait_all_terminal(rig.cloud, ids, timeout=180)
+    audit(rig.cloud, rig.device_id, ids).assert_clean()

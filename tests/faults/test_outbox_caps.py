@@ -9,6 +9,7 @@ stored. When the backlog drains below the caps an `outbox_recovered` Event repor
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def _event_codes(store: Store) -> list[str]:
 
 
 @pytest.fixture
-def capped(tmp_path: Path) -> Store:
+def capped(tmp_path: Path) -> Iterator[Store]:
     store = Store(tmp_path / "cap.db", TOPICS, "normal", OutboxLimits(max_rows=10, max_bytes=1 << 20))
     yield store
     store.close()
