@@ -22,7 +22,7 @@ from edge_agent.errors import AgentError, ConfigError
 def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama.cpp is heavy
     from edge_agent.engine.llama import LlamaEngine
 
-    return LlamaEngine(config.model, config.templates)
+    return LlamaEngine(config.model, config.templates, config.limits.max_generation_s)
 
 
 def _run(args: argparse.Namespace) -> int:

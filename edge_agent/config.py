@@ -109,6 +109,7 @@ class LimitsConfig(Section):
 
     max_prompt_chars: int = Field(default=65536, ge=1)
     max_tokens: int = Field(default=4096, ge=1)
+    max_generation_s: float | None = Field(default=None, gt=0)
 
 
 class AgentConfig(TomlSettings):

@@ -90,13 +90,15 @@ def llama_settings(config: ModelConfig, n_gpu_layers: int) -> dict[str, Any]:
 class LlamaEngine:
     """One loaded GGUF model and its llama.cpp context."""
 
-    def __init__(self, config: ModelConfig, templates: Mapping[str, PromptTemplate] | None = None) -> None:
+    def __init__(self, config: ModelConfig, templates: Mapping[str, PromptTemplate] | None = None,
+                 max_generation_s: float | None = None) -> None:
         if not config.path.is_file():
             raise ModelError(
                 f"model file {config.path} does not exist; build the tiny model with "
                 "`python models/build_gguf.py` or point [model] path at a GLM GGUF (see models/manifest.toml)"
             )
         self._templates = dict(templates or {})
+        self._max_generation_s = max_generation_s
         self._stall_timeout_s = config.stall_timeout_s
         self._watchdog = StallWatchdog(config.stall_timeout_s)
         gpu = decide_gpu_layers(config)
@@ -175,7 +177,7 @@ class LlamaEngine:
         started = time.perf_counter()
         if self._prefixes is not None:
             self._prefixes.restore(self._llm, tokens)
-        with self._watchdog.watching(cancel) as watchdog:
+        with self._watchdog.watching(cancel, self._max_generation_s) as watchdog:
             try:
                 stream = self._llm.create_completion(
                     prompt=tokens, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
@@ -191,6 +193,9 @@ class LlamaEngine:
         if watchdog.stalled:
             raise Timeout(f"no token for {self._stall_timeout_s} s (model.stall_timeout_s); the generation was "
                           "stopped. Raise the key if long prompts legitimately take that long on this device")
+        if watchdog.overran:
+            raise Timeout(f"the generation ran longer than {self._max_generation_s} s (limits.max_generation_s) "
+                          "and was stopped; ask for fewer max_tokens or raise the limit")
         if cancel.is_set():
             finish = "cancelled"
         if schema is not None and finish == "stop":

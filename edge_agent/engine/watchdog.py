@@ -18,6 +18,8 @@ class StallWatchdog:
     def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.stalled = False
+        self.overran = False
+        self._deadline: float | None = None
         self._clock = clock
         self._last = clock()
         self._cancel: threading.Event | None = None
@@ -35,10 +37,12 @@ class StallWatchdog:
             self._thread.join()
 
     @contextmanager
-    def watching(self, cancel: threading.Event) -> Iterator[StallWatchdog]:
-        """Arm for one generation: a stall sets `cancel` and `stalled`."""
-        self.stalled = False
+    def watching(self, cancel: threading.Event, deadline_s: float | None = None) -> Iterator[StallWatchdog]:
+        """Arm for one generation: a stall sets `cancel` and `stalled`; running past `deadline_s`
+        seconds in all sets `cancel` and `overran`."""
+        self.stalled = self.overran = False
         self._last = self._clock()
+        self._deadline = self._last + deadline_s if deadline_s is not None else None
         self._cancel = cancel
         try:
             yield self
@@ -52,15 +56,18 @@ class StallWatchdog:
     def check(self, now: float | None = None) -> bool:
         """While armed, stall if the last token is older than the timeout: cancel the generation."""
         cancel = self._cancel
-        if cancel is None or self.stalled:
-            return self.stalled
+        if cancel is None or self.stalled or self.overran:
+            return self.stalled or self.overran
         now = self._clock() if now is None else now
         if now - self._last > self.timeout_s:
             self.stalled = True
             cancel.set()
-        return self.stalled
+        elif self._deadline is not None and now > self._deadline:
+            self.overran = True
+            cancel.set()
+        return self.stalled or self.overran
 
     def _watch(self) -> None:
-        interval = min(0.5, self.timeout_s / 4)
+        interval = min(0.1, self.timeout_s / 4)
         while not self._closed.wait(interval):
             self.check()

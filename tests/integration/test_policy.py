@@ -44,3 +44,18 @@ def test_a_policy_above_the_devices_cap_is_refused(session_broker: Broker, start
     assert reply["status"] == "failed" and reply["error"]["code"] == "invalid_command"
     assert "limits.max_tokens" in reply["error"]["message"]
     assert agent.terminate() == 0
+
+
+def test_a_generation_longer_than_limits_max_generation_s_fails_with_timeout(
+        session_broker: Broker, start_agent, cloud: CloudClient) -> None:
+    agent, device_id, _ = start_agent(session_broker, limits="{ max_generation_s = 0.05 }")
+    cloud.wait_online(device_id)
+    job = command("complete", {"prompt": "Long", "max_tokens": 4000})
+    cloud.send(device_id, job)
+    reply = cloud.wait_terminal(job["id"])
+    assert reply["status"] == "failed" and reply["error"]["code"] == "timeout", reply
+    assert "limits.max_generation_s" in reply["error"]["message"]
+    ping = command("ping")
+    cloud.send(device_id, ping)
+    assert cloud.wait_terminal(ping["id"])["status"] == "succeeded"
+    assert agent.terminate() == 0

@@ -46,3 +46,30 @@ def test_the_watchdog_thread_stops_on_close() -> None:
     watchdog = StallWatchdog(60.0).start()
     watchdog.close()
     assert watchdog._thread is not None and not watchdog._thread.is_alive()
+
+
+def test_a_generation_running_past_its_deadline_is_stopped_even_while_tokens_flow() -> None:
+    now = [0.0]
+    cancel = threading.Event()
+    watchdog = StallWatchdog(5.0, clock=lambda: now[0])
+    with watchdog.watching(cancel, deadline_s=10.0):
+        for step in range(1, 10):
+            now[0] = step * 1.0
+            watchdog.tick()
+            assert not watchdog.check(now=now[0])
+        now[0] = 10.5
+        watchdog.tick()
+        assert watchdog.check(now=now[0])
+    assert cancel.is_set() and watchdog.overran and not watchdog.stalled
+
+
+def test_without_a_deadline_a_long_generation_is_not_stopped() -> None:
+    now = [0.0]
+    cancel = threading.Event()
+    watchdog = StallWatchdog(5.0, clock=lambda: now[0])
+    with watchdog.watching(cancel):
+        for step in range(1, 100):
+            now[0] = step * 1.0
+            watchdog.tick()
+            assert not watchdog.check(now=now[0])
+    assert not cancel.is_set()
