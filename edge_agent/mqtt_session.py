@@ -5,11 +5,10 @@
   certificate is set. The password never appears in a repr or a log line.
 - `make_client`: a paho client for a persistent session (MQTT 5, `clean_start=False`,
   SessionExpiryInterval on every CONNECT, `manual_ack`), with paho's own reconnect off.
-- `SessionRunner`: runs one session at a time (`reconnect()`, then paho's network thread with
-  `loop_start()` until the connection ends, so only that thread writes the socket); a connection
-  attempt that fails, a CONNACK that refuses, or a session that ends within `MIN_SESSION_S` is
-  backed off with tenacity (`edge_agent.backoff.reconnect_wait`: exponential, full jitter);
-  after a longer session it reconnects at once with a fresh schedule.
+- `SessionRunner`: the network thread's loop. It runs one session at a time (`reconnect()`, then
+  `loop_forever()`); a connection attempt that fails, a CONNACK that refuses, or a session that
+  ends within `MIN_SESSION_S` is backed off with tenacity (`edge_agent.backoff.reconnect_wait`:
+  exponential, full jitter); after a longer session it reconnects at once with a fresh schedule.
 
 The links keep their own paho callbacks; the only call they make into this module from a paho
 callback is `SessionRunner.accepted()`, which sets a flag: no lock is taken, nothing blocks.
@@ -181,16 +180,10 @@ class _SessionEnded(Exception):
 
 
 class SessionRunner:
-    """Runs a client's sessions back to back until `stopping` is set.
-
-    Each session is served by paho's own network thread (`loop_start`): with it running, a
-    `publish()` from another thread (the outbox pump, the executor's stream chunks) only queues the
-    packet and wakes that thread, so packets leave in the order they were published. (Driven by
-    `loop_forever` on a thread of ours, paho lets every publishing thread write the socket itself
-    and two writers can swap packets: replies then overtake each other.)
+    """Runs a client's sessions back to back on the calling thread until `stopping` is set.
 
     `connected` is the link's event (set by its on_connect); the runner clears it when a session
-    ends. `on_failure` is called for every failed attempt or short session.
+    ends. `on_failure` is called (on the network thread) for every failed attempt or short session.
     """
 
     def __init__(
@@ -207,15 +200,6 @@ class SessionRunner:
         self._on_failure = on_failure
         self._log = logger
         self._session_ok = False
-        self._ended = threading.Event()
-        link_on_disconnect = client.on_disconnect
-
-        def on_disconnect(*args: object) -> None:  # paho thread: only sets an event
-            if link_on_disconnect is not None:
-                link_on_disconnect(*args)
-            self._ended.set()
-
-        client.on_disconnect = on_disconnect
 
     def accepted(self) -> None:
         """The broker accepted the current connection (call from on_connect; only sets a flag)."""
@@ -246,12 +230,7 @@ class SessionRunner:
             reason = describe_connect_error(exc, self._options.tls is not None)
             raise self._failed(f"cannot connect to {self._options.host}:{self._options.port}: {reason}") from exc
         started = time.monotonic()
-        self._ended.clear()
-        self._client.loop_start()
-        while not self._ended.wait(0.5):
-            if stopping.is_set() and not self._client.is_connected():
-                break
-        self._client.loop_stop()
+        self._client.loop_forever()
         self._connected.clear()
         if stopping.is_set():
             return
