@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
@@ -133,6 +133,22 @@ def disable_nagle(client: mqtt.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def serialize_socket_writes(client: mqtt.Client) -> None:
+    """One lock around paho's `loop_write`. Driven by `loop_forever` on a thread of ours, paho lets
+    every thread that publishes (the outbox pump, the executor's stream chunks) write the socket
+    itself, and its packet queue has no lock around pop-and-send: two writers could swap packets,
+    and a reply then overtook an earlier one. With the lock, packets leave in the order queued.
+    Deadlock-free: paho takes no lock of ours elsewhere, and our callbacks never write."""
+    write = client.loop_write
+    lock = threading.Lock()
+
+    def loop_write() -> MQTTErrorCode:
+        with lock:
+            return write()
+
+    client.loop_write = loop_write  # type: ignore[method-assign]
+
+
 def make_client(
     options: BrokerOptions,
     manual_ack: bool = True,
@@ -168,6 +184,7 @@ def make_client(
     client.on_message = on_message
     client.on_publish = on_publish
     client.on_socket_open = disable_nagle
+    serialize_socket_writes(client)
     connect_props = Properties(PacketTypes.CONNECT)
     connect_props.SessionExpiryInterval = options.session_expiry_s
     client.connect_async(options.host, options.port, keepalive=options.keepalive, clean_start=False,
