@@ -53,10 +53,12 @@ class CloudClient:
         client.subscribe(f"{self.prefix}/#", qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        try:
-            body: dict[str, Any] | bytes = json.loads(message.payload)
-        except (ValueError, RecursionError):  # P/# includes the commands we send, fuzz included
-            body = message.payload
+        body: dict[str, Any] | bytes = message.payload
+        if not message.topic.endswith("/cmd"):  # P/# includes the commands we send, fuzz included: not parsed
+            try:
+                body = json.loads(message.payload)
+            except (ValueError, RecursionError):
+                body = message.payload
         with self._arrived:
             self.messages.append((message.topic, body))
             self._arrived.notify_all()
