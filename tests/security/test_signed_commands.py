@@ -173,7 +173,7 @@ def test_the_bridge_signs_over_mtls_and_a_signature_requiring_agent_under_the_sh
         out = bridge.cli("send", device, "ping", "--timeout", "60", timeout_s=90)
         assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{bridge.log()}\n{agent.log_text()}"
         assert "pong" in out.stdout
-        sent = [b for t, b in observer.messages if t == f"{prefix}/{device}/cmd" and isinstance(b, dict)]
+        sent = [json.loads(b) for t, b in observer.messages if t == f"{prefix}/{device}/cmd"]
         assert sent and sent[0]["sig"]["key_id"] == "fleet-1" and sent[0]["target"] == device
         unsigned = {**fresh(), "target": device}
         observer.send(device, unsigned)
