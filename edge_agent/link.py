@@ -8,7 +8,7 @@
   reconnect is off) are `edge_agent.mqtt_session`'s, shared with the bridge; this module adds the
   will, the in-flight window, the callbacks and the pump.
 - The outbox pump (its own thread) publishes stored rows in id order with a bounded in-flight
-  window and reports each broker ack back to the outbox, which then deletes the row. paho's
+  window and deletes acked rows from the outbox in batches (`DELETE_BATCH_ROWS`). paho's
   `on_publish` only appends to a queue: no lock of ours is ever taken inside a paho callback.
 """
 
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # A command whose storing failed (disk full) stays unacknowledged; MQTT 5 brokers redeliver only on a
 # new connection, so the pump reconnects this long after the failure (and again while it persists).
 REDELIVERY_RETRY_S = 5.0
+
+# Acked rows are deleted in one transaction per this many (or as soon as nothing is in flight), not
+# one fsync'd delete per PUBACK: a replay would otherwise run at the disk's fsync rate. A row acked
+# but not yet deleted when the agent dies is published again: the cloud dedupes by (device, seq).
+DELETE_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -245,8 +250,14 @@ class Link:
             except Exception:
                 log.exception("outbox pump error; retrying in 1 s")
                 self._stopping.wait(1.0)
+        try:
+            self._delete_acked()  # rows acked since the last batch
+        except Exception as exc:  # noqa: BLE001 - stopping: the rows are re-published next start
+            log.warning("could not delete %d acked outbox rows before stopping (%s); they will be published "
+                        "again after the restart", len(self._unsettled), exc)
 
     def _settle_acks(self) -> None:
+        """Free the window slots of acked rows; delete a batch of them (all, when nothing is in flight)."""
         while True:
             try:
                 mid, ok = self._acks.get_nowait()
@@ -261,6 +272,10 @@ class Link:
                 self.stats.refused += 1
                 log.error("broker refused outbox row %d (not authorized?); it stays stored and is retried"
                           " after the agent restarts", row_id)
+        if len(self._unsettled) >= DELETE_BATCH_ROWS or not self._inflight:
+            self._delete_acked()
+
+    def _delete_acked(self) -> None:
         if self._unsettled:
             self._outbox.delete_outbox(self._unsettled)  # raises on a full disk: kept, retried next wake
             self.stats.acked += len(self._unsettled)

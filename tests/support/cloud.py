@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ class CloudClient:
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
         self.messages: list[tuple[str, dict[str, Any] | bytes]] = []
+        self._per_kind: Counter[str] = Counter()  # messages by the topic's last level: cheap to wait on
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=client_id or f"test-cloud-{uuid.uuid4().hex[:8]}")
         self.client.on_connect = self._on_connect
@@ -61,6 +63,7 @@ class CloudClient:
                 body = message.payload
         with self._arrived:
             self.messages.append((message.topic, body))
+            self._per_kind[message.topic.rsplit("/", 1)[-1]] += 1
             self._arrived.notify_all()
 
     def close(self) -> None:
@@ -77,6 +80,11 @@ class CloudClient:
             if correlation is not None:
                 props.CorrelationData = correlation
         self.client.publish(f"{self.prefix}/{device}/cmd", data, qos=qos, properties=props)
+
+    def count(self, kind: str) -> int:
+        """How many messages arrived on topics ending in `/kind` (O(1), unlike `on`)."""
+        with self._lock:
+            return self._per_kind[kind]
 
     def on(self, suffix: str) -> list[dict[str, Any]]:
         with self._lock:
