@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from cloud_bridge.alerts import AlertConfig
 from edge_agent import settings
@@ -91,7 +90,7 @@ class HttpConfig(settings.Section):
 class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    env_prefix = ENV_PREFIX
 
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     reconnect: settings.ReconnectConfig = Field(default_factory=settings.ReconnectConfig)
@@ -106,7 +105,7 @@ class BridgeConfig(settings.TomlSettings):
 def load_config(path: Path) -> BridgeConfig:
     """Read a TOML file, apply `CLOUD_BRIDGE_*` overrides, validate. Raises ConfigError."""
     hint = "create it (every key is optional; an example is in the docstring of cloud_bridge/config.py)"
-    config = settings.load_toml_settings(BridgeConfig, path, ENV_PREFIX, hint=hint)
+    config = settings.load_toml_settings(BridgeConfig, path, hint=hint)
     return _resolve_relative_paths(config, path.parent)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from edge_agent.engine.profile import KvCacheType, OnnxOptimization, apply_onnx_profile, apply_profile
 from edge_agent.engine.templates import PromptTemplate
@@ -115,7 +114,7 @@ class LimitsConfig(Section):
 class AgentConfig(TomlSettings):
     """The whole agent configuration (see docs/architecture.md for every key)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    env_prefix = ENV_PREFIX
 
     device_id: Annotated[str, AfterValidator(check_device_id)]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
@@ -134,7 +133,7 @@ class AgentConfig(TomlSettings):
 def load_config(path: Path) -> AgentConfig:
     """Read a TOML file, apply `EDGE_AGENT_*` overrides, validate. Raises ConfigError."""
     config = load_toml_settings(
-        AgentConfig, path, ENV_PREFIX, hint="see systemd/edge-agent.toml for an example",
+        AgentConfig, path, hint="see systemd/edge-agent.toml for an example",
         env_example=f"{ENV_PREFIX}MQTT__GROUPS='[\"lab\"]'",
     )
     return _resolve_relative_paths(config, path.parent)

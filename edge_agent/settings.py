@@ -4,17 +4,29 @@ A config is one TOML file whose every key an environment variable can override (
 wins; nested keys use a double underscore, list and table values are JSON). Unknown keys are
 errors. Loading does no I/O beyond reading the file; `read_password` reads the password file when
 the link is built. Every failure is a `ConfigError` whose message names the file or key and why.
+
+The environment overlay (`env_overlay`, pure): `<PREFIX><KEY>` sets a top-level key and
+`<PREFIX><TABLE>__<KEY>` a key of a table, at any depth; names match in any case. Whether a value
+is JSON or a plain string comes from the field's type: models, dicts, lists, tuples and sets
+(also when optional) are JSON, everything else is the raw string, which pydantic converts as it
+converts TOML values. Tables merge key by key into the file's, also a whole table given as JSON;
+a deeper variable wins over a shallower one. A variable whose first segment is not a key of the
+config is not config (test and bench knobs share the prefix) and is ignored; an unknown key below
+it is an error like an unknown key in the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tomllib
+import types
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
-from typing import Annotated, Any, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from edge_agent.errors import ConfigError
 from edge_agent.topics import check_prefix
@@ -84,45 +96,123 @@ class SigningConfig(Section):
         return self
 
 
-class TomlSettings(BaseSettings):
+class TomlSettings(BaseModel):
     """Base of a whole config: subclasses set `env_prefix`; the environment wins over the file."""
 
-    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the file's values (passed as init kwargs); no dotenv, no secrets dir."""
-        return (env_settings, init_settings)
+    model_config = ConfigDict(extra="forbid")
+    env_prefix: ClassVar[str] = ""
 
 
 S = TypeVar("S", bound=TomlSettings)
 
 
-def load_toml_settings(cls: type[S], path: Path, env_prefix: str, hint: str, env_example: str | None = None) -> S:
-    """Read the TOML file at `path`, apply `<env_prefix>*` overrides, validate. Raises ConfigError.
+def load_toml_settings(cls: type[S], path: Path, hint: str, env_example: str | None = None,
+                       environ: Mapping[str, str] | None = None) -> S:
+    """Read the TOML file at `path`, apply `<cls.env_prefix>*` overrides from `environ` (default: the
+    process environment), validate. Raises ConfigError.
 
     `hint` completes the message of a missing file (where to find an example); `env_example` is the
     JSON override shown when an environment variable cannot be parsed.
     """
     data = _read_toml(path, hint)
+    example = env_example or f"{cls.env_prefix}MQTT='{{\"host\": \"broker.lan\"}}'"
+    overlay = env_overlay(cls, cls.env_prefix, os.environ if environ is None else environ, example)
     try:
-        return cls(**data)
-    except SettingsError as exc:
-        example = env_example or f"{env_prefix}MQTT='{{\"host\": \"broker.lan\"}}'"
-        raise ConfigError(
-            f"a {env_prefix}* environment variable is invalid: {exc}. List and table values must be JSON, "
-            f"e.g. {example}"
-        ) from exc
+        return cls.model_validate(deep_merge(data, overlay))
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from exc
+        where = f" (with {cls.env_prefix}* environment overrides)" if overlay else ""
+        raise ConfigError(f"config file {path} is invalid{where}:\n" + "\n".join(lines)) from exc
+
+
+def env_overlay(model: type[BaseModel], prefix: str, environ: Mapping[str, str], example: str) -> dict[str, Any]:
+    """The values `<prefix>*` variables of `environ` give `model`, as nested dicts to merge over the file.
+
+    Raises ConfigError naming the variable when a value that must be JSON is not; `example` shows
+    a good one.
+    """
+    overlay: dict[str, Any] = {}
+    fields = {name.lower(): name for name in model.model_fields}
+    prefix = prefix.lower()
+    names = [name for name in environ if name.lower().startswith(prefix)]
+    for name in sorted(names, key=lambda n: (n.count(NESTED), n)):  # deeper variables win
+        first, *rest = name.lower().removeprefix(prefix).split(NESTED)
+        if first not in fields:
+            continue
+        keys = [fields[first]]
+        annotation: Any = model.model_fields[fields[first]].annotation
+        for key in rest:
+            child, annotation = _child(annotation, key)
+            keys.append(child)
+        value = _decode(name, environ[name], annotation, example)
+        overlay = deep_merge(overlay, _nest(keys, value))
+    return overlay
+
+
+NESTED = "__"
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated by `update`; where both hold a dict for a key, those merge the same way."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    """`{k1: {k2: ... {kn: value}}}`."""
+    for key in reversed(keys[1:]):
+        value = {key: value}
+    return {keys[0]: value}
+
+
+def _child(annotation: Any, key: str) -> tuple[str, Any]:
+    """The key as the config spells it and its annotation, inside a value of type `annotation`: a
+    model's field (matched in any case) or a dict's value type; `(key, None)` when there is none."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _child(get_args(annotation)[0], key)
+    if origin in (Union, types.UnionType):
+        found = [_child(arg, key) for arg in get_args(annotation)]
+        return next((f for f in found if f[1] is not None), (key, None))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, field in annotation.model_fields.items():
+            if name.lower() == key:
+                return name, field.annotation
+        return key, None
+    kind = origin if origin is not None else annotation
+    if isinstance(kind, type) and issubclass(kind, Mapping):
+        args = get_args(annotation)
+        return key, args[1] if len(args) == 2 else Any
+    return key, None
+
+
+def _wants_json(annotation: Any) -> bool:
+    """True for a model, dataclass, dict, list, tuple or set, also inside Optional/Union/Annotated."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _wants_json(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_wants_json(arg) for arg in get_args(annotation))
+    if origin is Literal:
+        return False
+    kind = origin if origin is not None else annotation
+    if not isinstance(kind, type) or issubclass(kind, (str, bytes)):
+        return False
+    return issubclass(kind, (BaseModel, Mapping, Sequence, Set)) or dataclasses.is_dataclass(kind)
+
+
+def _decode(name: str, value: str, annotation: Any, example: str) -> Any:
+    """The raw string, or the parsed JSON when the field is a list, table or model."""
+    if not _wants_json(annotation):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {name} is not valid JSON ({exc}). List and table values "
+                          f"must be JSON, e.g. {example}") from exc
 
 
 def _read_toml(path: Path, hint: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ tampered signature, a signed command without `target`, and a `created_at` outsid
 device has seen inside the window is the store's business: its dedupe re-sends the stored reply.
 
 Loading keys from files (`load_trusted_keys`, `CommandSigner.from_file`) is the module's only I/O.
+`cryptography` is imported when a key is first loaded, so a device that trusts no key and requires
+no signature never loads it (about 7 MiB resident).
 """
 
 from __future__ import annotations
@@ -23,14 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.errors import ConfigError, Unauthorized
 from edge_agent.settings import SigningConfig, secret_path
+
+if TYPE_CHECKING:  # imported where a key is loaded or used, see the module docstring
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALG = "ed25519"
 RAW_KEY_BYTES = 32
@@ -65,6 +66,9 @@ class CommandSigner:
     @classmethod
     def from_file(cls, path: Path, key_id: str) -> CommandSigner:
         """Read a PEM (PKCS#8) Ed25519 private key. Raises ConfigError saying what to fix."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except OSError as exc:
@@ -130,6 +134,8 @@ class CommandVerifier:
         return key_id
 
     def _verify_signature(self, command: Mapping[str, Any], sig: Any, command_id: str | None) -> str:
+        from cryptography.exceptions import InvalidSignature  # loaded with the trusted keys already
+
         key_id = sig.get("key_id") if isinstance(sig, dict) else None
         key = self.policy.trusted.get(key_id) if isinstance(key_id, str) else None
         if key is None:
@@ -157,6 +163,9 @@ class CommandVerifier:
 
 def public_key_from_text(value: str) -> Ed25519PublicKey:
     """A public key from base64 of its 32 raw bytes, or from PEM text. Raises ValueError."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     text = value.strip()
     if text.startswith("-----BEGIN"):
         key = serialization.load_pem_public_key(text.encode("ascii"))
@@ -195,6 +204,8 @@ def load_trusted_keys(values: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
 
 def public_key_base64(key: Ed25519PublicKey) -> str:
     """The form `trusted_keys` takes inline: base64 of the 32 raw bytes."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
