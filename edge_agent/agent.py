@@ -147,11 +147,11 @@ class Agent:
         if intake.duplicate:
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
         elif parsed.kind in IMMEDIATE_KINDS:
-            stored = self.store.get(parsed.id)
-            assert stored is not None
-            self.executor.run(stored)
+            assert intake.command is not None
+            self.executor.run(intake.command, parsed)
         else:
-            self.executor.wake()
+            assert intake.command is not None
+            self.executor.submit(intake.command, parsed)
 
     def _check_target(self, parsed: ParsedCommand) -> None:
         target = parsed.command.target

@@ -68,6 +68,8 @@ class Executor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._running: tuple[str, threading.Event] | None = None
+        self._idle = False  # the worker found nothing to run and waits: `submit` may hand it a command
+        self._handoff: tuple[StoredCommand, ParsedCommand] | None = None
         self._reload: EngineReload | None = None
         self._thread: threading.Thread | None = None
         self.tokens_per_s_ewma: float | None = None
@@ -100,6 +102,16 @@ class Executor:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def submit(self, command: StoredCommand, parsed: ParsedCommand) -> None:
+        """A command was just accepted: hand it (already parsed) straight to an idle worker, which
+        then skips the ledger query and the re-parse; a busy worker finds it in the ledger later.
+        Either way the worker claims it from the ledger, so nothing can run it twice."""
+        with self._lock:
+            if self._idle and self._handoff is None:
+                self._handoff = (command, parsed)
+                self._idle = False
         self._wake.set()
 
     def alive(self) -> bool:
@@ -135,31 +147,45 @@ class Executor:
     def _run_worker(self) -> None:
         while not self._stopping.is_set():
             self._reload_if_requested()
-            command = self._store.next_runnable()
+            command, parsed = self._next_command()
             if command is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             try:
-                self.run(command)
+                self.run(command, parsed)
             except Exception:
                 log.exception("executor failed on command %s; the worker goes on in 1 s", command.id)
                 self._stopping.wait(1.0)  # a store that cannot write (disk full) must not spin the worker
 
+    def _next_command(self) -> tuple[StoredCommand | None, ParsedCommand | None]:
+        """The command handed over by `submit`, else the ledger's next runnable one; when there is
+        none the worker is marked idle (unless a wake-up is already pending)."""
+        with self._lock:
+            handoff, self._handoff = self._handoff, None
+            self._idle = False
+        if handoff is not None:
+            return handoff
+        command = self._store.next_runnable()
+        if command is None:
+            with self._lock:
+                self._idle = self._handoff is None and not self._wake.is_set()
+        return command, None
+
     # --- running one command ---------------------------------------------------------------------
 
-    def run(self, command: StoredCommand) -> None:
+    def run(self, command: StoredCommand, parsed: ParsedCommand | None = None) -> None:
         """Run one accepted command to its terminal state (no-op if another thread claimed it).
 
         Commands of IMMEDIATE_KINDS may run on the intake thread while the worker is busy; only the
-        worker's command is the `running` one that a cancel can stop.
+        worker's command is the `running` one that a cancel can stop. `parsed` saves re-parsing
+        the stored payload when the caller has just parsed it.
         """
         if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
             error = Expired("the command expired before the device could run it", command.id)
             self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
             return
-        claimed = self._store.transition(
-            command.id, State.RUNNING, ReplyDraft(status="running"))
+        claimed = self._store.claim(command.id)
         self._on_stored()
         if not claimed:
             return
@@ -171,7 +197,8 @@ class Executor:
             with self._lock:
                 self._running = (command.id, cancel)
         try:
-            parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
+            if parsed is None:
+                parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
             if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
                 parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
             outcome = self.handlers[parsed.kind](parsed, cancel)
@@ -242,7 +269,7 @@ class Executor:
               generate: Callable[[Callable[[str], None] | None], Generation]) -> Outcome:
         params = parsed.params
         assert isinstance(params, ChatParams | CompleteParams)
-        streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_volatile)
+        streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_after_sync)
         generation = generate(streamer.delta if params.stream else None)
         if params.stream:
             streamer.done()
@@ -267,6 +294,11 @@ class Executor:
         if generation.finish_reason == "cancelled":
             return Outcome(State.CANCELLED, output, metrics, Cancelled("generation was cancelled", parsed.id))
         return Outcome(State.SUCCEEDED, output, metrics)
+
+    def _publish_after_sync(self, topic: str, payload: bytes) -> None:
+        """Stream chunks show that a command ran: its claim must be on disk first (Store.claim)."""
+        self._store.sync()
+        self._publish_volatile(topic, payload)
 
     def _cancel(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
         params = parsed.params

@@ -70,6 +70,8 @@ class Outbox(Protocol):
 
     def delete_outbox(self, ids: list[int]) -> None: ...
 
+    def sync(self) -> None: ...
+
 
 @dataclass
 class LinkStats:
@@ -294,7 +296,10 @@ class Link:
         room = self._options.inflight_window - len(self._inflight)
         if room <= 0:
             return
-        for row in self._outbox.pending(self._last_sent_id, room):
+        rows = self._outbox.pending(self._last_sent_id, room)
+        if rows:
+            self._outbox.sync()  # nothing leaves the device before it is on disk (Store.claim)
+        for row in rows:
             info = self._publish_row(row)
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 log.warning("publish of outbox row %d failed (%s); will retry", row.id, info.rc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,44 @@ def test_a_transition_with_only_from_goes_ahead_from_a_listed_state(store: Store
     accept(store, "c1")
     assert store.transition("c1", "running", ReplyDraft(status="running"), only_from=["accepted"]) is True
     assert store.transition("c1", "running", ReplyDraft(status="running"), only_from=["accepted"]) is False
+
+
+def test_a_claim_moves_an_accepted_command_to_running_once(store: Store) -> None:
+    intake = accept(store, "c1")
+    assert intake.command is not None and intake.command.state == "accepted" and intake.command.id == "c1"
+    assert store.claim("c1") is True
+    assert store.claim("c1") is False, "a second claim of the same command must lose"
+    stored = store.get("c1")
+    assert stored is not None and stored.state == "running"
+    assert [r["status"] for r in replies(store)] == ["accepted", "running"]
+
+
+def test_a_claim_commits_without_fsync_and_sync_fsyncs_the_wal_once(store: Store, path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    accept(store, "c1")
+    store.sync()
+    assert synced == [], "an accept is synced by its own FULL commit: nothing left for sync()"
+    store.claim("c1")
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2, "back to FULL after the claim"
+    store.sync()
+    store.sync()
+    assert synced == [f"{path}-wal"]
+
+
+def test_with_synchronous_normal_a_claim_leaves_nothing_for_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    normal = Store(path, TOPICS, synchronous="normal")
+    try:
+        accept(normal, "c1")
+        assert normal.claim("c1") is True
+        normal.sync()
+        assert synced == [] and normal.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    finally:
+        normal.close()
 
 
 def test_a_failure_reply_carries_the_error_code_and_message(store: Store) -> None:
