@@ -214,6 +214,7 @@ class Link:
         )
         try:
             self._on_command(inbound)
+            self._outbox.sync()  # intake commits skip their fsync (Store): durable before the PUBACK
         except Exception:
             log.exception("could not store a command from %s; leaving it unacknowledged: the link reconnects"
                           " in %.0f s so the broker redelivers it", message.topic, REDELIVERY_RETRY_S)

@@ -6,11 +6,13 @@ power cut (see docs/architecture.md). Every state change of a command and the re
 it are written in one transaction, so a crash never leaves one without the other. Outbox rows
 are deleted only when the link reports the broker's ack.
 
-One commit skips its own fsync: `claim` (accepted -> running), so a generation starts without
-waiting for the disk. It is durable against a crash of the process at once (the WAL write is in
-the OS), and against power loss at the next `sync()`, which comes before anything of the run is
-visible: the link calls it before publishing outbox rows, the executor before the first stream
-chunk, and the terminal reply's own commit syncs the WAL anyway.
+With `synchronous = full`, the commits on the way from a delivered command to its generation skip
+their own fsync, so a generation starts without waiting for the disk: intake's (`accept`,
+`reject`) and the claim (`claim`, accepted -> running). Each is durable against a crash of the
+process at once (the WAL write is in the OS) and against power loss at the next `sync()` (one
+fsync of the WAL), which comes before anything that depends on it leaves the device: the link
+calls it before the PUBACK of a command and before publishing outbox rows, the executor before
+the first stream chunk. Every other commit (terminal replies, events, policy) is fsynced itself.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class Store:
         self.synchronous = synchronous
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()  # held across a `sync()` fsync, so a second caller waits
-        self._wal_unsynced = False  # a `claim` was committed without fsync and not synced since
+        self._wal_unsynced = False  # an intake or claim commit skipped its fsync and no sync() since
         conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
         self.db = Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -242,7 +244,7 @@ class Store:
     ) -> Intake:
         """Store a new command with its `accepted` reply, or re-send the last reply of a known id."""
         now = time.time()
-        with self._write():
+        with self._unsynced(), self._write():
             existing = self._get(command_id)
             if existing is not None:
                 if existing.last_reply is not None:
@@ -263,20 +265,12 @@ class Store:
     def claim(self, command_id: str) -> bool:
         """accepted -> running with its `running` reply, committed without waiting for fsync (see
         the module docstring); False if the command is no longer `accepted` (someone else took it)."""
-        with self._lock:
-            if self.synchronous == "normal":
-                return self.transition(command_id, State.RUNNING, ReplyDraft(status="running"))
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                claimed = self.transition(command_id, State.RUNNING, ReplyDraft(status="running"))
-            finally:
-                self.db.execute("PRAGMA synchronous=FULL")
-            self._wal_unsynced = self._wal_unsynced or claimed
-            return claimed
+        with self._unsynced():
+            return self.transition(command_id, State.RUNNING, ReplyDraft(status="running"))
 
     def sync(self) -> None:
-        """Make every commit so far durable against power loss (an fsync of the WAL, only if a
-        `claim` skipped it since). Cheap when there is nothing to do; safe from any thread."""
+        """Make every commit so far durable against power loss: an fsync of the WAL, only if an
+        intake or claim commit skipped it since. Cheap when there is nothing to do; any thread."""
         with self._sync_lock:
             with self._lock:
                 unsynced, self._wal_unsynced = self._wal_unsynced, False
@@ -309,7 +303,7 @@ class Store:
     def reject(self, command_id: str | None, draft: ReplyDraft, event: Event,
                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
         """Enqueue a `rejected` reply (always) and its Event (unless the outbox is full: counted)."""
-        with self._write():
+        with self._unsynced(), self._write():
             self._enqueue_reply_bytes(self._reply_bytes(command_id, draft), response_topic, correlation_data)
             self._enqueue_event_capped(event)
 
@@ -389,6 +383,20 @@ class Store:
         return int(rows), int(size)
 
     # --- caps and write failures -----------------------------------------------------------------
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commits inside skip their fsync until `sync()` (only when `synchronous` is full)."""
+        with self._lock:
+            if self.synchronous == "normal":
+                yield
+                return
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield
+            finally:
+                self.db.execute("PRAGMA synchronous=FULL")
+                self._wal_unsynced = True
 
     @contextmanager
     def _write(self) -> Iterator[None]:

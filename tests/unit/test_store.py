@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import BadJson, InvalidCommand
+from edge_agent.lifecycle import State
 from edge_agent.protocol import ErrorInfo, Event, format_ts, utc_now
 from edge_agent.store import OutboxRow, ReplyDraft, Store, StoreError
 from edge_agent.topics import DeviceTopics
@@ -143,19 +144,24 @@ def test_a_claim_moves_an_accepted_command_to_running_once(store: Store) -> None
     assert [r["status"] for r in replies(store)] == ["accepted", "running"]
 
 
-def test_a_claim_commits_without_fsync_and_sync_fsyncs_the_wal_once(store: Store, path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intake_and_claim_commit_without_fsync_and_sync_fsyncs_the_wal_once_each(
+        store: Store, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[str] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    store.sync()
+    assert synced == [], "nothing to sync in a fresh store"
     accept(store, "c1")
     store.sync()
-    assert synced == [], "an accept is synced by its own FULL commit: nothing left for sync()"
+    store.sync()
+    assert synced == [f"{path}-wal"], "the accept is synced once"
     store.claim("c1")
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2, "back to FULL after the claim"
     store.sync()
+    assert synced == [f"{path}-wal"] * 2
+    store.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
     store.sync()
-    assert synced == [f"{path}-wal"]
+    assert len(synced) == 2, "a terminal reply is fsynced by its own commit"
 
 
 def test_with_synchronous_normal_a_claim_leaves_nothing_for_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,73 @@
+"""The link's intake ordering, without a broker: a command is stored, then synced to disk, then
+acknowledged; a failure anywhere before the PUBACK leaves it unacknowledged for redelivery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.mqtt_session import BrokerOptions
+from edge_agent.store import OutboxRow
+
+BROKER = BrokerOptions(host="127.0.0.1", port=1, client_id="d1", keepalive=30, session_expiry_s=3600,
+                       backoff_initial_s=1.0, backoff_multiplier=2.0, backoff_max_s=30.0)
+
+
+class RecordingOutbox:
+    def __init__(self, calls: list[str], sync_fails: bool = False) -> None:
+        self.calls = calls
+        self.sync_fails = sync_fails
+
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
+        return []
+
+    def delete_outbox(self, ids: list[int]) -> None:
+        pass
+
+    def sync(self) -> None:
+        if self.sync_fails:
+            raise OSError(5, "Input/output error")
+        self.calls.append("sync")
+
+
+@dataclass
+class Delivery:
+    """The fields of a paho MQTTMessage that the link reads."""
+
+    topic: str = "autoglm/d1/cmd"
+    payload: bytes = b"{}"
+    mid: int = 7
+    qos: int = 1
+    dup: bool = False
+    properties: object = None
+
+
+class AckRecorder:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.calls.append(f"ack {mid}")
+
+
+def make_link(calls: list[str], sync_fails: bool = False) -> Link:
+    def on_command(message: InboundMessage) -> None:
+        calls.append(f"store {message.payload.decode()}")
+
+    return Link(options=LinkOptions(broker=BROKER, will_delay_s=5, inflight_window=20),
+                subscriptions=["autoglm/d1/cmd"], outbox=RecordingOutbox(calls, sync_fails), on_command=on_command,
+                status_topic="autoglm/d1/status", status_payload=lambda: b"{}", offline_payload=b"{}")
+
+
+def test_a_command_is_stored_then_synced_then_acknowledged() -> None:
+    calls: list[str] = []
+    link = make_link(calls)
+    link._on_message(AckRecorder(calls), None, Delivery())  # type: ignore[arg-type]
+    assert calls == ["store {}", "sync", "ack 7"]
+
+
+def test_a_failed_sync_leaves_the_command_unacknowledged() -> None:
+    calls: list[str] = []
+    link = make_link(calls, sync_fails=True)
+    link._on_message(AckRecorder(calls), None, Delivery())  # type: ignore[arg-type]
+    assert calls == ["store {}"], "no PUBACK: the broker redelivers after the link reconnects"
