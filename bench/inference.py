@@ -177,7 +177,8 @@ def main() -> int:
         "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],
         "ttft_overhead_ms": full["ttft_ms"] - raw["ttft_ms"],
         # runs alternate, so each pair shares the machine's state: less noisy than the medians' difference
-        "ttft_overhead_paired_ms": statistics.median(a[0] - r[0] for a, r in zip(agent_results, raw_results, strict=True)),
+        "ttft_overhead_paired_ms": statistics.median(
+            a[0] - r[0] for a, r in zip(agent_results, raw_results, strict=True)),
         "agent_rss_mb": agent_rss / 1024,
         "raw_rss_mb": raw_rss / 1024,
         "rss_overhead_mb": (agent_rss - raw_rss) / 1024,
