@@ -101,9 +101,6 @@ class Executor:
         self._thread = threading.Thread(target=self._run_worker, name="executor", daemon=True)
         self._thread.start()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def submit(self, command: StoredCommand, parsed: ParsedCommand) -> None:
         """A command was just accepted: hand it (already parsed) straight to an idle worker, which
         then skips the ledger query and the re-parse; a busy worker finds it in the ledger later.
