@@ -81,7 +81,7 @@ class Soak:
         self.broker = Broker(workdir / "broker").start()
         self.proxy = ChaosProxy(self.broker.port).start()
         self.cloud = CloudClient(self.broker.port, client_id="soak-cloud")
-        self.agent = FaultyAgent(workdir, Path(args.model), self.proxy.port,
+        self.agent = FaultyAgent(workdir, Path(args.model).resolve(), self.proxy.port,
                                  env={"EDGE_AGENT_TELEMETRY_INTERVAL_S": "5"}).start()
         self.cloud.wait_online(self.agent.device_id)
         self.commands: list[dict[str, Any]] = []
