@@ -44,6 +44,45 @@ with open("/proc/self/status") as f:
 """
 
 
+RAW_ECHO_SCRIPT = """
+import json, sys, paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from edge_agent.mqtt_session import disable_nagle
+def on_message(client, userdata, message):
+    command_id = json.loads(message.payload)["id"]
+    client.publish(f"autoglm/echo/stream/{command_id}", b"{}", qos=0)
+client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id="echo")
+client.on_socket_open = disable_nagle
+client.on_message = on_message
+client.on_connect = lambda c, *a: (c.subscribe("autoglm/echo/cmd", qos=1), print("ready", flush=True))
+client.connect("127.0.0.1", int(sys.argv[1]))
+client.loop_forever()
+"""
+
+
+class RawEcho:
+    """The transport baseline: a raw paho client in its own process that answers each command
+    with one QoS 0 message, as the agent answers with its first stream chunk. Its round trip is
+    the part of the full-path TTFT that the MQTT hops alone cost."""
+
+    def __init__(self, path: AgentPath) -> None:
+        self.cloud = path.cloud
+        self.process = subprocess.Popen([sys.executable, "-c", RAW_ECHO_SCRIPT, str(path.broker.port)],
+                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
+
+    def run(self) -> float:
+        cmd = command("ping")
+        started = time.perf_counter()
+        self.cloud.send("echo", cmd)
+        self.cloud.wait_for(lambda: self.cloud.count(cmd["id"]) > 0, 60, "echo")
+        return (time.perf_counter() - started) * 1000
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
@@ -155,23 +194,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         path = AgentPath(args.model, args, Path(tmp))
         baseline = RawModel(args.model, args)
+        echo = RawEcho(path)
+        echo_ms: list[float] = []
         try:
             for run in range(args.runs + 1):  # run 0 warms both up; runs alternate to share the drift
                 raw_sample, agent_sample = baseline.run(run), path.run(run)
+                echo_sample = echo.run()
                 if run:
                     raw_results.append(raw_sample)
                     agent_results.append(agent_sample)
+                    echo_ms.append(echo_sample)
             agent_rss = path.rss_kib()
             inside = statistics.median(path.engine_tokens_per_s[1:])
             inside_ttft = statistics.median(path.engine_ttft_ms[1:])
             queue = statistics.median(path.queue_ms[1:])
         finally:
+            echo.close()
             baseline.close()
             path.close()
     raw = summarize("raw", raw_results)
     full = summarize("full path", agent_results)
     print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process; "
           f"engine TTFT {inside_ttft:.2f} ms; queue_ms (stored -> started, incl. the `running` commit) {queue:.2f}")
+    transport = statistics.median(echo_ms)
+    print(f"{'(mqtt)':>10}: raw paho echo round trip (cloud -> broker -> echo process -> broker -> cloud) "
+          f"{transport:.2f} ms median: the hops' share of the TTFT overhead")
     raw_rss = raw_rss_kib(args.model, args)
     figures = {
         "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],
@@ -179,6 +226,7 @@ def main() -> int:
         # runs alternate, so each pair shares the machine's state: less noisy than the medians' difference
         "ttft_overhead_paired_ms": statistics.median(
             a[0] - r[0] for a, r in zip(agent_results, raw_results, strict=True)),
+        "mqtt_round_trip_ms": transport,
         "agent_rss_mb": agent_rss / 1024,
         "raw_rss_mb": raw_rss / 1024,
         "rss_overhead_mb": (agent_rss - raw_rss) / 1024,
