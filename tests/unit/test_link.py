@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.link import DELETE_BATCH_ROWS, InboundMessage, Link, LinkOptions
 from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.store import OutboxRow
 
@@ -22,7 +22,7 @@ class RecordingOutbox:
         return []
 
     def delete_outbox(self, ids: list[int]) -> None:
-        pass
+        self.calls.append(f"delete {len(ids)}")
 
     def sync(self) -> None:
         if self.sync_fails:
@@ -71,3 +71,25 @@ def test_a_failed_sync_leaves_the_command_unacknowledged() -> None:
     link = make_link(calls, sync_fails=True)
     link._on_message(AckRecorder(calls), None, Delivery())  # type: ignore[arg-type]
     assert calls == ["store {}"], "no PUBACK: the broker redelivers after the link reconnects"
+
+
+def ack(link: Link, mids: range) -> None:
+    for mid in mids:
+        link._acks.put((mid, True))
+
+
+def test_acked_rows_are_deleted_in_batches_while_others_are_in_flight_and_all_when_none_are() -> None:
+    calls: list[str] = []
+    link = make_link(calls)
+    total = DELETE_BATCH_ROWS + 10
+    link._inflight = {mid: 1000 + mid for mid in range(total)}
+    ack(link, range(DELETE_BATCH_ROWS - 1))
+    link._settle_acks()
+    assert calls == [], "fewer than a batch acked and rows still in flight: no delete yet"
+    ack(link, range(DELETE_BATCH_ROWS - 1, DELETE_BATCH_ROWS))
+    link._settle_acks()
+    assert calls == [f"delete {DELETE_BATCH_ROWS}"], "one transaction for the whole batch"
+    ack(link, range(DELETE_BATCH_ROWS, total))
+    link._settle_acks()
+    assert calls == [f"delete {DELETE_BATCH_ROWS}", "delete 10"], "nothing in flight: the rest at once"
+    assert link.stats.acked == total
