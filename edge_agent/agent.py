@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from edge_agent import __version__, policy
+from edge_agent import __version__, lifecycle, policy
 from edge_agent.config import AgentConfig
 from edge_agent.engine import EngineReload, TextEngine
 from edge_agent.engine.onnx import onnx_handlers
@@ -135,16 +135,27 @@ class Agent:
         if message.message_expiry_s is not None:
             by_broker = time.time() + message.message_expiry_s
             expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
+        # An idle worker is reserved, and the command stored already `running` (claimed in the
+        # intake commit): the generation starts after one commit, not two. Not for a command that
+        # has expired (the worker gives it `expired`) nor one that runs here (IMMEDIATE_KINDS).
+        claim = (parsed.kind not in IMMEDIATE_KINDS and lifecycle.start_decision(expires_at, time.time())
+                 is not State.EXPIRED and self.executor.reserve())
         try:
             intake = self.store.accept(
                 parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
-                message.response_topic, message.correlation_data,
+                message.response_topic, message.correlation_data, claim=claim,
             )
-        except Busy as exc:  # the outbox is at its cap: refuse new work rather than lose its reply
-            self._reject(exc, message)
+        except BaseException as exc:
+            if claim:
+                self.executor.release()
+            if not isinstance(exc, Busy):
+                raise
+            self._reject(exc, message)  # the outbox is at its cap: refuse new work rather than lose its reply
             return
         self.link.kick()
         if intake.duplicate:
+            if claim:
+                self.executor.release()
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
         elif parsed.kind in IMMEDIATE_KINDS:
             assert intake.command is not None

@@ -69,6 +69,7 @@ class Executor:
         self._lock = threading.Lock()
         self._running: tuple[str, threading.Event] | None = None
         self._idle = False  # the worker found nothing to run and waits: `submit` may hand it a command
+        self._reserved = False  # `reserve` promised the idle worker to the next `submit`
         self._handoff: tuple[StoredCommand, ParsedCommand] | None = None
         self._reload: EngineReload | None = None
         self._thread: threading.Thread | None = None
@@ -101,14 +102,33 @@ class Executor:
         self._thread = threading.Thread(target=self._run_worker, name="executor", daemon=True)
         self._thread.start()
 
+    def reserve(self) -> bool:
+        """Before storing a new command: True if the worker is idle and now promised to the next
+        `submit`, so the caller may store the command already claimed (`Store.accept(claim=True)`:
+        one commit on the way to the generation instead of two). After a True, the caller must
+        call `submit` with the command, claimed or not, or `release` if nothing was stored."""
+        with self._lock:
+            if not self._idle or self._handoff is not None or self._reserved or self._stopping.is_set():
+                return False
+            self._reserved = True
+            return True
+
+    def release(self) -> None:
+        """Give up a reservation without submitting (the command was a duplicate, or not stored)."""
+        with self._lock:
+            self._reserved = False
+        self._wake.set()
+
     def submit(self, command: StoredCommand, parsed: ParsedCommand) -> None:
         """A command was just accepted: hand it (already parsed) straight to an idle worker, which
         then skips the ledger query and the re-parse; a busy worker finds it in the ledger later.
-        Either way the worker claims it from the ledger, so nothing can run it twice."""
+        A command stored `running` (after `reserve`) is claimed already and always handed over;
+        any other is claimed by the worker from the ledger, so nothing can run it twice."""
         with self._lock:
-            if self._idle and self._handoff is None:
+            if self._reserved or (self._idle and self._handoff is None):
                 self._handoff = (command, parsed)
                 self._idle = False
+            self._reserved = False
         self._wake.set()
 
     def alive(self) -> bool:
@@ -142,7 +162,7 @@ class Executor:
             self._engine = reload.swap(self._engine)
 
     def _run_worker(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() or self._handoff is not None or self._reserved:  # a claimed one still runs
             self._reload_if_requested()
             command, parsed = self._next_command()
             if command is None:
@@ -150,7 +170,7 @@ class Executor:
                 self._wake.clear()
                 continue
             try:
-                self.run(command, parsed)
+                self.run(command, parsed, claimed=parsed is not None and command.state == State.RUNNING)
             except Exception:
                 log.exception("executor failed on command %s; the worker goes on in 1 s", command.id)
                 self._stopping.wait(1.0)  # a store that cannot write (disk full) must not spin the worker
@@ -166,26 +186,28 @@ class Executor:
         command = self._store.next_runnable()
         if command is None:
             with self._lock:
-                self._idle = self._handoff is None and not self._wake.is_set()
+                self._idle = self._handoff is None and not self._reserved and not self._wake.is_set()
         return command, None
 
     # --- running one command ---------------------------------------------------------------------
 
-    def run(self, command: StoredCommand, parsed: ParsedCommand | None = None) -> None:
+    def run(self, command: StoredCommand, parsed: ParsedCommand | None = None, claimed: bool = False) -> None:
         """Run one accepted command to its terminal state (no-op if another thread claimed it).
 
         Commands of IMMEDIATE_KINDS may run on the intake thread while the worker is busy; only the
         worker's command is the `running` one that a cancel can stop. `parsed` saves re-parsing
-        the stored payload when the caller has just parsed it.
+        the stored payload when the caller has just parsed it. `claimed`: the caller's commit moved
+        it to `running` already (a hand-over after `reserve`); the worker does not claim it again.
         """
-        if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
-            error = Expired("the command expired before the device could run it", command.id)
-            self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
-            return
-        claimed = self._store.claim(command.id)
-        self._on_stored()
         if not claimed:
-            return
+            if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
+                error = Expired("the command expired before the device could run it", command.id)
+                self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
+                return
+            claimed = self._store.claim(command.id)
+            self._on_stored()
+            if not claimed:
+                return
         fault_point("command_running")
         queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
         cancel = threading.Event()

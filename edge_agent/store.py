@@ -8,11 +8,14 @@ are deleted only when the link reports the broker's ack.
 
 With `synchronous = full`, the commits on the way from a delivered command to its generation skip
 their own fsync, so a generation starts without waiting for the disk: intake's (`accept`,
-`reject`) and the claim (`claim`, accepted -> running). Each is durable against a crash of the
-process at once (the WAL write is in the OS) and against power loss at the next `sync()` (one
+`reject`; `accept(claim=True)` also moves the command to `running` in the same commit, when the
+worker is idle) and the claim (`claim`, accepted -> running). Each is durable against a crash of
+the process at once (the WAL write is in the OS) and against power loss at the next `sync()` (one
 fsync of the WAL), which comes before anything that depends on it leaves the device: the link
 calls it before the PUBACK of a command and before publishing outbox rows, the executor before
-the first stream chunk. Every other commit (terminal replies, events, policy) is fsynced itself.
+the first stream chunk. Deleting acked outbox rows needs no fsync at all (a delete lost to a power
+cut re-publishes rows the cloud dedupes). Every other commit (terminal replies, events, policy)
+is fsynced itself.
 """
 
 from __future__ import annotations
@@ -241,8 +244,11 @@ class Store:
         expires_at: float | None,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
+        claim: bool = False,
     ) -> Intake:
-        """Store a new command with its `accepted` reply, or re-send the last reply of a known id."""
+        """Store a new command with its `accepted` reply, or re-send the last reply of a known id.
+        `claim`: also move the new command to `running` with its reply, in the same commit (the
+        caller hands it to an idle worker: one commit on the way to the generation, not two)."""
         now = time.time()
         with self._unsynced(), self._write():
             existing = self._get(command_id)
@@ -257,10 +263,14 @@ class Store:
                 [command_id, kind, payload, priority, now, expires_at, response_topic, correlation_data, now],
             )
             self._transition(command_id, "accepted", ReplyDraft(status="accepted"))
-            row = StoredCommand(id=command_id, kind=kind, payload=payload, priority=priority, state="accepted",
+            state = State.ACCEPTED
+            if claim:
+                state = State.RUNNING
+                self._transition(command_id, state, ReplyDraft(status="running"))
+            row = StoredCommand(id=command_id, kind=kind, payload=payload, priority=priority, state=state,
                                 received_at=now, expires_at=expires_at, response_topic=response_topic,
                                 correlation_data=correlation_data, last_reply=None)
-            return Intake(duplicate=False, state="accepted", command=row)
+            return Intake(duplicate=False, state=state, command=row)
 
     def claim(self, command_id: str) -> bool:
         """accepted -> running with its `running` reply, committed without waiting for fsync (see
@@ -369,12 +379,13 @@ class Store:
         id_list = list(ids)
         if not id_list:
             return
-        with self._write():
+        with self._unsynced(needs_sync=False), self._write():  # a lost delete only re-publishes acked rows
             self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in id_list])
             if self._full_reported and not self._outbox_full():
                 self._full_reported = False
                 self._enqueue(self.topics.event, self._event_bytes(
                     "info", "outbox_recovered", "the outbox is below its caps again", dict(self.dropped)), qos=1)
+                self._wal_unsynced = True  # this row must be synced before it is published, as any
 
     def outbox_depth(self) -> tuple[int, int]:
         """(rows, payload bytes) waiting in the outbox."""
@@ -385,8 +396,9 @@ class Store:
     # --- caps and write failures -----------------------------------------------------------------
 
     @contextmanager
-    def _unsynced(self) -> Iterator[None]:
-        """Commits inside skip their fsync until `sync()` (only when `synchronous` is full)."""
+    def _unsynced(self, needs_sync: bool = True) -> Iterator[None]:
+        """Commits inside skip their fsync (only when `synchronous` is full): until `sync()`, or for
+        good when they hold nothing that must survive a power cut (`needs_sync=False`)."""
         with self._lock:
             if self.synchronous == "normal":
                 yield
@@ -396,7 +408,8 @@ class Store:
                 yield
             finally:
                 self.db.execute("PRAGMA synchronous=FULL")
-                self._wal_unsynced = True
+                if needs_sync:
+                    self._wal_unsynced = True
 
     @contextmanager
     def _write(self) -> Iterator[None]:

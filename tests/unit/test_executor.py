@@ -69,14 +69,24 @@ class Rig:
         self.events.append("publish")
         self.published.append((topic, payload))
 
-    def send(self, prompt: str, command_id: str, priority: int = 0, stream: bool = False) -> None:
+    def send(self, prompt: str, command_id: str, priority: int = 0, stream: bool = False,
+             claim: bool = False) -> None:
+        """As the agent's intake does; `claim`: reserve the worker first and, if it is idle, store
+        the command already claimed."""
         raw = json.dumps({"v": 1, "id": command_id, "kind": "complete", "priority": priority,
                           "created_at": "2026-11-21T10:00:00Z",
                           "params": {"prompt": prompt, "stream": stream}}).encode()
         parsed = parse_command(raw, 1 << 20, KINDS)
-        intake = self.store.accept(command_id, "complete", raw.decode(), priority, None)
+        reserved = claim and self.executor.reserve()
+        intake = self.store.accept(command_id, "complete", raw.decode(), priority, None, claim=reserved)
         assert intake.command is not None
         self.executor.submit(intake.command, parsed)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.executor._idle:
+            assert time.monotonic() < deadline, "the worker never went idle"
+            time.sleep(0.005)
 
     def wait_state(self, command_id: str, state: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -130,6 +140,52 @@ def test_commands_submitted_while_the_worker_is_busy_run_after_it_by_priority(ri
     for command_id in ("c1", "c2", "c3"):
         rig.wait_state(command_id, "succeeded")
     assert rig.engine.calls == ["first", "high", "low"]
+
+
+def test_an_idle_worker_reserved_at_intake_runs_the_command_claimed_there_once(rig: Rig) -> None:
+    rig.wait_idle()
+    claims: list[str] = []
+    real_claim = rig.store.claim
+    rig.store.claim = lambda command_id: claims.append(command_id) or real_claim(command_id)  # type: ignore[method-assign]
+    rig.send("hello there", "c1", claim=True)
+    rig.wait_state("c1", "succeeded")
+    assert rig.engine.calls == ["hello there"]
+    assert claims == [], "the intake commit claimed it: the worker does not claim again"
+    assert [s for _, s, _ in rig.statuses()] == ["accepted", "running", "succeeded"]
+
+
+def test_a_busy_or_reserved_worker_cannot_be_reserved_and_a_released_one_serves_again(rig: Rig) -> None:
+    rig.wait_idle()
+    assert rig.executor.reserve() is True
+    assert rig.executor.reserve() is False, "one reservation at a time"
+    rig.executor.release()
+    rig.wait_idle()
+    rig.engine.release.clear()
+    rig.send("first", "c1", claim=True)
+    rig.wait_state("c1", "running")
+    assert rig.executor.reserve() is False, "the worker is busy"
+    rig.send("second", "c2", claim=True)  # not reserved: stored `accepted`, claimed by the worker later
+    assert rig.store.get("c2").state == "accepted"  # type: ignore[union-attr]
+    rig.engine.release.set()
+    rig.wait_state("c2", "succeeded")
+    assert rig.engine.calls == ["first", "second"]
+
+
+def test_a_command_claimed_at_intake_still_runs_when_the_agent_stops_before_the_hand_over(rig: Rig) -> None:
+    rig.wait_idle()
+    assert rig.executor.reserve() is True
+    stopper = threading.Thread(target=rig.executor.stop, args=(5.0,))
+    stopper.start()
+    time.sleep(0.05)
+    assert rig.executor.alive(), "the worker waits for the reserved hand-over"
+    assert rig.executor.reserve() is False, "no reservation once stopping"
+    raw = json.dumps({"v": 1, "id": "c1", "kind": "complete", "created_at": "2026-11-21T10:00:00Z",
+                      "params": {"prompt": "late one"}}).encode()
+    intake = rig.store.accept("c1", "complete", raw.decode(), 0, None, claim=True)
+    assert intake.command is not None
+    rig.executor.submit(intake.command, parse_command(raw, 1 << 20, KINDS))
+    stopper.join(10)
+    assert rig.engine.calls == ["late one"] and rig.store.get("c1").state == "succeeded"  # type: ignore[union-attr]
 
 
 def test_the_claim_is_synced_to_disk_before_the_first_stream_chunk(rig: Rig) -> None:

@@ -164,6 +164,46 @@ def test_intake_and_claim_commit_without_fsync_and_sync_fsyncs_the_wal_once_each
     assert len(synced) == 2, "a terminal reply is fsynced by its own commit"
 
 
+def test_an_accept_with_claim_stores_the_command_running_with_both_replies_in_one_unsynced_commit(
+        store: Store, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    intake = accept(store, "c1", claim=True)
+    assert synced == [], "the intake commit skips its fsync"
+    assert intake.state == "running" and intake.command.state == "running"
+    assert store.get("c1").state == "running"  # type: ignore[union-attr]
+    assert [(r["status"], r["seq"]) for r in replies(store)] == [("accepted", 1), ("running", 2)]
+    assert store.claim("c1") is False, "already claimed: nobody else can run it"
+    store.sync()
+    assert synced == [f"{path}-wal"], "one fsync makes both durable"
+
+
+def test_an_accept_with_claim_of_a_duplicate_claims_nothing_and_resends_the_last_reply(store: Store) -> None:
+    accept(store, "c1")
+    intake = accept(store, "c1", claim=True)
+    assert intake.duplicate and intake.state == "accepted"
+    assert store.get("c1").state == "accepted"  # type: ignore[union-attr]
+    assert [r["status"] for r in replies(store)] == ["accepted", "accepted"]
+
+
+def test_deleting_acked_rows_commits_without_fsync_and_leaves_nothing_for_the_next_sync(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    accept(store, "c1")
+    store.sync()
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    store.delete_outbox([row.id for row in rows(store)])
+    store.db.conn.set_trace_callback(None)
+    store.sync()
+    assert synced == [] and rows(store) == []
+    deletes = [i for i, s in enumerate(statements) if s.startswith("DELETE FROM outbox")]
+    assert deletes and statements.index("PRAGMA synchronous=NORMAL") < deletes[0] < \
+        statements.index("PRAGMA synchronous=FULL"), statements
+
+
 def test_with_synchronous_normal_a_claim_leaves_nothing_for_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     monkeypatch.setattr(os, "fsync", synced.append)
