@@ -215,7 +215,7 @@ def main() -> int:
     raw = summarize("raw", raw_results)
     full = summarize("full path", agent_results)
     print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process; "
-          f"engine TTFT {inside_ttft:.2f} ms; queue_ms (stored -> started, incl. the `running` commit) {queue:.2f}")
+          f"engine TTFT {inside_ttft:.2f} ms; queue_ms (stored -> started; 0: started early, while stored) {queue:.2f}")
     transport = statistics.median(echo_ms)
     print(f"{'(mqtt)':>10}: raw paho echo round trip (cloud -> broker -> echo process -> broker -> cloud) "
           f"{transport:.2f} ms median: the hops' share of the TTFT overhead")

@@ -135,33 +135,37 @@ class Agent:
         if message.message_expiry_s is not None:
             by_broker = time.time() + message.message_expiry_s
             expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
-        # An idle worker is reserved, and the command stored already `running` (claimed in the
-        # intake commit): the generation starts after one commit, not two. Not for a command that
-        # has expired (the worker gives it `expired`) nor one that runs here (IMMEDIATE_KINDS).
-        claim = (parsed.kind not in IMMEDIATE_KINDS and lifecycle.start_decision(expires_at, time.time())
-                 is not State.EXPIRED and self.executor.reserve())
+        # An idle worker starts the command now, while this commit stores it already `running`:
+        # the generation does not wait for intake. Nothing of the run leaves the device before the
+        # commit (and the fsync before any publish); a command not stored is dropped by the worker.
+        # Not for a command that has expired (the worker answers `expired`).
+        early = None
+        if lifecycle.start_decision(expires_at, time.time()) is not State.EXPIRED:
+            early = self.executor.start_early(parsed)
         try:
             intake = self.store.accept(
                 parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
-                message.response_topic, message.correlation_data, claim=claim,
+                message.response_topic, message.correlation_data, claim=early is not None,
             )
         except BaseException as exc:
-            if claim:
-                self.executor.release()
+            if early is not None:
+                early.drop()
             if not isinstance(exc, Busy):
                 raise
             self._reject(exc, message)  # the outbox is at its cap: refuse new work rather than lose its reply
             return
         self.link.kick()
         if intake.duplicate:
-            if claim:
-                self.executor.release()
+            if early is not None:
+                early.drop()
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
+            return
+        assert intake.command is not None
+        if early is not None:
+            early.stored(intake.command)
         elif parsed.kind in IMMEDIATE_KINDS:
-            assert intake.command is not None
             self.executor.run(intake.command, parsed)
         else:
-            assert intake.command is not None
             self.executor.submit(intake.command, parsed)
 
     def _check_target(self, parsed: ParsedCommand) -> None:

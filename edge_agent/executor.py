@@ -33,6 +33,10 @@ from edge_agent.topics import DeviceTopics
 log = logging.getLogger(__name__)
 
 IMMEDIATE_KINDS = frozenset({"cancel"})  # run at intake, not behind a running generation
+# Kinds whose handlers do nothing but compute their output: an idle worker may start them while
+# intake is still storing them (`Executor.start_early`). Not `config` (it writes the policy).
+EARLY_KINDS = frozenset({"ping", "chat", "complete", "onnx"})
+EARLY_DECISION_S = 30.0  # an early start waits this long at most for intake to say stored or not
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,40 @@ class Outcome:
 
 
 Handler = Callable[[ParsedCommand, threading.Event], Outcome]
+
+
+class EarlyStart:
+    """A command the idle worker starts while intake is still storing it (`Executor.start_early`),
+    so the intake commit overlaps the prompt evaluation instead of preceding it. Nothing of the run
+    leaves the device before intake reports the command stored and claimed (`stored`); if it was
+    not stored (duplicate delivery, outbox full, store error: `drop`), the generation is cancelled
+    and its output discarded, never published."""
+
+    def __init__(self, parsed: ParsedCommand) -> None:
+        self.parsed = parsed
+        self.cancel = threading.Event()
+        self._command: StoredCommand | None = None
+        self._decided = threading.Event()
+
+    def stored(self, command: StoredCommand) -> None:
+        """Intake committed the command, already `running` (`Store.accept(claim=True)`)."""
+        self._command = command
+        self._decided.set()
+
+    def drop(self) -> None:
+        """Intake did not store the command: cancel the run, discard its output."""
+        self.cancel.set()
+        self._decided.set()
+
+    def wait(self) -> StoredCommand | None:
+        """The stored command once intake decided; None if it was dropped (or intake never said,
+        which leaves a stored command `running` for the restart's recovery)."""
+        if not self._decided.wait(EARLY_DECISION_S):
+            log.error("intake never reported whether command %s was stored; its early start is dropped",
+                      self.parsed.id)
+            self.drop()
+            return None
+        return self._command
 
 
 class Executor:
@@ -69,8 +107,8 @@ class Executor:
         self._lock = threading.Lock()
         self._running: tuple[str, threading.Event] | None = None
         self._idle = False  # the worker found nothing to run and waits: `submit` may hand it a command
-        self._reserved = False  # `reserve` promised the idle worker to the next `submit`
-        self._handoff: tuple[StoredCommand, ParsedCommand] | None = None
+        self._handoff: tuple[StoredCommand, ParsedCommand] | EarlyStart | None = None
+        self._early: EarlyStart | None = None  # the worker's current run, when it was started early
         self._reload: EngineReload | None = None
         self._thread: threading.Thread | None = None
         self.tokens_per_s_ewma: float | None = None
@@ -102,33 +140,30 @@ class Executor:
         self._thread = threading.Thread(target=self._run_worker, name="executor", daemon=True)
         self._thread.start()
 
-    def reserve(self) -> bool:
-        """Before storing a new command: True if the worker is idle and now promised to the next
-        `submit`, so the caller may store the command already claimed (`Store.accept(claim=True)`:
-        one commit on the way to the generation instead of two). After a True, the caller must
-        call `submit` with the command, claimed or not, or `release` if nothing was stored."""
+    def start_early(self, parsed: ParsedCommand) -> EarlyStart | None:
+        """Before intake stores a command of EARLY_KINDS: if the worker is idle, it starts running
+        the command now. The caller then stores it claimed (`Store.accept(claim=True)`) and must
+        call `stored` or `drop` on the returned EarlyStart. None: the worker is busy (or
+        stopping); store the command as usual and `submit` it."""
+        if parsed.kind not in EARLY_KINDS:
+            return None
         with self._lock:
-            if not self._idle or self._handoff is not None or self._reserved or self._stopping.is_set():
-                return False
-            self._reserved = True
-            return True
-
-    def release(self) -> None:
-        """Give up a reservation without submitting (the command was a duplicate, or not stored)."""
-        with self._lock:
-            self._reserved = False
+            if not self._idle or self._handoff is not None or self._stopping.is_set():
+                return None
+            early = EarlyStart(parsed)
+            self._handoff = early
+            self._idle = False
         self._wake.set()
+        return early
 
     def submit(self, command: StoredCommand, parsed: ParsedCommand) -> None:
         """A command was just accepted: hand it (already parsed) straight to an idle worker, which
         then skips the ledger query and the re-parse; a busy worker finds it in the ledger later.
-        A command stored `running` (after `reserve`) is claimed already and always handed over;
-        any other is claimed by the worker from the ledger, so nothing can run it twice."""
+        Either way the worker claims it from the ledger, so nothing can run it twice."""
         with self._lock:
-            if self._reserved or (self._idle and self._handoff is None):
+            if self._idle and self._handoff is None:
                 self._handoff = (command, parsed)
                 self._idle = False
-            self._reserved = False
         self._wake.set()
 
     def alive(self) -> bool:
@@ -162,22 +197,26 @@ class Executor:
             self._engine = reload.swap(self._engine)
 
     def _run_worker(self) -> None:
-        while not self._stopping.is_set() or self._handoff is not None or self._reserved:  # a claimed one still runs
+        while not self._stopping.is_set() or self._handoff is not None:  # an early start still finishes
             self._reload_if_requested()
-            command, parsed = self._next_command()
-            if command is None:
+            work = self._next_command()
+            if work is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             try:
-                self.run(command, parsed, claimed=parsed is not None and command.state == State.RUNNING)
+                if isinstance(work, EarlyStart):
+                    self._run_early(work)
+                else:
+                    self.run(*work)
             except Exception:
-                log.exception("executor failed on command %s; the worker goes on in 1 s", command.id)
+                log.exception("executor failed on command %s; the worker goes on in 1 s",
+                              work.parsed.id if isinstance(work, EarlyStart) else work[0].id)
                 self._stopping.wait(1.0)  # a store that cannot write (disk full) must not spin the worker
 
-    def _next_command(self) -> tuple[StoredCommand | None, ParsedCommand | None]:
-        """The command handed over by `submit`, else the ledger's next runnable one; when there is
-        none the worker is marked idle (unless a wake-up is already pending)."""
+    def _next_command(self) -> tuple[StoredCommand, ParsedCommand | None] | EarlyStart | None:
+        """What `start_early` or `submit` handed over, else the ledger's next runnable command;
+        when there is none the worker is marked idle (unless a wake-up is already pending)."""
         with self._lock:
             handoff, self._handoff = self._handoff, None
             self._idle = False
@@ -186,53 +225,76 @@ class Executor:
         command = self._store.next_runnable()
         if command is None:
             with self._lock:
-                self._idle = self._handoff is None and not self._reserved and not self._wake.is_set()
+                self._idle = self._handoff is None and not self._wake.is_set()
+            return None
         return command, None
 
     # --- running one command ---------------------------------------------------------------------
 
-    def run(self, command: StoredCommand, parsed: ParsedCommand | None = None, claimed: bool = False) -> None:
+    def run(self, command: StoredCommand, parsed: ParsedCommand | None = None) -> None:
         """Run one accepted command to its terminal state (no-op if another thread claimed it).
 
         Commands of IMMEDIATE_KINDS may run on the intake thread while the worker is busy; only the
         worker's command is the `running` one that a cancel can stop. `parsed` saves re-parsing
-        the stored payload when the caller has just parsed it. `claimed`: the caller's commit moved
-        it to `running` already (a hand-over after `reserve`); the worker does not claim it again.
+        the stored payload when the caller has just parsed it.
         """
+        if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
+            error = Expired("the command expired before the device could run it", command.id)
+            self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
+            return
+        claimed = self._store.claim(command.id)
+        self._on_stored()
         if not claimed:
-            if lifecycle.start_decision(command.expires_at, time.time()) is State.EXPIRED:
-                error = Expired("the command expired before the device could run it", command.id)
-                self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
-                return
-            claimed = self._store.claim(command.id)
-            self._on_stored()
-            if not claimed:
-                return
+            return
         fault_point("command_running")
         queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
-        cancel = threading.Event()
-        tracked = command.kind not in IMMEDIATE_KINDS
+        if parsed is None:
+            try:
+                parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
+            except AgentError as exc:
+                exc.command_id = command.id
+                self._finish(command.id, Outcome(State.FAILED, None, {}, exc), {"queue_ms": queue_ms})
+                return
+        outcome = self._execute(parsed, threading.Event(), tracked=command.kind not in IMMEDIATE_KINDS)
+        self._finish(command.id, outcome, {"queue_ms": queue_ms})
+
+    def _run_early(self, early: EarlyStart) -> None:
+        """Run a command intake is still storing; finish it once intake says it was stored, drop
+        it if not. Its `queue_ms` is 0: it started before it was stored."""
+        self._early = early
+        try:
+            outcome = self._execute(early.parsed, early.cancel, tracked=True)
+        finally:
+            self._early = None
+        command = early.wait()
+        if command is None:
+            log.info("dropped the early start of command %s: intake did not store it (a duplicate delivery, a "
+                     "full outbox or a store error; see the intake's log line)", early.parsed.id)
+            return
+        fault_point("command_running")
+        self._finish(command.id, outcome, {"queue_ms": 0.0})
+
+    def _execute(self, parsed: ParsedCommand, cancel: threading.Event, tracked: bool) -> Outcome:
+        """The handler's outcome; errors become failed/cancelled outcomes. `tracked`: this is the
+        worker's running command, the one a `cancel` command can stop."""
         if tracked:
             with self._lock:
-                self._running = (command.id, cancel)
+                self._running = (parsed.id, cancel)
         try:
-            if parsed is None:
-                parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
             if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
                 parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
-            outcome = self.handlers[parsed.kind](parsed, cancel)
+            return self.handlers[parsed.kind](parsed, cancel)
         except AgentError as exc:
-            exc.command_id = command.id
+            exc.command_id = parsed.id
             state = State.CANCELLED if isinstance(exc, Cancelled) else State.FAILED
-            outcome = Outcome(state, None, {}, exc)
+            return Outcome(state, None, {}, exc)
         except Exception as exc:
-            log.exception("command %s failed unexpectedly", command.id)
-            outcome = Outcome(State.FAILED, None, {}, Internal(f"unexpected error: {exc!r}", command.id))
+            log.exception("command %s failed unexpectedly", parsed.id)
+            return Outcome(State.FAILED, None, {}, Internal(f"unexpected error: {exc!r}", parsed.id))
         finally:
             if tracked:
                 with self._lock:
                     self._running = None
-        self._finish(command.id, outcome, {"queue_ms": queue_ms})
 
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
@@ -315,7 +377,12 @@ class Executor:
         return Outcome(State.SUCCEEDED, output, metrics)
 
     def _publish_after_sync(self, topic: str, payload: bytes) -> None:
-        """Stream chunks show that a command ran: its claim must be on disk first (Store.claim)."""
+        """Stream chunks show that a command ran: its claim must be on disk first (Store.claim);
+        a run started early waits for intake's commit (long done by the first token, normally)
+        and publishes nothing if the command was not stored."""
+        early = self._early
+        if early is not None and early.wait() is None:
+            return
         self._store.sync()
         self._publish_volatile(topic, payload)
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from edge_agent.engine import Generation, OnDelta
 from edge_agent.executor import Executor
-from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, parse_command
-from edge_agent.store import Store
+from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, ParsedCommand, parse_command
+from edge_agent.store import Store, StoredCommand
 from edge_agent.topics import DeviceTopics
 
 TOPICS = DeviceTopics("autoglm", "d1")
@@ -50,6 +50,19 @@ class ScriptedEngine:
         pass
 
 
+def complete(prompt: str, command_id: str, priority: int = 0, stream: bool = False) -> ParsedCommand:
+    raw = json.dumps({"v": 1, "id": command_id, "kind": "complete", "priority": priority,
+                      "created_at": "2026-11-21T10:00:00Z", "params": {"prompt": prompt, "stream": stream}})
+    return parse_command(raw.encode(), 1 << 20, KINDS)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 class Rig:
     def __init__(self, path: Path) -> None:
         self.store = Store(path, TOPICS)
@@ -70,23 +83,26 @@ class Rig:
         self.published.append((topic, payload))
 
     def send(self, prompt: str, command_id: str, priority: int = 0, stream: bool = False,
-             claim: bool = False) -> None:
-        """As the agent's intake does; `claim`: reserve the worker first and, if it is idle, store
-        the command already claimed."""
-        raw = json.dumps({"v": 1, "id": command_id, "kind": "complete", "priority": priority,
-                          "created_at": "2026-11-21T10:00:00Z",
-                          "params": {"prompt": prompt, "stream": stream}}).encode()
-        parsed = parse_command(raw, 1 << 20, KINDS)
-        reserved = claim and self.executor.reserve()
-        intake = self.store.accept(command_id, "complete", raw.decode(), priority, None, claim=reserved)
+             early: bool = False) -> None:
+        """As the agent's intake does; `early`: let an idle worker start before the command is
+        stored (then stored already claimed)."""
+        parsed = complete(prompt, command_id, priority, stream)
+        started = self.executor.start_early(parsed) if early else None
+        intake = self.store.accept(command_id, "complete", parsed.command.model_dump_json(), priority, None,
+                                   claim=started is not None)
         assert intake.command is not None
-        self.executor.submit(intake.command, parsed)
+        if started is not None:
+            started.stored(intake.command)
+        else:
+            self.executor.submit(intake.command, parsed)
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.executor._idle:
-            assert time.monotonic() < deadline, "the worker never went idle"
-            time.sleep(0.005)
+    def wait_idle(self) -> None:
+        wait_until(lambda: self.executor._idle, "the worker to go idle")
+
+    def store_claimed(self, parsed: ParsedCommand) -> StoredCommand:
+        intake = self.store.accept(parsed.id, parsed.kind, parsed.command.model_dump_json(), 0, None, claim=True)
+        assert intake.command is not None and intake.command.state == "running"
+        return intake.command
 
     def wait_state(self, command_id: str, state: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -142,48 +158,70 @@ def test_commands_submitted_while_the_worker_is_busy_run_after_it_by_priority(ri
     assert rig.engine.calls == ["first", "high", "low"]
 
 
-def test_an_idle_worker_reserved_at_intake_runs_the_command_claimed_there_once(rig: Rig) -> None:
+def test_an_idle_worker_starts_a_command_before_it_is_stored_and_finishes_it_once_stored(rig: Rig) -> None:
     rig.wait_idle()
     claims: list[str] = []
     real_claim = rig.store.claim
     rig.store.claim = lambda command_id: claims.append(command_id) or real_claim(command_id)  # type: ignore[method-assign]
-    rig.send("hello there", "c1", claim=True)
+    parsed = complete("hello there", "c1", stream=True)
+    early = rig.executor.start_early(parsed)
+    assert early is not None
+    wait_until(lambda: rig.engine.calls == ["hello there"], "the engine to start before the command is stored")
+    time.sleep(0.05)
+    assert rig.published == [] and rig.store.get("c1") is None, "nothing leaves before the command is stored"
+    early.stored(rig.store_claimed(parsed))
     rig.wait_state("c1", "succeeded")
-    assert rig.engine.calls == ["hello there"]
-    assert claims == [], "the intake commit claimed it: the worker does not claim again"
+    assert claims == [], "intake's commit claimed it: the worker does not claim again"
     assert [s for _, s, _ in rig.statuses()] == ["accepted", "running", "succeeded"]
+    assert rig.events[0] == "sync", "the intake commit is synced before the first chunk"
+    chunks = [json.loads(p) for t, p in rig.published if t == TOPICS.stream("c1")]
+    assert "".join(c["delta"] for c in chunks) == "hellothere"
+    reply = json.loads([r.payload for r in rig.store.pending(0, 100) if r.topic == TOPICS.reply][-1])
+    assert reply["metrics"]["queue_ms"] == 0.0
 
 
-def test_a_busy_or_reserved_worker_cannot_be_reserved_and_a_released_one_serves_again(rig: Rig) -> None:
+def test_an_early_start_that_intake_drops_publishes_nothing_and_the_worker_serves_on(rig: Rig) -> None:
     rig.wait_idle()
-    assert rig.executor.reserve() is True
-    assert rig.executor.reserve() is False, "one reservation at a time"
-    rig.executor.release()
+    early = rig.executor.start_early(complete("never shown", "c1", stream=True))
+    assert early is not None
+    wait_until(lambda: rig.engine.calls == ["never shown"], "the early start")
+    early.drop()  # e.g. a duplicate delivery: intake found the id in the ledger
+    assert early.cancel.is_set(), "the generation is told to stop"
     rig.wait_idle()
+    assert rig.published == [] and rig.statuses() == []
+    rig.send("next one", "c2", early=True)
+    rig.wait_state("c2", "succeeded")
+    assert rig.engine.calls == ["never shown", "next one"]
+
+
+def test_a_busy_worker_or_a_kind_with_side_effects_is_not_started_early(rig: Rig) -> None:
+    rig.wait_idle()
+    config = parse_command(json.dumps({"v": 1, "id": "k1", "kind": "config", "params": {},
+                                       "created_at": "2026-11-21T10:00:00Z"}).encode(), 1 << 20,
+                           KINDS | {"config"})
+    assert rig.executor.start_early(config) is None, "config writes the policy: only after it is stored"
     rig.engine.release.clear()
-    rig.send("first", "c1", claim=True)
+    rig.send("first", "c1", early=True)
     rig.wait_state("c1", "running")
-    assert rig.executor.reserve() is False, "the worker is busy"
-    rig.send("second", "c2", claim=True)  # not reserved: stored `accepted`, claimed by the worker later
+    assert rig.executor.start_early(complete("second", "c2")) is None, "the worker is busy"
+    rig.send("second", "c2", early=True)  # stored `accepted`, claimed by the worker after c1
     assert rig.store.get("c2").state == "accepted"  # type: ignore[union-attr]
     rig.engine.release.set()
     rig.wait_state("c2", "succeeded")
     assert rig.engine.calls == ["first", "second"]
 
 
-def test_a_command_claimed_at_intake_still_runs_when_the_agent_stops_before_the_hand_over(rig: Rig) -> None:
+def test_an_early_start_still_finishes_when_the_agent_stops_before_intake_stored_it(rig: Rig) -> None:
     rig.wait_idle()
-    assert rig.executor.reserve() is True
+    parsed = complete("late one", "c1")
+    early = rig.executor.start_early(parsed)
+    assert early is not None
     stopper = threading.Thread(target=rig.executor.stop, args=(5.0,))
     stopper.start()
     time.sleep(0.05)
-    assert rig.executor.alive(), "the worker waits for the reserved hand-over"
-    assert rig.executor.reserve() is False, "no reservation once stopping"
-    raw = json.dumps({"v": 1, "id": "c1", "kind": "complete", "created_at": "2026-11-21T10:00:00Z",
-                      "params": {"prompt": "late one"}}).encode()
-    intake = rig.store.accept("c1", "complete", raw.decode(), 0, None, claim=True)
-    assert intake.command is not None
-    rig.executor.submit(intake.command, parse_command(raw, 1 << 20, KINDS))
+    assert rig.executor.alive(), "the worker waits for intake's answer"
+    assert rig.executor.start_early(complete("later", "c2")) is None, "nothing starts once stopping"
+    early.stored(rig.store_claimed(parsed))
     stopper.join(10)
     assert rig.engine.calls == ["late one"] and rig.store.get("c1").state == "succeeded"  # type: ignore[union-attr]
 
