@@ -28,10 +28,14 @@ PROMPT = "The gateway reported the following sensor readings and asked for a sum
 
 
 def raw(engine: LlamaEngine, tokens: list[int], seed: int, max_tokens: int) -> tuple[float, float]:
+    """As bench/inference.py's raw run: the final finish-reason-only chunk is not a token."""
     started = time.perf_counter()
     first = last = started
     count = 0
-    for _ in engine._llm.create_completion(prompt=tokens, max_tokens=max_tokens, seed=seed, stream=True):
+    for chunk in engine._llm.create_completion(prompt=tokens, max_tokens=max_tokens, seed=seed, stream=True):
+        choice = chunk["choices"][0]
+        if choice["finish_reason"] is not None and not choice["text"]:
+            continue
         last = time.perf_counter()
         if count == 0:
             first = last

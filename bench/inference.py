@@ -100,12 +100,17 @@ class RawModel:
         self.max_tokens = args.max_tokens
 
     def run(self, seed: int) -> tuple[float, float]:
-        """(TTFT ms, decode tokens/s) of one streamed completion."""
+        """(TTFT ms, decode tokens/s) of one streamed completion. The stream ends with a chunk that
+        only carries the finish reason: it is not a token, so it is not counted (counting it
+        flattered raw by 1/127 at 128 tokens)."""
         started = time.perf_counter()
         first = last = started
         count = 0
-        for _chunk in self.llm.create_completion(prompt=self.tokens, max_tokens=self.max_tokens, seed=seed,
-                                                 stream=True):
+        for chunk in self.llm.create_completion(prompt=self.tokens, max_tokens=self.max_tokens, seed=seed,
+                                                stream=True):
+            choice = chunk["choices"][0]
+            if choice["finish_reason"] is not None and not choice["text"]:
+                continue
             last = time.perf_counter()
             if count == 0:
                 first = last
@@ -222,6 +227,8 @@ def main() -> int:
     raw_rss = raw_rss_kib(args.model, args)
     figures = {
         "throughput_ratio": full["tokens_per_s"] / raw["tokens_per_s"],
+        "throughput_ratio_paired": statistics.median(
+            a[1] / r[1] for a, r in zip(agent_results, raw_results, strict=True)),
         "ttft_overhead_ms": full["ttft_ms"] - raw["ttft_ms"],
         # runs alternate, so each pair shares the machine's state: less noisy than the medians' difference
         "ttft_overhead_paired_ms": statistics.median(
@@ -231,7 +238,8 @@ def main() -> int:
         "raw_rss_mb": raw_rss / 1024,
         "rss_overhead_mb": (agent_rss - raw_rss) / 1024,
     }
-    print(f"throughput ratio (full/raw): {figures['throughput_ratio']:.3f}   (target >= 0.95)")
+    print(f"throughput ratio (full/raw): {figures['throughput_ratio']:.3f} (ratio of medians), "
+          f"{figures['throughput_ratio_paired']:.3f} (median of per-run ratios)   (target >= 0.95)")
     print(f"TTFT overhead: {figures['ttft_overhead_ms']:+.2f} ms (difference of medians), "
           f"{figures['ttft_overhead_paired_ms']:+.2f} ms (median of per-run differences)   (target <= 5 ms)")
     print(f"RSS: agent {figures['agent_rss_mb']:.1f} MB, raw {figures['raw_rss_mb']:.1f} MB, "
