@@ -244,8 +244,9 @@ def main() -> int:
           f"{figures['ttft_overhead_paired_ms']:+.2f} ms (median of per-run differences)   (target <= 5 ms)")
     print(f"RSS: agent {figures['agent_rss_mb']:.1f} MB, raw {figures['raw_rss_mb']:.1f} MB, "
           f"overhead {figures['rss_overhead_mb']:+.1f} MB   (target <= 40 MB)")
-    if args.json:
-        print(json.dumps({"raw": raw, "full": full, **figures}, indent=2))
+    if args.json:  # with every run's (TTFT ms, tokens/s), raw and full path, to pool runs of the bench
+        runs = {"raw_runs": raw_results, "full_runs": agent_results}
+        print(json.dumps({"raw": raw, "full": full, **figures, **runs}, indent=2))
     return 0
 
 
