@@ -1,5 +1,7 @@
-"""What the two commits before a command's first token cost: `Store.accept` (the `accepted`
-reply, before PUBACK) and the `running` claim, with `synchronous` FULL and NORMAL.
+"""What the store costs per command, with `synchronous` FULL and NORMAL: the intake commit of
+an early start (`Store.accept(claim=True)`: `accepted` and `running` with both replies, no fsync
+of its own), the `Store.sync()` the link runs before the PUBACK (one fsync of the WAL, FULL only),
+and the terminal reply's commit (fsynced itself under FULL).
 
   python bench/store_commits.py                 # 60 commands each, in a temporary folder
   python bench/store_commits.py --dir /var/lib/edge-agent --commands 200   # on the device's disk
@@ -34,17 +36,21 @@ def main() -> int:
     for synchronous in ("full", "normal"):
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:
             store = Store(Path(folder) / "bench.db", DeviceTopics("autoglm", "bench"), synchronous)
-            accept, claim = [], []
+            intake, sync, terminal = [], [], []
             for i in range(args.commands):
                 started = time.perf_counter()
-                store.accept(f"c{i}", "complete", '{"prompt": "x"}', 0, None)
-                accept.append(time.perf_counter() - started)
+                store.accept(f"c{i}", "complete", '{"prompt": "x"}', 0, None, claim=True)
+                intake.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                store.transition(f"c{i}", State.RUNNING, ReplyDraft(status="running"))
-                claim.append(time.perf_counter() - started)
+                store.sync()
+                sync.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                store.transition(f"c{i}", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+                terminal.append(time.perf_counter() - started)
             store.close()
-        print(f"synchronous={synchronous:<6}  accept (commit) {median_ms(accept):6.2f} ms   "
-              f"running claim (commit) {median_ms(claim):6.2f} ms   (medians of {args.commands})")
+        print(f"synchronous={synchronous:<6}  intake commit {median_ms(intake):5.2f} ms   "
+              f"sync {median_ms(sync):5.2f} ms   terminal reply commit {median_ms(terminal):5.2f} ms   "
+              f"(medians of {args.commands})")
     return 0
 
 
