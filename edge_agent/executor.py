@@ -197,7 +197,7 @@ class Executor:
             self._engine = reload.swap(self._engine)
 
     def _run_worker(self) -> None:
-        while not self._stopping.is_set() or self._handoff is not None:  # an early start still finishes
+        while not self._stopping.is_set() or isinstance(self._handoff, EarlyStart):  # it is claimed: finish it
             self._reload_if_requested()
             work = self._next_command()
             if work is None:

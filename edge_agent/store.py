@@ -8,8 +8,8 @@ are deleted only when the link reports the broker's ack.
 
 With `synchronous = full`, the commits on the way from a delivered command to its generation skip
 their own fsync, so a generation starts without waiting for the disk: intake's (`accept`,
-`reject`; `accept(claim=True)` also moves the command to `running` in the same commit, when the
-worker is idle) and the claim (`claim`, accepted -> running). Each is durable against a crash of
+`reject`; `accept(claim=True)` also moves the command to `running` in the same commit, for an
+idle worker that started it early) and the claim (`claim`, accepted -> running). Each is durable against a crash of
 the process at once (the WAL write is in the OS) and against power loss at the next `sync()` (one
 fsync of the WAL), which comes before anything that depends on it leaves the device: the link
 calls it before the PUBACK of a command and before publishing outbox rows, the executor before
@@ -385,7 +385,7 @@ class Store:
                 self._full_reported = False
                 self._enqueue(self.topics.event, self._event_bytes(
                     "info", "outbox_recovered", "the outbox is below its caps again", dict(self.dropped)), qos=1)
-                self._wal_unsynced = True  # this row must be synced before it is published, as any
+                self._wal_unsynced = True  # this Event row must reach the disk before the pump publishes it
 
     def outbox_depth(self) -> tuple[int, int]:
         """(rows, payload bytes) waiting in the outbox."""

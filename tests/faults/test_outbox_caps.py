@@ -9,6 +9,7 @@ stored. When the backlog drains below the caps an `outbox_recovered` Event repor
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,25 @@ def test_draining_below_the_cap_publishes_outbox_recovered_with_the_counts(cappe
     recovered = json.loads(row.payload)
     assert recovered["code"] == "outbox_recovered"
     assert recovered["data"]["events"] == 2
+
+
+def test_the_outbox_recovered_event_of_an_unsynced_delete_is_synced_before_the_pump_publishes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "full.db", TOPICS, "full", OutboxLimits(max_rows=10, max_bytes=1 << 20))
+    try:
+        for i in range(12):
+            store.enqueue_event(_event(i))
+        synced: list[int] = []
+        monkeypatch.setattr(os, "fsync", synced.append)
+        store.delete_outbox([store.pending(0, 1)[0].id])  # still at the cap (10 of 10 rows)
+        store.sync()
+        assert synced == [], "a delete alone leaves nothing to sync"
+        store.delete_outbox([r.id for r in store.pending(0, 100)])  # below the cap: outbox_recovered is stored
+        assert _event_codes(store) == ["outbox_recovered"]
+        store.sync()
+        assert len(synced) == 1, "the Event row of that commit is fsynced before it can be published"
+    finally:
+        store.close()
 
 
 def test_the_caps_are_config_keys_with_bounds(tmp_path: Path) -> None:
