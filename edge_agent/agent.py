@@ -154,18 +154,19 @@ class Agent:
                 raise
             self._reject(exc, message)  # the outbox is at its cap: refuse new work rather than lose its reply
             return
+        if early is not None:  # decided before anything else can raise: the worker waits for it
+            if intake.command is None:
+                early.drop()
+            else:
+                early.stored(intake.command)
         self.link.kick()
         if intake.duplicate:
-            if early is not None:
-                early.drop()
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
             return
         assert intake.command is not None
-        if early is not None:
-            early.stored(intake.command)
-        elif parsed.kind in IMMEDIATE_KINDS:
+        if early is None and parsed.kind in IMMEDIATE_KINDS:
             self.executor.run(intake.command, parsed)
-        else:
+        elif early is None:
             self.executor.submit(intake.command, parsed)
 
     def _check_target(self, parsed: ParsedCommand) -> None:

@@ -36,7 +36,7 @@ IMMEDIATE_KINDS = frozenset({"cancel"})  # run at intake, not behind a running g
 # Kinds whose handlers do nothing but compute their output: an idle worker may start them while
 # intake is still storing them (`Executor.start_early`). Not `config` (it writes the policy).
 EARLY_KINDS = frozenset({"ping", "chat", "complete", "onnx"})
-EARLY_DECISION_S = 30.0  # an early start waits this long at most for intake to say stored or not
+EARLY_DECISION_S = 30.0  # an early start that intake has not decided on for this long is logged, again and again
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,12 @@ class EarlyStart:
         self._decided.set()
 
     def wait(self) -> StoredCommand | None:
-        """The stored command once intake decided; None if it was dropped (or intake never said,
-        which leaves a stored command `running` for the restart's recovery)."""
-        if not self._decided.wait(EARLY_DECISION_S):
-            log.error("intake never reported whether command %s was stored; its early start is dropped",
-                      self.parsed.id)
-            self.drop()
-            return None
+        """The stored command once intake decided; None if it was dropped. Intake decides on every
+        path right after its commit, so this waits as long as the commit takes (a slow disk): giving
+        up would leave a command stored `running` with nobody to finish it."""
+        while not self._decided.wait(EARLY_DECISION_S):
+            log.warning("command %s started early; intake has not reported for %.0f s whether it was stored "
+                        "(a slow or stalled disk?); still waiting", self.parsed.id, EARLY_DECISION_S)
         return self._command
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import executor as executor_module
 from edge_agent.engine import Generation, OnDelta
 from edge_agent.executor import Executor
 from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, ParsedCommand, parse_command
@@ -224,6 +225,20 @@ def test_an_early_start_still_finishes_when_the_agent_stops_before_intake_stored
     early.stored(rig.store_claimed(parsed))
     stopper.join(10)
     assert rig.engine.calls == ["late one"] and rig.store.get("c1").state == "succeeded"  # type: ignore[union-attr]
+
+
+def test_an_early_start_waits_out_a_slow_intake_commit_and_still_finishes_the_command(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(executor_module, "EARLY_DECISION_S", 0.05)
+    rig.wait_idle()
+    parsed = complete("slow disk", "c1")
+    early = rig.executor.start_early(parsed)
+    assert early is not None
+    wait_until(lambda: rig.engine.calls == ["slow disk"], "the early start")
+    time.sleep(0.3)  # intake's commit outlasts several decision periods
+    early.stored(rig.store_claimed(parsed))
+    rig.wait_state("c1", "succeeded")  # giving up would leave it stored `running`, with nobody to finish it
+    assert "still waiting" in caplog.text
 
 
 def test_the_claim_is_synced_to_disk_before_the_first_stream_chunk(rig: Rig) -> None:
