@@ -28,13 +28,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_agent.engine.llama import decide_repack, load_llama  # noqa: E402
 from tests.support.agent_proc import AgentProcess  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.cloud import CloudClient, command  # noqa: E402
 
 PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+# Raw llama-cpp-python, with only the weight-repacking switch the agent decided (engine/repack.py)
+# set the raw way: importing edge_agent here would add its own imports to the baseline's RSS.
 RAW_RSS_SCRIPT = """
-import sys, llama_cpp
+import sys, llama_cpp, llama_cpp.llama_cpp as lib
+defaults = lib.llama_model_default_params
+def repack_params():
+    params = defaults()
+    params.use_extra_bufts = sys.argv[7] == "1"
+    return params
+lib.llama_model_default_params = repack_params
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_batch=int(sys.argv[3]),
                       n_threads=int(sys.argv[4]), n_gpu_layers=0, verbose=False)
 for _ in llm.create_completion(prompt=sys.argv[5], max_tokens=int(sys.argv[6]), seed=1, stream=True):
@@ -92,10 +101,8 @@ class RawModel:
     """Raw llama-cpp-python in this process: the baseline."""
 
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch,
-                                   n_threads=args.threads, n_gpu_layers=0, verbose=False)
+        self.llm = load_llama(dict(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch,
+                                   n_threads=args.threads, n_gpu_layers=0, verbose=False), repack_enabled())
         self.tokens = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
         self.max_tokens = args.max_tokens
 
@@ -166,9 +173,15 @@ class AgentPath:
         self.broker.stop()
 
 
+def repack_enabled() -> bool:
+    """What the agent decides with `model.repack` left at auto: raw loads the weights the same way."""
+    return decide_repack("auto").enabled
+
+
 def raw_rss_kib(model: Path, args: argparse.Namespace) -> int:
     out = subprocess.run([sys.executable, "-c", RAW_RSS_SCRIPT, str(model), str(args.n_ctx), str(args.n_batch),
-                          str(args.threads), PROMPT, str(args.max_tokens)], capture_output=True, text=True, check=True)
+                          str(args.threads), PROMPT, str(args.max_tokens), "1" if repack_enabled() else "0"],
+                         capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 

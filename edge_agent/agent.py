@@ -138,9 +138,11 @@ class Agent:
         # An idle worker starts the command now, while this commit stores it already `running`:
         # the generation does not wait for intake. Nothing of the run leaves the device before the
         # commit (and the fsync before any publish); a command not stored is dropped by the worker.
-        # Not for a command that has expired (the worker answers `expired`).
+        # Not for a command that has expired (the worker answers `expired`), nor for a redelivery
+        # of a known id (a look-up by primary key: it spares the worker a doomed prompt evaluation).
         early = None
-        if lifecycle.start_decision(expires_at, time.time()) is not State.EXPIRED:
+        if (lifecycle.start_decision(expires_at, time.time()) is not State.EXPIRED
+                and not self.store.known(parsed.id)):
             early = self.executor.start_early(parsed)
         try:
             intake = self.store.accept(

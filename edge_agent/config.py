@@ -60,6 +60,7 @@ class ModelConfig(Section):
     n_batch: int = Field(default=512, ge=1)
     n_ubatch: int | None = Field(default=None, ge=1)
     flash_attn: bool = False
+    repack: Literal["auto"] | bool = "auto"
     type_k: KvCacheType | None = None
     type_v: KvCacheType | None = None
     prefix_cache_mb: int = Field(default=0, ge=0)

@@ -321,6 +321,11 @@ class Store:
         with self._lock:
             return self._get(command_id)
 
+    def known(self, command_id: str) -> bool:
+        """Whether the ledger holds this id (a duplicate delivery), without reading its payload."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM commands WHERE id = ?", [command_id]).fetchone() is not None
+
     def next_runnable(self) -> StoredCommand | None:
         """The accepted command to run next: highest priority first, then arrival order."""
         query = (f"SELECT {COMMAND_COLUMNS} FROM commands WHERE state = 'accepted'"

@@ -123,18 +123,19 @@ def search(start: Any, space: dict[str, list[object]], measure: Measure, target:
 
 
 def measure_with_llama(model: Path, n_ctx: int, max_tokens: int) -> Measure:
-    import llama_cpp
 
-    from edge_agent.engine.llama import KV_TYPES
+    from edge_agent.engine.llama import KV_TYPES, decide_repack, load_llama
+
+    repack = decide_repack("auto").enabled  # as the agent loads it with model.repack left at auto
 
     def measure(candidate: Candidate) -> Trial:
         started = time.monotonic()
         try:
-            llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_threads=candidate.n_threads,
+            llm = load_llama(dict(model_path=str(model), n_ctx=n_ctx, n_threads=candidate.n_threads,
                                   n_batch=candidate.n_batch, n_ubatch=candidate.n_ubatch,
                                   flash_attn=candidate.flash_attn, type_k=KV_TYPES[candidate.kv_type],
                                   type_v=KV_TYPES[candidate.kv_type], n_gpu_layers=candidate.n_gpu_layers,
-                                  verbose=False)
+                                  verbose=False), repack)
         except ValueError as exc:
             return Trial(candidate, 0.0, 0.0, time.monotonic() - started, f"load failed: {exc}")
         try:

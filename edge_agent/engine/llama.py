@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -28,6 +28,7 @@ from edge_agent.config import ModelConfig
 from edge_agent.engine import FinishReason, Generation, OnDelta
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
 from edge_agent.engine.prefix import PrefixStates
+from edge_agent.engine.repack import RepackChoice, choose_repack
 from edge_agent.engine.templates import PromptTemplate, apply_template
 from edge_agent.engine.watchdog import StallWatchdog
 from edge_agent.errors import InvalidCommand, ModelError, Timeout
@@ -71,6 +72,37 @@ def decide_gpu_layers(config: ModelConfig) -> GpuChoice:
     return choose_gpu_layers("auto", supports, footprint, probe_free_device_memory())
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+def decide_repack(setting: Literal["auto"] | bool) -> RepackChoice:
+    return choose_repack(setting, llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
+def load_llama(settings: Mapping[str, Any], repack: bool) -> llama_cpp.Llama:
+    """`llama_cpp.Llama(**settings)` with `use_extra_bufts = repack` (engine/repack.py), a model
+    parameter `Llama` has no argument for: it is set on the defaults `Llama` starts from, for the
+    duration of this load. Raises ModelError if llama-cpp-python stopped honouring it."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def with_repack() -> llama_cpp.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = repack
+        return params
+
+    with _LOAD_LOCK:
+        llama_cpp.llama_cpp.llama_model_default_params = with_repack
+        try:
+            llm = llama_cpp.Llama(**settings)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
+    if llm.model_params.use_extra_bufts != repack:
+        llm.close()
+        raise ModelError(f"this llama-cpp-python ignores use_extra_bufts (wanted {repack}); pin "
+                         "llama-cpp-python==0.3.36 as pyproject.toml does, or set model.repack to match its default")
+    return llm
+
+
 def llama_settings(config: ModelConfig, n_gpu_layers: int) -> dict[str, Any]:
     """Keyword arguments of `llama_cpp.Llama` for a model config (shared with the tuner)."""
     settings: dict[str, Any] = {
@@ -104,8 +136,10 @@ class LlamaEngine:
         gpu = decide_gpu_layers(config)
         self.gpu_reason = gpu.reason
         log.info("GPU offload: %s", gpu.reason)
+        repack = decide_repack(config.repack)
+        log.info("weight repacking: %s", repack.reason)
         try:
-            self._llm = llama_cpp.Llama(**llama_settings(config, gpu.n_gpu_layers))
+            self._llm = load_llama(llama_settings(config, gpu.n_gpu_layers), repack.enabled)
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {config.path}: {exc}") from exc
         self._prefixes = PrefixStates(config.prefix_cache_mb * 1024 * 1024) if config.prefix_cache_mb else None

@@ -82,15 +82,16 @@ def test_streaming_chunks_arrive_in_order_and_add_up_to_the_text(device, cloud: 
     assert "".join(c["delta"] for c in chunks) == reply["output"]["text"]
 
 
-def test_a_duplicate_command_id_is_not_executed_again(device, cloud: CloudClient) -> None:
-    device_id, store, _ = device
+def test_a_duplicate_command_id_is_not_executed_again(start_agent, session_broker, cloud: CloudClient) -> None:
+    agent, device_id, store = start_agent(session_broker)
+    cloud.wait_online(device_id)
     cmd = command("complete", {"prompt": "dup", "max_tokens": 8, "stream": True})
     cloud.send(device_id, cmd)
     first = cloud.wait_terminal(cmd["id"])
     cloud.wait_for(lambda: any(c["done"] for c in cloud.on(f"/stream/{cmd['id']}")), 10, "final chunk")
     chunks = len(cloud.on(f"/stream/{cmd['id']}"))
     before = len(cloud.replies(cmd["id"]))
-    cloud.send(device_id, cmd)  # same id again: the idle worker starts it early, intake finds the duplicate
+    cloud.send(device_id, cmd)  # same id again, to an idle worker: intake finds the id before any early start
     cloud.wait_for(lambda: len(cloud.replies(cmd["id"])) > before, 10, "re-sent reply")
     after = command("ping")
     cloud.send(device_id, after)  # runs once the dropped early start has ended
@@ -99,8 +100,11 @@ def test_a_duplicate_command_id_is_not_executed_again(device, cloud: CloudClient
     assert all(r["seq"] == first["seq"] and r["status"] == "succeeded" for r in resent)
     assert len(cloud.terminal(cmd["id"])) == 1  # after dedupe by seq: one terminal reply
     assert not any(r["status"] == "running" for r in resent)
-    assert len(cloud.on(f"/stream/{cmd['id']}")) == chunks, "the duplicate's early start published nothing"
+    assert len(cloud.on(f"/stream/{cmd['id']}")) == chunks, "the duplicate published no stream chunk"
     assert read_ledger(store)[cmd["id"]] == "succeeded"
+    assert agent.terminate() == 0
+    assert "duplicate delivery of command" in agent.log_text()
+    assert "dropped the early start" not in agent.log_text(), "the duplicate was not even started"
 
 
 BAD_PAYLOADS = [

@@ -86,7 +86,9 @@ def test_the_stored_last_reply_is_the_enqueued_reply(store: Store) -> None:
 
 
 def test_a_duplicate_accept_stores_no_second_command_and_resends_the_same_reply(store: Store) -> None:
+    assert not store.known("c1")
     accept(store, "c1")
+    assert store.known("c1") and not store.known("c2")
     again = store.accept("c1", "complete", '{"changed": true}', 9, None)
     assert (again.duplicate, again.state) == (True, "accepted")
     assert store.count_in_state("accepted") == 1
