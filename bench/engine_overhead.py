@@ -9,15 +9,15 @@ from the MQTT path measured by bench/inference.py.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from llama_timing import model_parser, time_stream  # noqa: E402
 
 from edge_agent.config import ModelConfig  # noqa: E402
 from edge_agent.engine.llama import LlamaEngine  # noqa: E402
@@ -28,19 +28,8 @@ PROMPT = "The gateway reported the following sensor readings and asked for a sum
 
 
 def raw(engine: LlamaEngine, tokens: list[int], seed: int, max_tokens: int) -> tuple[float, float]:
-    """As bench/inference.py's raw run: the final finish-reason-only chunk is not a token."""
-    started = time.perf_counter()
-    first = last = started
-    count = 0
-    for chunk in engine._llm.create_completion(prompt=tokens, max_tokens=max_tokens, seed=seed, stream=True):
-        choice = chunk["choices"][0]
-        if choice["finish_reason"] is not None and not choice["text"]:
-            continue
-        last = time.perf_counter()
-        if count == 0:
-            first = last
-        count += 1
-    return (first - started) * 1000, (count - 1) / (last - first)
+    """As bench/inference.py's raw run, on the engine's own `Llama`."""
+    return time_stream(engine._llm, tokens, max_tokens, seed)
 
 
 def through_engine(engine: LlamaEngine, seed: int, max_tokens: int) -> tuple[float, float]:
@@ -51,10 +40,7 @@ def through_engine(engine: LlamaEngine, seed: int, max_tokens: int) -> tuple[flo
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bench-glm4-q4_0.gguf")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser = model_parser(__doc__, threads=1, max_tokens=128)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     engine = LlamaEngine(ModelConfig(path=args.model, n_ctx=2048, n_threads=args.threads))

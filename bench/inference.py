@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama_timing import model_parser, time_stream  # noqa: E402
+
 from edge_agent.engine.llama import decide_repack, load_llama  # noqa: E402
 from tests.support.agent_proc import AgentProcess  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
@@ -107,22 +109,8 @@ class RawModel:
         self.max_tokens = args.max_tokens
 
     def run(self, seed: int) -> tuple[float, float]:
-        """(TTFT ms, decode tokens/s) of one streamed completion. The stream ends with a chunk that
-        only carries the finish reason: it is not a token, so it is not counted (counting it
-        flattered raw by 1/127 at 128 tokens)."""
-        started = time.perf_counter()
-        first = last = started
-        count = 0
-        for chunk in self.llm.create_completion(prompt=self.tokens, max_tokens=self.max_tokens, seed=seed,
-                                                stream=True):
-            choice = chunk["choices"][0]
-            if choice["finish_reason"] is not None and not choice["text"]:
-                continue
-            last = time.perf_counter()
-            if count == 0:
-                first = last
-            count += 1
-        return (first - started) * 1000, (count - 1) / (last - first)
+        """(TTFT ms, decode tokens/s) of one streamed completion."""
+        return time_stream(self.llm, self.tokens, self.max_tokens, seed)
 
     def close(self) -> None:
         self.llm.close()
@@ -193,13 +181,10 @@ def summarize(name: str, runs: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bench-glm4-q4_0.gguf")
+    parser = model_parser(__doc__, threads=2, max_tokens=128)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
                         help="the agent's store.synchronous (full: an fsync per commit, two before the first token)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")

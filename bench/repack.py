@@ -16,13 +16,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llama_cpp  # noqa: E402
+from llama_timing import model_parser, time_stream  # noqa: E402
 
 from edge_agent.engine.llama import decide_repack, load_llama  # noqa: E402
 
@@ -32,17 +32,7 @@ SENTENCE = "Pump 3 reported pressure 4.2 bar, flow 31 l/min and a vibration peak
 def measure(llm: llama_cpp.Llama, tokens: list[int], max_tokens: int) -> tuple[float, float]:
     """(prompt evaluation ms, decode tokens/s) of one completion, the whole prompt evaluated (`reset`)."""
     llm.reset()
-    started = time.perf_counter()
-    first = last = started
-    count = 0
-    for chunk in llm.create_completion(prompt=tokens, max_tokens=max_tokens, seed=1, stream=True):
-        if chunk["choices"][0]["finish_reason"] is not None and not chunk["choices"][0]["text"]:
-            continue
-        last = time.perf_counter()
-        if count == 0:
-            first = last
-        count += 1
-    return (first - started) * 1000, (count - 1) / (last - first)
+    return time_stream(llm, tokens, max_tokens, seed=1)
 
 
 def child(args: argparse.Namespace) -> int:
@@ -58,11 +48,8 @@ def child(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "bench-glm4-q4_0.gguf")
-    parser.add_argument("--threads", type=int, default=1)
+    parser = model_parser(__doc__, threads=1, max_tokens=64)
     parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
