@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a development/demo environment on Debian/Ubuntu: mosquitto (when missing), .venv with
 # every dependency. llama-cpp-python is compiled from source the first time (about 10 minutes on
-# 2 cores); pip caches the wheel, so later runs take seconds.
+# 2 cores); the wheel is kept (see install_llama), so later runs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,24 +71,44 @@ ensure_venv() {
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 }
 
+# llama.cpp is compiled for this CPU (GGML_NATIVE), except its AMX kernels on x86_64: they segfault
+# (llama.cpp issue #20824; README "CPUs with AMX"), and without them llama.cpp still repacks the
+# weights for AVX-512/AVX2 (bench/repack.py). pip's own cache does not tell builds with other
+# CMAKE_ARGS apart, so the wheel is kept in a directory named after them.
+llama_cmake_args() {
+  if [ -n "${CMAKE_ARGS:-}" ]; then
+    printf '%s' "$CMAKE_ARGS"
+  elif [ "$(uname -m)" = x86_64 ]; then
+    local flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    printf '%s' "-DCMAKE_C_FLAGS='$flags' -DCMAKE_CXX_FLAGS='$flags'"
+  fi
+}
+
 install_llama() {
   if "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     return 0
   fi
-  say "installing $LLAMA_SPEC (first time: compiles llama.cpp, ~10 min on 2 cores; cached by pip afterwards)"
-  local log; log=$(mktemp -t llama-build.XXXXXX.log)
-  set +o pipefail
-  "$VENV/bin/python" -m pip install -v "$LLAMA_SPEC" 2>&1 | tee "$log" |
-    grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\]' |
-    awk '{ if (NR % 10 == 1) { printf "    llama.cpp build step %s\n", $1; fflush() } }'
-  local status=${PIPESTATUS[0]}
-  set -o pipefail
-  if [ "$status" -ne 0 ]; then
-    tail -40 "$log" >&2
-    echo "error: building llama-cpp-python failed (full log: $log). It needs gcc, g++ and cmake." >&2
-    return 1
+  local cmake_args; cmake_args=$(llama_cmake_args)
+  local wheels; wheels="${LLAMA_WHEEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/autoglm-edge/wheels}/$(
+    printf '%s %s' "$LLAMA_SPEC" "$cmake_args" | sha256sum | cut -c1-16)"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    say "building $LLAMA_SPEC (first time: compiles llama.cpp, ~10 min on 2 cores; kept in $wheels)"
+    say "CMAKE_ARGS=$cmake_args"
+    local log; log=$(mktemp -t llama-build.XXXXXX.log)
+    set +o pipefail
+    CMAKE_ARGS="$cmake_args" "$VENV/bin/python" -m pip wheel -v --no-cache-dir --no-deps -w "$wheels" "$LLAMA_SPEC" 2>&1 |
+      tee "$log" | grep --line-buffered -oE '^ *\[[0-9]+/[0-9]+\]' |
+      awk '{ if (NR % 10 == 1) { printf "    llama.cpp build step %s\n", $1; fflush() } }'
+    local status=${PIPESTATUS[0]}
+    set -o pipefail
+    if [ "$status" -ne 0 ]; then
+      tail -40 "$log" >&2
+      echo "error: building llama-cpp-python failed (full log: $log). It needs gcc, g++ and cmake." >&2
+      return 1
+    fi
   fi
-  say "llama-cpp-python installed"
+  "$VENV/bin/python" -m pip install --quiet --find-links "$wheels" --only-binary llama-cpp-python "$LLAMA_SPEC"
+  say "llama-cpp-python installed from $wheels"
 }
 
 ensure_mosquitto
