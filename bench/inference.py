@@ -104,7 +104,7 @@ class RawModel:
 
     def __init__(self, model: Path, args: argparse.Namespace) -> None:
         self.llm = load_llama(dict(model_path=str(model), n_ctx=args.n_ctx, n_batch=args.n_batch,
-                                   n_threads=args.threads, n_gpu_layers=0, verbose=False), repack_enabled())
+                                   n_threads=args.threads, n_gpu_layers=0, verbose=False), repack_enabled(args))
         self.tokens = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
         self.max_tokens = args.max_tokens
 
@@ -126,7 +126,7 @@ class AgentPath:
             f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {self.broker.port}\n'
             f'[store]\npath = "{work / "agent.db"}"\nsynchronous = "{args.synchronous}"\n'
             f'[model]\npath = "{model.resolve()}"\nn_ctx = {args.n_ctx}\n'
-            f"n_batch = {args.n_batch}\nn_threads = {args.threads}\n"
+            f"n_batch = {args.n_batch}\nn_threads = {args.threads}\nrepack = {str(repack_enabled(args)).lower()}\n"
         )
         self.agent = AgentProcess(config, work / "agent.log").start()
         self.cloud = CloudClient(self.broker.port)
@@ -161,14 +161,14 @@ class AgentPath:
         self.broker.stop()
 
 
-def repack_enabled() -> bool:
-    """What the agent decides with `model.repack` left at auto: raw loads the weights the same way."""
-    return decide_repack("auto").enabled
+def repack_enabled(args: argparse.Namespace) -> bool:
+    """`--repack` as the agent decides it (engine/repack.py); raw loads the weights the same way."""
+    return decide_repack({"auto": "auto", "true": True, "false": False}[args.repack]).enabled
 
 
 def raw_rss_kib(model: Path, args: argparse.Namespace) -> int:
     out = subprocess.run([sys.executable, "-c", RAW_RSS_SCRIPT, str(model), str(args.n_ctx), str(args.n_batch),
-                          str(args.threads), PROMPT, str(args.max_tokens), "1" if repack_enabled() else "0"],
+                          str(args.threads), PROMPT, str(args.max_tokens), "1" if repack_enabled(args) else "0"],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -185,6 +185,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--repack", choices=["auto", "true", "false"], default="auto",
+                        help="model.repack for both paths (llama.cpp's CPU weight repacking)")
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
                         help="the agent's store.synchronous (full: an fsync per commit, two before the first token)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
