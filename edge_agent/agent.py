@@ -166,9 +166,11 @@ class Agent:
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, intake.state)
             return
         assert intake.command is not None
-        if early is None and parsed.kind in IMMEDIATE_KINDS:
+        if early is not None:
+            return  # the worker is already running it
+        if parsed.kind in IMMEDIATE_KINDS:
             self.executor.run(intake.command, parsed)
-        elif early is None:
+        else:
             self.executor.submit(intake.command, parsed)
 
     def _check_target(self, parsed: ParsedCommand) -> None:

@@ -36,7 +36,7 @@ IMMEDIATE_KINDS = frozenset({"cancel"})  # run at intake, not behind a running g
 # Kinds whose handlers do nothing but compute their output: an idle worker may start them while
 # intake is still storing them (`Executor.start_early`). Not `config` (it writes the policy).
 EARLY_KINDS = frozenset({"ping", "chat", "complete", "onnx"})
-EARLY_DECISION_S = 30.0  # an early start that intake has not decided on for this long is logged, again and again
+EARLY_DECISION_S = 30.0  # how often an early start still waiting for intake's decision is logged
 
 
 @dataclass(frozen=True)

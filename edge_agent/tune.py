@@ -123,7 +123,6 @@ def search(start: Any, space: dict[str, list[object]], measure: Measure, target:
 
 
 def measure_with_llama(model: Path, n_ctx: int, max_tokens: int) -> Measure:
-
     from edge_agent.engine.llama import KV_TYPES, decide_repack, load_llama
 
     repack = decide_repack("auto").enabled  # as the agent loads it with model.repack left at auto
