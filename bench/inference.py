@@ -183,6 +183,9 @@ def summarize(name: str, runs: list[tuple[float, float]]) -> dict[str, float]:
 def main() -> int:
     parser = model_parser(__doc__, threads=2, max_tokens=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="repeat with a fresh agent process and a freshly loaded raw model: the first "
+                             "decode step's speed differs between processes (docs/performance.md)")
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--repack", choices=["auto", "true", "false"], default="auto",
@@ -196,27 +199,34 @@ def main() -> int:
     print(f"model {args.model.name}, prompt {len(PROMPT)} chars, {args.max_tokens} tokens, {args.threads} threads")
     raw_results: list[tuple[float, float]] = []
     agent_results: list[tuple[float, float]] = []
+    echo_ms: list[float] = []
+    engine_rates: list[float] = []
+    engine_ttfts: list[float] = []
+    queues: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        path = AgentPath(args.model, args, Path(tmp))
-        baseline = RawModel(args.model, args)
-        echo = RawEcho(path)
-        echo_ms: list[float] = []
-        try:
-            for run in range(args.runs + 1):  # run 0 warms both up; runs alternate to share the drift
-                raw_sample, agent_sample = baseline.run(run), path.run(run)
-                echo_sample = echo.run()
-                if run:
-                    raw_results.append(raw_sample)
-                    agent_results.append(agent_sample)
-                    echo_ms.append(echo_sample)
-            agent_rss = path.rss_kib()
-            inside = statistics.median(path.engine_tokens_per_s[1:])
-            inside_ttft = statistics.median(path.engine_ttft_ms[1:])
-            queue = statistics.median(path.queue_ms[1:])
-        finally:
-            echo.close()
-            baseline.close()
-            path.close()
+        for session in range(args.sessions):  # fresh processes (agent) and a fresh raw model each time
+            work = Path(tmp) / f"session-{session}"
+            work.mkdir()
+            path = AgentPath(args.model, args, work)
+            baseline = RawModel(args.model, args)
+            echo = RawEcho(path)
+            try:
+                for run in range(args.runs + 1):  # run 0 warms both up; runs alternate to share the drift
+                    raw_sample, agent_sample = baseline.run(run), path.run(run)
+                    echo_sample = echo.run()
+                    if run:
+                        raw_results.append(raw_sample)
+                        agent_results.append(agent_sample)
+                        echo_ms.append(echo_sample)
+                agent_rss = path.rss_kib()
+                engine_rates += path.engine_tokens_per_s[1:]
+                engine_ttfts += path.engine_ttft_ms[1:]
+                queues += path.queue_ms[1:]
+            finally:
+                echo.close()
+                baseline.close()
+                path.close()
+    inside, inside_ttft, queue = (statistics.median(v) for v in (engine_rates, engine_ttfts, queues))
     raw = summarize("raw", raw_results)
     full = summarize("full path", agent_results)
     print(f"{'(agent)':>10}: decode {inside:8.1f} tokens/s measured inside the agent process; "
