@@ -8,7 +8,6 @@ other message, since redelivering it would not make it valid.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cloud_bridge.registry import Registry
-from edge_agent.protocol import Event, Reply, Status, StreamChunk, Telemetry
+from edge_agent.errors import AgentError
+from edge_agent.protocol import Event, Reply, Status, StreamChunk, Telemetry, decode_json_object
 from edge_agent.topics import CloudTopic, parse_cloud_topic
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,10 @@ class BadPayload(ValueError):
 
 
 def _decode(payload: bytes) -> dict:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise BadPayload(f"payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadPayload(f"payload is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise BadPayload(f"payload must be a JSON object, got {type(obj).__name__}")
-    return obj
+        return decode_json_object(payload, MAX_PAYLOAD_BYTES)
+    except AgentError as exc:
+        raise BadPayload(str(exc)) from exc
 
 
 def _parse(model: type[M], payload: bytes) -> M:

@@ -18,6 +18,9 @@ from edge_agent.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarg
 PROTOCOL_VERSION = 1
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 CommandId = Annotated[str, StringConstraints(pattern=COMMAND_ID_PATTERN)]
@@ -180,18 +183,38 @@ def _validate_id(value: Any) -> str | None:
     return None
 
 
+def json_nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON text nests arrays and objects more than `limit` levels deep, decided without parsing.
+
+    Python's json parser recurses once per level: a payload of 50,000 `[` takes it to the
+    interpreter's recursion limit, and a garbage-collector finalizer that runs down there fails
+    with an error nobody can catch. Brackets inside strings do not count; text with few brackets
+    is answered by counting alone.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
 def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Size-check, decode and parse a payload that must be one JSON object."""
     if len(payload) > max_bytes:
         raise PayloadTooLarge(f"payload is {len(payload)} bytes; this device accepts at most {max_bytes}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadJson(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    if json_nesting_exceeds(text, MAX_JSON_DEPTH):
+        raise BadJson(f"payload JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise BadJson("payload JSON is nested too deeply") from exc
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise BadJson(f"payload JSON has a value that cannot be read: {exc}") from exc
     if not isinstance(obj, dict):

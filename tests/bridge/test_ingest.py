@@ -48,6 +48,7 @@ def test_stream_chunks_come_from_the_stream_topic(ingestor, registry):
         (f"{P}/dev-1/reply", b"[1, 2]"),
         (f"{P}/dev-1/reply", b'{"v": 1, "status": "accepted"}'),
         (f"{P}/dev-1/reply", b"\xff\xfe"),
+        (f"{P}/dev-1/reply", b'{"v": 1, "output": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
         (f"{P}/dev-1/status", b'{"v": 1, "device_id": "dev-1", "state": "asleep"}'),
         (f"{P}/dev-1/event", b'{"v": 2}'),
         (f"{P}/dev-1/telemetry", b"{}"),

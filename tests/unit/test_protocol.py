@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from edge_agent.errors import AgentError, BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
 from edge_agent.protocol import (
+    MAX_JSON_DEPTH,
     CancelParams,
     ChatParams,
     CompleteParams,
@@ -27,6 +28,7 @@ from edge_agent.protocol import (
     StreamChunk,
     Telemetry,
     format_ts,
+    json_nesting_exceeds,
     parse_command,
     to_bytes,
 )
@@ -166,6 +168,35 @@ def test_json_nested_100000_levels_deep_is_bad_json_not_a_crash(opener: bytes) -
 def test_balanced_json_nested_100000_levels_deep_is_bad_json_not_a_crash() -> None:
     error = refusal(b"[" * 100_000 + b"]" * 100_000, max_bytes=10**7)
     assert isinstance(error, BadJson)
+
+
+def test_json_nested_deeper_than_the_limit_is_refused_before_the_parser_recurses(monkeypatch) -> None:
+    def must_not_parse(text: str) -> None:
+        raise AssertionError("json.loads was called on deeply nested text")
+
+    monkeypatch.setattr("edge_agent.protocol.json.loads", must_not_parse)
+    error = refusal(b'{"v": 1, "params": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}")
+    assert isinstance(error, BadJson) and f"more than {MAX_JSON_DEPTH} levels" in error.message
+
+
+def test_a_command_nested_exactly_to_the_limit_is_still_parsed() -> None:
+    inputs = "[" * (MAX_JSON_DEPTH - 3) + "1.5" + "]" * (MAX_JSON_DEPTH - 3)  # envelope, params, inputs: 3 levels
+    payload = json.dumps({"v": 1, "id": "cmd-1", "kind": "onnx", "created_at": CREATED,
+                          "params": {"model": "m", "inputs": {"x": json.loads(inputs)}}}).encode()
+    assert json_nesting_exceeds(payload.decode(), MAX_JSON_DEPTH) is False
+    assert parse_command(payload, MAX).command.kind == "onnx"
+
+
+@pytest.mark.parametrize(("text", "deeper_than_2"), [
+    ('[[["x"]]]', True),
+    ('[["[[[[", "{{{{"]]', False),  # brackets inside strings do not nest
+    ('[["\\\\", "]"], []]', False),  # an escaped backslash ends the string before its closing quote
+    ('[["\\\"[[[["]]', False),  # an escaped quote does not end the string
+    ("[[]][[]][[]][[]]", False),  # many brackets, never deep
+    ('{"a": {"b": {"c": 1}}}', True),
+])
+def test_json_nesting_is_measured_outside_strings(text: str, deeper_than_2: bool) -> None:
+    assert json_nesting_exceeds(text, 2) is deeper_than_2
 
 
 def test_an_integer_literal_too_long_for_python_is_bad_json_not_a_crash() -> None:
