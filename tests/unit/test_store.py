@@ -293,6 +293,36 @@ def test_outbox_depth_counts_rows_and_payload_bytes(store: Store) -> None:
     assert store.outbox_depth() == (1, len(current[1].payload))
 
 
+def test_the_outbox_size_kept_by_triggers_equals_a_count_of_the_rows(path: Path) -> None:
+    store = Store(path, TOPICS)
+    for n in range(6):
+        accept(store, f"c{n}")
+        store.enqueue_event(event())
+    store.delete_outbox([r.id for r in rows(store)][::2])
+    with pytest.raises(RuntimeError), store.db.atomic():  # a rolled-back insert leaves no trace in the size
+        store.db.execute("INSERT INTO outbox (topic, payload, qos, bytes, created_at) VALUES ('t', x'00', 1, 1, 0)")
+        raise RuntimeError("roll back")
+    counted = store.db.execute("SELECT COUNT(*), SUM(bytes) FROM outbox").fetchone()
+    assert store.outbox_depth() == tuple(counted) == (6, sum(len(r.payload) for r in rows(store)))
+    store.close()
+
+
+def test_a_store_made_before_the_outbox_size_table_gets_it_counted_when_opened(path: Path) -> None:
+    old = Store(path, TOPICS)
+    for n in range(3):
+        accept(old, f"c{n}")
+    kept = rows(old)
+    for statement in ("DROP TRIGGER outbox_size_insert", "DROP TRIGGER outbox_size_delete", "DROP TABLE outbox_size"):
+        old.db.execute(statement)
+    old.close()
+    reopened = Store(path, TOPICS)
+    assert reopened.outbox_depth() == (3, sum(len(r.payload) for r in kept))
+    reopened.delete_outbox([kept[0].id])
+    accept(reopened, "c9")
+    assert reopened.outbox_depth() == (3, sum(len(r.payload) for r in rows(reopened)))
+    reopened.close()
+
+
 def test_an_event_is_enqueued_on_the_event_topic(store: Store) -> None:
     store.enqueue_event(event("agent_started"))
     [row] = rows(store)
