@@ -98,6 +98,7 @@ class Agent:
             agent_version=__version__,
             publish_volatile=self.link.publish_volatile,
             on_stored=self.link.kick,
+            stream_interval_s=config.mqtt.stream_interval_ms / 1000,
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
         self.policy = policy.initial(self.store.load_policy(), config.telemetry_interval_s)

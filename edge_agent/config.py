@@ -31,12 +31,14 @@ ENV_PREFIX = "EDGE_AGENT_"
 
 
 class MqttConfig(BrokerConfig):
-    """The broker keys plus the agent's own: groups, last-will delay, payload cap, in-flight window."""
+    """The broker keys plus the agent's own: groups, last-will delay, payload cap, in-flight window,
+    stream chunk interval."""
 
     groups: list[Annotated[str, AfterValidator(check_group)]] = Field(default_factory=list)
     will_delay_s: int = Field(default=5, ge=0)
     max_payload_bytes: int = Field(default=256 * 1024, ge=1024)
     inflight_window: int = Field(default=20, ge=1, le=1000)
+    stream_interval_ms: float = Field(default=50.0, ge=0.0, le=10_000.0)
 
     @model_validator(mode="after")
     def _will_within_session(self) -> MqttConfig:

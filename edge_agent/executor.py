@@ -94,6 +94,7 @@ class Executor:
         agent_version: str,
         publish_volatile: Callable[[str, bytes], None],
         on_stored: Callable[[], None],
+        stream_interval_s: float,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -101,6 +102,7 @@ class Executor:
         self._agent_version = agent_version
         self._publish_volatile = publish_volatile
         self._on_stored = on_stored
+        self._stream_interval_s = stream_interval_s
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -349,7 +351,8 @@ class Executor:
               generate: Callable[[Callable[[str], None] | None], Generation]) -> Outcome:
         params = parsed.params
         assert isinstance(params, ChatParams | CompleteParams)
-        streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_after_sync)
+        streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_after_sync,
+                                self._stream_interval_s)
         generation = generate(streamer.delta if params.stream else None)
         if params.stream:
             streamer.done()

@@ -1,6 +1,7 @@
 """Stream chunks for one command, coalesced: the first delta goes out at once (time to first
-token), later ones are gathered and sent at most every `interval_s`, checked as tokens arrive,
-so a fast model publishes a few chunks per second, not one per token. Chunks are serialized by
+token), later ones are gathered and sent at most every `interval_s` (`mqtt.stream_interval_ms`),
+checked as tokens arrive, so a fast model publishes a few chunks per second, not one per token;
+0 sends every token as its own chunk. Chunks are serialized by
 hand (the StreamChunk layout, same key order) because this runs on the token path.
 """
 
@@ -10,12 +11,10 @@ import json
 import time
 from collections.abc import Callable
 
-COALESCE_S = 0.05  # (choice) at most ~20 chunks/s per command; see docs/protocol.md
-
 
 class ChunkStreamer:
     def __init__(self, topic: str, command_id: str, publish: Callable[[str, bytes], None],
-                 interval_s: float = COALESCE_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._topic = topic
         self._prefix = '{"v":1,"command_id":' + json.dumps(command_id) + ',"index":'
         self._publish = publish

@@ -135,3 +135,24 @@ def test_a_generation_with_no_token_within_the_stall_timeout_fails_with_timeout(
         assert "stall_timeout_s" in reply["error"]["message"]
     finally:
         assert agent.terminate() == 0, agent.log_text()
+
+
+def test_a_stream_interval_of_zero_sends_a_chunk_per_token(
+        tmp_path: Path, session_broker: Broker, tiny_model: Path, cloud: CloudClient) -> None:
+    # the default 50 ms gathers this whole generation (~2,000 tokens/s) into two or three chunks
+    config = write_agent_config(tmp_path / "gw-tokens.toml", "gw-tokens", session_broker.port, tiny_model,
+                                tmp_path / "gw-tokens.db")
+    agent = AgentProcess(config, tmp_path / "gw-tokens.log", env={"EDGE_AGENT_MQTT__STREAM_INTERVAL_MS": "0"}).start()
+    try:
+        cloud.wait_online("gw-tokens")
+        cmd = command("complete", {"prompt": "Count the valves", "max_tokens": 32, "seed": 1, "stream": True})
+        cloud.send("gw-tokens", cmd)
+        reply = cloud.wait_terminal(cmd["id"], timeout=120)
+        cloud.wait_for(lambda: any(c["done"] for c in cloud.on(f"/stream/{cmd['id']}")), 10, "final chunk")
+        chunks = cloud.on(f"/stream/{cmd['id']}")
+        assert "".join(c["delta"] for c in chunks) == reply["output"]["text"]
+        tokens = reply["output"]["usage"]["completion_tokens"]
+        assert tokens >= 8, reply
+        assert len(chunks) - 1 >= tokens // 2, f"{len(chunks) - 1} chunks for {tokens} tokens"
+    finally:
+        assert agent.terminate() == 0, agent.log_text()

@@ -117,6 +117,7 @@ def test_a_missing_model_path_is_a_config_error(tmp_path: Path) -> None:
         '[mqtt]\ntopic_prefix = "a/#"\n',
         '[mqtt]\ngroups = ["a/b"]\n',
         "[mqtt]\nwill_delay_s = 7200\nsession_expiry_s = 3600\n",
+        "[mqtt]\nstream_interval_ms = -1\n",
         "[reconnect]\nmultiplier = 0.5\n",
         '[store]\nsynchronous = "off"\n',
     ],

@@ -16,11 +16,11 @@ class Clock:
         return self.now
 
 
-def make() -> tuple[ChunkStreamer, list[dict], Clock]:
+def make(interval_s: float = 0.05) -> tuple[ChunkStreamer, list[dict], Clock]:
     sent: list[dict] = []
     clock = Clock()
     streamer = ChunkStreamer("p/d/stream/c1", "c1", lambda topic, data: sent.append(json.loads(data)),
-                             interval_s=0.05, clock=clock)
+                             interval_s=interval_s, clock=clock)
     return streamer, sent, clock
 
 
@@ -35,6 +35,15 @@ def test_the_first_delta_is_sent_at_once_and_later_ones_are_coalesced() -> None:
     clock.now += 0.05
     streamer.delta(" w")
     assert [c["delta"] for c in sent] == ["He", "llo w"]
+
+
+def test_an_interval_of_zero_sends_every_delta_as_its_own_chunk() -> None:
+    streamer, sent, _ = make(interval_s=0.0)
+    for piece in ("He", "l", "l", "o"):
+        streamer.delta(piece)  # the clock does not move: same instant, still one chunk each
+    streamer.done()
+    assert [(c["index"], c["delta"], c["done"]) for c in sent] == [
+        (0, "He", False), (1, "l", False), (2, "l", False), (3, "o", False), (4, "", True)]
 
 
 def test_done_flushes_the_rest_then_sends_an_empty_final_chunk() -> None:

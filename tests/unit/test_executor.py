@@ -77,7 +77,8 @@ class Rig:
             real_sync()
 
         self.store.sync = sync  # type: ignore[method-assign]
-        self.executor = Executor(self.store, self.engine, TOPICS, "test", self._publish, on_stored=lambda: None)
+        self.executor = Executor(self.store, self.engine, TOPICS, "test", self._publish, on_stored=lambda: None,
+                                 stream_interval_s=0.05)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.events.append("publish")
