@@ -30,10 +30,15 @@ Example (every key optional)::
 
     [alerts]                    # thresholds of the abnormal-device checks (cloud_bridge/alerts.py)
     offline_after_s = 300
+
+    [retention]                 # what the registry forgets, and when (0 keeps it forever)
+    days = 30                   # finished commands, their replies, events, cleared alerts, state history
+    chunk_days = 1              # stream chunks (the terminal reply holds the whole text)
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +92,20 @@ class HttpConfig(settings.Section):
         return self
 
 
+class RetentionConfig(settings.Section):
+    """`[retention]`: how long the registry keeps what is finished; 0 keeps it forever."""
+
+    days: float = Field(default=30.0, ge=0, description="finished commands (and their replies), events, "
+                        "cleared alerts and device state history older than this are deleted")
+    chunk_days: float = Field(default=1.0, ge=0, description="stream chunks older than this are deleted")
+    check_interval_s: float = Field(default=3600.0, gt=0, description="how often the bridge deletes them")
+
+    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None]:
+        """(finished rows, stream chunks): what is older is deleted; None keeps that kind forever."""
+        return (now - timedelta(days=self.days) if self.days else None,
+                now - timedelta(days=self.chunk_days) if self.chunk_days else None)
+
+
 class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
@@ -98,6 +117,7 @@ class BridgeConfig(settings.TomlSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     security: settings.SigningConfig = Field(default_factory=settings.SigningConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

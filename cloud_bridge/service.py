@@ -7,7 +7,8 @@ Threads:
 - `bridge-dispatch`: every `POLL_S` asks the dispatcher what to do with each pending/sent command
   (commands may be queued by another process through the registry file), publishes to
   `P/<device>/cmd`, expires what the device never accepted, and reads the broker's PUBACKs; every
-  `alerts.check_interval_s` it raises and clears abnormal-device alerts.
+  `alerts.check_interval_s` it raises and clears abnormal-device alerts; every
+  `retention.check_interval_s` it deletes what `[retention]` says the registry may forget.
 - `bridge-http` (when `[http] enabled`): uvicorn serving the API, `/v1` and the console page.
 Signal handlers only set the stop event; the main thread then shuts everything down.
 """
@@ -266,7 +267,7 @@ class BridgeService:
     # --- dispatch --------------------------------------------------------------------------------
 
     def _run_dispatch(self) -> None:
-        next_check = 0.0
+        next_check = next_prune = 0.0
         while not self._stop.is_set():
             try:
                 self._dispatch.settle(_drain(self._link.results, None, 10_000))
@@ -274,11 +275,19 @@ class BridgeService:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self._config.alerts.check_interval_s
                     self._check_alerts()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self._config.retention.check_interval_s
+                    self._prune()
             except Exception:
                 log.exception("dispatch pass failed; retrying in 1 s")
                 self._stop.wait(1.0)
             self._stop.wait(POLL_S)
 
+
+    def _prune(self) -> None:
+        deleted = self._registry.prune(*self._config.retention.cutoffs(self._clock()))
+        if any(deleted.values()):
+            log.info("retention: deleted %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
 
     def _check_alerts(self) -> None:
         for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock()):

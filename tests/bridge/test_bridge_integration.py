@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
+from datetime import UTC, datetime
 
 import pytest
 
 from cloud_bridge.registry import Registry
+from edge_agent.protocol import Event, format_ts, utc_now
 
-from .conftest import VENV_BIN, BridgeProcess, launch_bridge, stop_process, wait_until
+from .conftest import VENV_BIN, BridgeProcess, launch_bridge, stop_process, wait_until, write_bridge_config
 from .fake_device import FakeDevice, stay_silent
 
 pytestmark = pytest.mark.integration
@@ -181,3 +184,22 @@ def test_the_bridge_reconnects_after_a_broker_restart(bridge, device, mosquitto,
     wait_until(lambda: bridge.log().count("connected to") >= 2, timeout_s=15, what="the bridge to reconnect")
     out = bridge.cli("send", "dev-1", "ping", "--timeout", "15")
     assert out.returncode == 0, f"{out.stderr}\n{bridge.log()}"
+
+
+def test_the_bridge_deletes_what_retention_lets_it_forget(mosquitto, tmp_path):
+    folder = tmp_path / "retention"
+    config = write_bridge_config(folder, mosquitto.port, "t" + os.urandom(3).hex(),
+                                 extra="\n[retention]\ndays = 7\nchunk_days = 1\ncheck_interval_s = 0.2\n")
+    registry = Registry.open(folder / "registry.db")
+    long_ago = datetime(2020, 1, 1, tzinfo=UTC)
+    for moment, message in ((long_ago, "old"), (utc_now(), "new")):
+        registry.record_event(Event(device_id="dev-1", ts=format_ts(moment), level="info", code="tick",
+                                    message=message, data={}), moment)
+    log_path = folder / "bridge.log"
+    process = launch_bridge(config, log_path)
+    try:
+        wait_until(lambda: [e.message for e in registry.events_after(0)] == ["new"], what="the old event deleted")
+        wait_until(lambda: "retention: deleted 1 events" in log_path.read_text(), what="the retention log line")
+    finally:
+        assert stop_process(process) == 0, log_path.read_text()
+        registry.close()

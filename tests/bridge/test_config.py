@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from cloud_bridge.config import load_config
@@ -49,3 +51,13 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     config = load_config(write(tmp_path, "[store]\npath = 'data/r.db'\n[mqtt]\npassword_file = 'pw'\n"))
     assert config.store.path == tmp_path / "data" / "r.db"
     assert read_password(config.mqtt) == "s3cret"
+
+
+def test_retention_counts_back_from_now_and_zero_keeps_forever(tmp_path):
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    retention = load_config(write(tmp_path, "[retention]\ndays = 30\nchunk_days = 0.5\n")).retention
+    assert retention.cutoffs(now) == (now - timedelta(days=30), now - timedelta(hours=12))
+    forever = load_config(write(tmp_path, "[retention]\ndays = 0\nchunk_days = 0\n")).retention
+    assert forever.cutoffs(now) == (None, None)
+    with pytest.raises(ConfigError, match="days"):
+        load_config(write(tmp_path, "[retention]\ndays = -1\n"))

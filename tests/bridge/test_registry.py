@@ -279,3 +279,53 @@ def test_of_two_replicas_claiming_the_same_send_exactly_one_wins(registry):
     assert registry.mark_sent(row.id, at(1), claim=row) is True
     assert registry.mark_sent(row.id, at(1), claim=row) is False  # the other replica read the same row
     assert registry.command(row.id).attempts == 1
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+def _event(n: int) -> Event:
+    return Event(device_id="dev-1", ts=format_ts(T0), level="info", code="tick", message=f"tick {n}", data={})
+
+
+def test_prune_deletes_what_is_finished_and_old_and_keeps_what_is_active_or_recent(registry):
+    registry.record_status(online(), at(0))
+    registry.add_command(command("old-done"), "dev-1", T0)
+    registry.record_reply(reply(1, "accepted", "old-done"), at(1))
+    registry.record_reply(reply(2, "succeeded", "old-done", output={"pong": True}), at(2))
+    registry.add_command(command("old-running"), "dev-1", T0)
+    registry.record_reply(reply(3, "running", "old-running"), at(3))
+    registry.record_chunk("dev-1", chunk(0, "partial", "old-running"), at(4))
+    registry.record_event(_event(0), at(5))
+    registry.raise_alert("dev-1", "offline", "gone", at(6))
+    registry.clear_alert("dev-1", "offline", at(7))
+    registry.raise_alert("dev-1", "error_rate", "still failing", at(8))
+    registry.add_command(command("new-done"), "dev-1", at(100))
+    registry.record_reply(reply(4, "succeeded", "new-done", output={"pong": True}), at(101))
+    registry.record_chunk("dev-1", chunk(0, "fresh", "new-done"), at(101))
+
+    deleted = registry.prune(before=at(50), chunks_before=at(50))
+
+    assert deleted == {"stream_chunks": 1, "commands": 1, "replies": 2, "events": 1, "alerts": 1, "device_states": 1}
+    with pytest.raises(UnknownCommand):
+        registry.command("old-done")
+    assert registry.command("old-running").state == "running"
+    assert [r.seq for r in registry.replies("old-running")] == [3], "an active command keeps its replies"
+    assert registry.command("new-done").state == "succeeded" and [r.seq for r in registry.replies("new-done")] == [4]
+    assert [c.delta for c in registry.chunks("new-done")] == ["fresh"]
+    assert registry.device("dev-1").state == "online", "the device's current state is not history"
+    assert registry.prune(before=at(50), chunks_before=at(50)) == dict.fromkeys(deleted, 0)
+
+
+def test_prune_works_in_batches_until_nothing_old_is_left(registry):
+    for n in range(7):
+        registry.record_event(_event(n), at(n))
+    assert registry.prune(before=at(5), chunks_before=None, batch=2) == {
+        "commands": 0, "replies": 0, "events": 5, "alerts": 0, "device_states": 0}
+    assert [e.message for e in registry.events_after(0)] == ["tick 5", "tick 6"]
+
+
+def test_prune_with_no_cutoffs_deletes_nothing(registry):
+    registry.record_event(_event(0), at(0))
+    assert registry.prune(before=None, chunks_before=None) == {}
+    assert len(registry.events_after(0)) == 1
