@@ -11,11 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from cloud_bridge.config import load_config as load_bridge_config
+from edge_agent.config import load_config as load_agent_config
 from tests.support.broker import Broker
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
 pytestmark = pytest.mark.integration
+
+
+def test_the_shipped_config_files_load_with_every_key_they_set() -> None:
+    agent = load_agent_config(ROOT / "systemd" / "edge-agent.toml")
+    bridge = load_bridge_config(ROOT / "systemd" / "cloud-bridge.toml")
+    assert agent.device_id and bridge.retention.days == 30 and bridge.dispatch.resend_interval_s == 5
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
