@@ -38,11 +38,12 @@ from edge_agent.protocol import (
     utc_now,
 )
 from edge_agent.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
-from edge_agent.store import OutboxLimits, ReplyDraft, Store
+from edge_agent.store import OutboxLimits, ReplyDraft, Store, StoreError
 from edge_agent.topics import DeviceTopics, group_cmd
 
 log = logging.getLogger(__name__)
 
+LEDGER_CHECK_S = 3600.0  # how often finished commands past `store.ledger_days` are forgotten (and at start)
 EngineFactory = Callable[[AgentConfig], TextEngine]
 
 
@@ -274,7 +275,7 @@ class Agent:
 
     def _serve(self) -> None:
         watchdog = watchdog_interval_s()
-        next_watchdog = next_telemetry = time.monotonic()
+        next_watchdog = next_telemetry = next_forget = time.monotonic()
         while not self._stop.wait(0.5):
             if self._reload_requested.is_set():
                 self._reload_model()
@@ -285,6 +286,21 @@ class Agent:
             if now >= next_telemetry:
                 self.link.publish_volatile(self.topics.telemetry, to_bytes(self.telemetry()))
                 next_telemetry = now + self.policy.telemetry_interval_s
+            if now >= next_forget and self.config.store.ledger_days:
+                self._forget_finished()
+                next_forget = now + LEDGER_CHECK_S
+
+    def _forget_finished(self) -> None:
+        """`store.ledger_days`: the ledger keeps finished commands that long (duplicates of them are
+        recognised and answered with their last reply), then forgets them; the disk stays bounded."""
+        try:
+            forgotten = self.store.forget_finished(time.time() - self.config.store.ledger_days * 86400)
+        except StoreError as exc:  # a full disk: the next check tries again
+            log.warning("could not forget finished commands: %s", exc)
+            return
+        if forgotten:
+            log.info("forgot %d finished command(s) older than %g days (store.ledger_days)", forgotten,
+                     self.config.store.ledger_days)
 
     def _reload_model(self) -> None:
         """SIGHUP: re-read the config file; the worker swaps the model (and templates) between commands."""

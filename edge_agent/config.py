@@ -52,6 +52,7 @@ class StoreConfig(Section):
     synchronous: Literal["full", "normal"] = "full"
     max_outbox_rows: int = Field(default=100_000, ge=10)
     max_outbox_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    ledger_days: float = Field(default=7.0, ge=0)
 
 
 class ModelConfig(Section):

@@ -359,6 +359,22 @@ class Store:
         with self._lock:
             return self.db.execute("SELECT COUNT(*) FROM commands WHERE state = ?", [state]).fetchone()[0]
 
+    def forget_finished(self, before: float, batch: int = 1000) -> int:
+        """Delete finished commands last changed before `before` (epoch seconds), `batch` rows per
+        transaction so intake waits little; returns how many. Their replies already sit in the
+        outbox on their own. A redelivery of a forgotten id is a new command (answered `expired`
+        once its `expires_at` has passed). No fsync: a delete lost to a power cut is redone later."""
+        finished = sorted(lifecycle.TERMINAL)
+        marks = ", ".join("?" for _ in finished)
+        select = f"SELECT id FROM commands WHERE state IN ({marks}) AND updated_at < ? LIMIT ?"
+        deleted = 0
+        while True:
+            with self._unsynced(needs_sync=False), self._write():
+                n = self.db.execute(f"DELETE FROM commands WHERE id IN ({select})", [*finished, before, batch]).rowcount
+            deleted += n
+            if n < batch:
+                return deleted
+
     # --- outbox ----------------------------------------------------------------------------------
 
     def enqueue_event(self, event: Event) -> bool:

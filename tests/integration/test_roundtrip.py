@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -177,3 +178,24 @@ def test_expired_commands_are_never_run(device, cloud: CloudClient) -> None:
     assert reply["status"] == "expired"
     assert reply["error"]["code"] == "expired"
     assert not [r for r in cloud.replies(cmd["id"]) if r["status"] == "running"]
+
+
+def test_finished_commands_older_than_ledger_days_are_forgotten_when_the_agent_starts(
+        start_agent, session_broker, cloud: CloudClient) -> None:
+    agent, device_id, store = start_agent(session_broker)
+    cloud.wait_online(device_id)
+    ping = command("ping")
+    cloud.send(device_id, ping)
+    first = cloud.wait_terminal(ping["id"])
+    assert agent.terminate() == 0
+    with sqlite3.connect(store) as conn:  # as if it had finished 8 days ago
+        conn.execute("UPDATE commands SET updated_at = updated_at - 8 * 86400 WHERE id = ?", [ping["id"]])
+    conn.close()
+    again, _, _ = start_agent(session_broker, device_id=device_id)  # store.ledger_days: 7 by default
+    cloud.wait_for(lambda: ping["id"] not in read_ledger(store), 30, "the old command forgotten")
+    assert "forgot 1 finished command(s) older than 7 days" in again.log_text()
+    cloud.send(device_id, ping)  # the same id again: a new command now, run again with a new seq
+    cloud.wait_for(lambda: len(cloud.terminal(ping["id"])) == 2, 30, "a second terminal reply")
+    second = max(cloud.terminal(ping["id"]), key=lambda r: r["seq"])
+    assert second["status"] == "succeeded" and second["seq"] > first["seq"]
+    assert again.terminate() == 0

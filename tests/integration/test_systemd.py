@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_the_shipped_config_files_load_with_every_key_they_set() -> None:
     agent = load_agent_config(ROOT / "systemd" / "edge-agent.toml")
     bridge = load_bridge_config(ROOT / "systemd" / "cloud-bridge.toml")
-    assert agent.device_id and bridge.retention.days == 30 and bridge.dispatch.resend_interval_s == 5
+    assert agent.store.ledger_days == 7 and bridge.retention.days == 30 and bridge.dispatch.resend_interval_s == 5
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,41 @@ def test_the_outbox_survives_close_and_reopen(path: Path) -> None:
     assert rows(second) == kept
     assert second.get("c1") is not None
     second.close()
+
+
+def _age(store: Store, command_id: str, seconds: float) -> None:
+    store.db.execute("UPDATE commands SET updated_at = updated_at - ? WHERE id = ?", [seconds, command_id])
+
+
+def test_forget_finished_deletes_only_finished_commands_changed_before_the_cutoff(store: Store) -> None:
+    for command_id in ("old-done", "old-failed", "old-running", "old-queued", "new-done"):
+        accept(store, command_id)
+    finished = (("old-done", State.SUCCEEDED), ("old-failed", State.FAILED), ("new-done", State.SUCCEEDED))
+    for command_id, state in finished:
+        store.claim(command_id)
+        store.transition(command_id, state, ReplyDraft(status=state.value))
+    store.claim("old-running")
+    for command_id in ("old-done", "old-failed", "old-running", "old-queued"):
+        _age(store, command_id, 8 * 86400)
+    outbox_before = rows(store)
+
+    assert store.forget_finished(time.time() - 7 * 86400, batch=1) == 2
+
+    assert store.get("old-done") is None and store.get("old-failed") is None
+    assert store.get("old-running").state == "running" and store.get("old-queued").state == "accepted"
+    assert store.get("new-done").state == "succeeded"
+    assert rows(store) == outbox_before, "replies waiting in the outbox are not the ledger's to delete"
+    assert store.forget_finished(time.time() - 7 * 86400) == 0
+
+
+def test_a_forgotten_command_id_is_a_new_command_again(store: Store) -> None:
+    accept(store, "c1")
+    store.claim("c1")
+    store.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+    _age(store, "c1", 30 * 86400)
+    store.forget_finished(time.time() - 86400)
+    assert not store.known("c1")
+    assert accept(store, "c1").duplicate is False
 
 
 # --- outbox --------------------------------------------------------------------------------------
