@@ -283,7 +283,6 @@ class BridgeService:
                 self._stop.wait(1.0)
             self._stop.wait(POLL_S)
 
-
     def _prune(self) -> None:
         deleted = self._registry.prune(*self._config.retention.cutoffs(self._clock()))
         if any(deleted.values()):

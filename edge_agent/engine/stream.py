@@ -1,8 +1,8 @@
 """Stream chunks for one command, coalesced: the first delta goes out at once (time to first
 token), later ones are gathered and sent at most every `interval_s` (`mqtt.stream_interval_ms`),
 checked as tokens arrive, so a fast model publishes a few chunks per second, not one per token;
-0 sends every token as its own chunk. Chunks are serialized by
-hand (the StreamChunk layout, same key order) because this runs on the token path.
+0 sends every token as its own chunk. Chunks are serialized by hand (the StreamChunk layout, same
+key order) because this runs on the token path.
 """
 
 from __future__ import annotations
