@@ -133,6 +133,18 @@ class AgentConfig(TomlSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @model_validator(mode="after")
+    def _ledger_outlives_the_replay_window(self) -> AgentConfig:
+        """A signed command is accepted for up to `replay_window_s` + 2 x `max_clock_skew_s` after
+        the first time; its id must still be in the ledger then, or a replay would run it again."""
+        security, days = self.security, self.store.ledger_days
+        window_s = security.replay_window_s + 2 * security.max_clock_skew_s
+        if security.trusted_keys and days and days * 86400 < window_s:
+            raise ValueError(f"store.ledger_days = {days:g} forgets commands before a signed command's replay "
+                             f"window closes (security.replay_window_s + 2 x max_clock_skew_s = "
+                             f"{window_s / 86400:.3g} days): raise ledger_days or lower replay_window_s")
+        return self
+
 
 def load_config(path: Path) -> AgentConfig:
     """Read a TOML file, apply `EDGE_AGENT_*` overrides, validate. Raises ConfigError."""

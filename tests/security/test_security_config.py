@@ -35,6 +35,14 @@ def test_inline_keys_stay_and_key_files_are_relative_to_the_config(tmp_path: Pat
     assert keys == {"a": KEY, "b": str(tmp_path / "keys" / "b.pem")}
 
 
+def test_a_ledger_that_forgets_before_the_replay_window_closes_is_a_config_error(tmp_path: Path) -> None:
+    keys = f'[security]\ntrusted_keys = {{a = "{KEY}"}}\nreplay_window_s = 86400\nmax_clock_skew_s = 300\n'
+    with pytest.raises(ConfigError, match="raise ledger_days or lower replay_window_s"):
+        load_config(agent_config(tmp_path, "[store]\nledger_days = 1\n" + keys))
+    assert load_config(agent_config(tmp_path, "[store]\nledger_days = 1.01\n" + keys)).store.ledger_days == 1.01
+    assert load_config(agent_config(tmp_path, "[store]\nledger_days = 0.5\n")).store.ledger_days == 0.5  # unsigned
+
+
 def test_the_shipped_production_example_requires_signed_commands() -> None:
     import tomllib
 
