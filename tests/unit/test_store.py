@@ -8,14 +8,16 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from edge_agent.agent import Agent
 from edge_agent.errors import BadJson, InvalidCommand
 from edge_agent.lifecycle import State
 from edge_agent.protocol import ErrorInfo, Event, format_ts, utc_now
-from edge_agent.store import OutboxRow, ReplyDraft, Store, StoreError
+from edge_agent.store import OutboxRow, ReplyDraft, Store, StoreError, StoreFull
 from edge_agent.topics import DeviceTopics
 
 TOPICS = DeviceTopics("autoglm", "d1")
@@ -292,6 +294,16 @@ def test_a_forgotten_command_id_is_a_new_command_again(store: Store) -> None:
     store.forget_finished(time.time() - 86400)
     assert not store.known("c1")
     assert accept(store, "c1").duplicate is False
+
+
+def test_a_full_disk_while_forgetting_is_logged_and_the_agent_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
+    class FullDisk:
+        def forget_finished(self, before: float) -> int:
+            raise StoreFull("the disk holding edge.db is full")
+
+    agent = SimpleNamespace(store=FullDisk(), config=SimpleNamespace(store=SimpleNamespace(ledger_days=7.0)))
+    Agent._forget_finished(agent)  # type: ignore[arg-type]  # the serve loop goes on; the next check retries
+    assert "could not forget finished commands: the disk holding edge.db is full" in caplog.text
 
 
 # --- outbox --------------------------------------------------------------------------------------
