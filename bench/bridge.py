@@ -33,12 +33,12 @@ from paho.mqtt.properties import Properties
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from autoglm_wire.mqtt_session import disable_nagle  # noqa: E402
+from autoglm_wire.protocol import Reply, Status, format_ts, to_bytes, utc_now  # noqa: E402
 from cloud_bridge.config import BridgeConfig  # noqa: E402
 from cloud_bridge.console import SendRequest, queue_command  # noqa: E402
 from cloud_bridge.registry import Registry  # noqa: E402
 from cloud_bridge.service import BridgeService  # noqa: E402
-from edge_agent.mqtt_session import disable_nagle  # noqa: E402
-from edge_agent.protocol import Reply, Status, format_ts, to_bytes, utc_now  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 
 DEVICES = 10

@@ -58,7 +58,7 @@ with open("/proc/self/status") as f:
 RAW_ECHO_SCRIPT = """
 import json, sys, paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from edge_agent.mqtt_session import disable_nagle
+from autoglm_wire.mqtt_session import disable_nagle
 def on_message(client, userdata, message):
     command_id = json.loads(message.payload)["id"]
     client.publish(f"autoglm/echo/stream/{command_id}", b"{}", qos=0)

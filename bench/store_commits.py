@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.lifecycle import State  # noqa: E402
+from autoglm_wire.lifecycle import State  # noqa: E402
+from autoglm_wire.topics import DeviceTopics  # noqa: E402
 from edge_agent.store import ReplyDraft, Store  # noqa: E402
-from edge_agent.topics import DeviceTopics  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:

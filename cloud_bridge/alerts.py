@@ -21,8 +21,8 @@ from datetime import datetime
 
 from pydantic import Field
 
+from autoglm_wire import settings
 from cloud_bridge.registry import DeviceRow, Registry
-from edge_agent import settings
 
 
 class AlertConfig(settings.Section):

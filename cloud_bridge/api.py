@@ -25,11 +25,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoglm_wire import settings
 from cloud_bridge import console, fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
 from cloud_bridge.registry import CommandRow, Registry
-from edge_agent import settings
 
 POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "

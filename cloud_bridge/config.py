@@ -4,7 +4,7 @@ Environment names: top-level keys as `CLOUD_BRIDGE_LOG_LEVEL`, section keys with
 underscore, e.g. `CLOUD_BRIDGE_MQTT__HOST`, `CLOUD_BRIDGE_DISPATCH__QOS`. The environment wins over
 the file. Loading does no I/O beyond reading the file; unknown keys are errors. Relative paths in
 the file are resolved against the file's folder, so a config can travel with its data. The loading
-rules and the `[mqtt]` broker keys shared with the agent live in `edge_agent.settings`.
+rules and the `[mqtt]` broker keys shared with the agent live in `autoglm_wire.settings`.
 
 Example (every key optional)::
 
@@ -40,12 +40,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
+from autoglm_wire import settings
+from autoglm_wire.signing import CommandSigner
 from cloud_bridge.alerts import AlertConfig
-from edge_agent import settings
 
 ENV_PREFIX = "CLOUD_BRIDGE_"
 
@@ -106,6 +107,29 @@ class RetentionConfig(settings.Section):
                 now - timedelta(days=self.chunk_days) if self.chunk_days else None)
 
 
+class SigningConfig(settings.Section):
+    """`[security]`: sign every dispatched command (autoglm_wire.signing) with this key."""
+
+    signing_key_file: Path | None = None
+    key_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _key_and_id(self) -> Self:
+        if (self.signing_key_file is None) != (self.key_id is None):
+            raise ValueError("signing_key_file and key_id go together: set both to sign commands, or neither")
+        path = self.signing_key_file
+        if path is not None and not (path.is_absolute() or str(path).startswith(settings.CREDENTIAL_PREFIX)):
+            raise ValueError(f"signing_key_file {str(path)!r} must be an absolute path or credential:NAME")
+        return self
+
+    def signer(self) -> CommandSigner | None:
+        """The signer for dispatched commands; None when no key is configured."""
+        if self.signing_key_file is None or self.key_id is None:
+            return None
+        return CommandSigner.from_file(settings.secret_path(self.signing_key_file, "security.signing_key_file"),
+                                       self.key_id)
+
+
 class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
@@ -118,7 +142,7 @@ class BridgeConfig(settings.TomlSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
-    security: settings.SigningConfig = Field(default_factory=settings.SigningConfig)
+    security: SigningConfig = Field(default_factory=SigningConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -8,7 +8,6 @@ returns text (or writes lines to a callable), so tests call it without a termina
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -18,10 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from autoglm_wire.protocol import PARAMS_BY_KIND, Command, describe_validation_error, is_command_id, utc_now
+from autoglm_wire.topics import check_device_id
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.registry import CommandRow, DeviceRow, Registry
-from edge_agent.protocol import COMMAND_ID_PATTERN, PARAMS_BY_KIND, Command, utc_now
-from edge_agent.topics import check_device_id
 
 POLL_S = 0.1
 PROMPT_KINDS = ("chat", "complete", "cancel")
@@ -133,7 +132,7 @@ def build_params(request: SendRequest) -> dict[str, Any]:
     try:
         PARAMS_BY_KIND[request.kind].model_validate(params)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors()[:5])
+        problems = describe_validation_error(exc, root="params")
         raise InvalidRequest(f"invalid params for {request.kind!r}: {problems}") from exc
     return params
 
@@ -162,7 +161,7 @@ def build_command(request: SendRequest, now: datetime | None = None) -> Command:
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
     command_id = request.command_id or uuid.uuid4().hex
-    if not re.fullmatch(COMMAND_ID_PATTERN, command_id):
+    if not is_command_id(command_id):
         raise InvalidRequest(f"command id {command_id!r} must be 1-128 characters of [A-Za-z0-9_.:-]")
     if request.expires_in_s <= 0:
         raise InvalidRequest("--expires-in must be more than 0 seconds")

@@ -20,38 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from edge_agent.protocol import TERMINAL_STATUSES
-
-BRIDGE_STATES: tuple[str, ...] = ("pending", "sent")
-DEVICE_STATES: tuple[str, ...] = ("accepted", "running")
-TERMINAL_STATES: tuple[str, ...] = tuple(sorted(TERMINAL_STATUSES))
-ALL_STATES: tuple[str, ...] = BRIDGE_STATES + DEVICE_STATES + TERMINAL_STATES
-
-STATE_RANKS: dict[str, int] = {"pending": 0, "sent": 1, "accepted": 2, "running": 3}
-TERMINAL_RANK = 4
-
-
-def rank(state: str) -> int:
-    """Position of a state in the lifecycle; every terminal state shares the last rank."""
-    if state in TERMINAL_STATUSES:
-        return TERMINAL_RANK
-    try:
-        return STATE_RANKS[state]
-    except KeyError:
-        raise ValueError(f"unknown command state {state!r}; expected one of {ALL_STATES}") from None
-
-
-def is_terminal(state: str) -> bool:
-    return state in TERMINAL_STATUSES
-
-
-def advances(current: str, new: str) -> bool:
-    """True when a reply with status `new` moves a command in state `current` forward.
-
-    A late `accepted` after `running` or after a terminal status does not; the first terminal
-    status is final.
-    """
-    return rank(new) > rank(current)
+from autoglm_wire.lifecycle import BRIDGE_STATES
 
 
 class Action(StrEnum):

@@ -1,12 +1,12 @@
 """Error tree of the cloud bridge: one base, narrow subclasses whose messages say what to do next.
 
-`ConfigError` is the agent's (`edge_agent.errors.ConfigError`, raised by the shared loader in
-`edge_agent.settings`): the CLI catches it next to `BridgeError`.
+`ConfigError` is the wire package's (`autoglm_wire.errors.ConfigError`, raised by the shared loader in
+`autoglm_wire.settings`): the CLI catches it next to `BridgeError`.
 """
 
 from __future__ import annotations
 
-from edge_agent.errors import ConfigError
+from autoglm_wire.errors import ConfigError
 
 __all__ = ["BridgeError", "ConfigError", "DuplicateCommand", "InvalidRequest", "RegistryMissing", "UnknownCommand"]
 

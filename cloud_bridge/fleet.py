@@ -17,16 +17,15 @@ Group membership is what each device announced in its last Status.
 from __future__ import annotations
 
 import dataclasses
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from autoglm_wire.protocol import is_command_id
+from autoglm_wire.topics import check_group
 from cloud_bridge.console import SendRequest, build_command, device_warnings, queue_command
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.registry import CommandRow, DeviceRow, Registry
-from edge_agent.protocol import COMMAND_ID_PATTERN
-from edge_agent.topics import check_group
 
 GROUP_PREFIX = "group/"
 
@@ -103,7 +102,7 @@ def send_to_many(registry: Registry, request: SendRequest, device_filter: Device
 def member_id(batch: str, device: DeviceRow) -> str:
     """The registry id of one device's part of a batch: `<batch>.<device>`."""
     row_id = f"{batch}.{device.device_id}"
-    if not re.fullmatch(COMMAND_ID_PATTERN, row_id):
+    if not is_command_id(row_id):
         raise InvalidRequest(f"batch id {batch!r} is too long for device {device.device_id!r}: "
                              "command ids are at most 128 characters")
     return row_id

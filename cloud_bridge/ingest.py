@@ -17,10 +17,18 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from autoglm_wire.errors import ProtocolError
+from autoglm_wire.protocol import (
+    Event,
+    Reply,
+    Status,
+    StreamChunk,
+    Telemetry,
+    decode_json_object,
+    describe_validation_error,
+)
+from autoglm_wire.topics import CloudTopic, parse_cloud_topic
 from cloud_bridge.registry import Registry
-from edge_agent.errors import AgentError
-from edge_agent.protocol import Event, Reply, Status, StreamChunk, Telemetry, decode_json_object
-from edge_agent.topics import CloudTopic, parse_cloud_topic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ class BadPayload(ValueError):
 def _decode(payload: bytes) -> dict:
     try:
         return decode_json_object(payload, MAX_PAYLOAD_BYTES)
-    except AgentError as exc:
+    except ProtocolError as exc:
         raise BadPayload(str(exc)) from exc
 
 
@@ -60,7 +68,7 @@ def _parse(model: type[M], payload: bytes) -> M:
     try:
         return model.model_validate(_decode(payload))
     except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()[:3])
+        details = describe_validation_error(exc, limit=3)
         raise BadPayload(f"not a valid {model.__name__}: {details}") from exc
 
 

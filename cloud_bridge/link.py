@@ -6,7 +6,7 @@
   calls `ack()`. A delivery from an earlier connection is not acknowledged (its packet id belongs
   to a dead connection); the broker redelivers it and the registry deduplicates.
 - Client construction and reconnects (tenacity: exponential backoff, full jitter; paho's own
-  reconnect is off) are `edge_agent.mqtt_session`'s, shared with the agent's link.
+  reconnect is off) are `autoglm_wire.mqtt_session`'s, shared with the agent's link.
 - Callbacks only put items on queues and set events: no lock of ours is taken in a paho callback,
   nothing blocks there.
 """
@@ -25,8 +25,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from autoglm_wire.mqtt_session import BrokerOptions, SessionRunner, make_client
 from cloud_bridge.ingest import Inbound
-from edge_agent.mqtt_session import BrokerOptions, SessionRunner, make_client
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
   messages into one commit to keep that cheap).
 - One writer connection per process, guarded by a lock; multi-step writes run in `db.atomic()`
   and start with a write, so SQLite takes the write lock up front and `busy_timeout` applies.
-- Command states only move forward (`dispatcher.advances`); every state change is one conditional
+- Command states only move forward (`lifecycle.rank`); every state change is one conditional
   UPDATE, so the serve process and a console process never race each other into a regression.
 - Replies are unique on (device_id, seq) and stream chunks on (command_id, idx): duplicates from
   the device are ignored and counted in `counters`.
@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
 
-from cloud_bridge.dispatcher import BRIDGE_STATES, STATE_RANKS, TERMINAL_RANK, TERMINAL_STATES, CommandView, is_terminal
+from autoglm_wire.lifecycle import BRIDGE_STATES, RANKS, TERMINAL_RANK, TERMINAL_STATES, is_terminal
+from autoglm_wire.protocol import Command, Event, Reply, Status, StreamChunk, Telemetry, format_ts, utc_now
+from cloud_bridge.dispatcher import CommandView
 from cloud_bridge.errors import BridgeError, DuplicateCommand, RegistryMissing, UnknownCommand
 from cloud_bridge.sql import Backend, IntegrityError, PostgresBackend, SqliteBackend
-from edge_agent.protocol import Command, Event, Reply, Status, StreamChunk, Telemetry, format_ts, utc_now
 
 if TYPE_CHECKING:
     from cloud_bridge.config import StoreConfig
@@ -149,8 +150,8 @@ DROP TABLE stream_chunks_v1;
 
 
 def _rank_sql(column: str) -> str:
-    """SQL CASE expression giving the lifecycle rank of a state column (see dispatcher.rank)."""
-    whens = " ".join(f"WHEN '{state}' THEN {r}" for state, r in STATE_RANKS.items())
+    """SQL CASE expression giving the lifecycle rank of a state column (see lifecycle.rank)."""
+    whens = " ".join(f"WHEN '{state}' THEN {r}" for state, r in RANKS.items())
     return f"(CASE {column} {whens} ELSE {TERMINAL_RANK} END)"
 
 

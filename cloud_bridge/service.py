@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from autoglm_wire.mqtt_session import BrokerOptions
+from autoglm_wire.protocol import utc_now
+from autoglm_wire.signing import sign_payload
+from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
 from cloud_bridge.alerts import check_fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, decide, message_expiry_s
@@ -32,10 +36,6 @@ from cloud_bridge.errors import BridgeError
 from cloud_bridge.ingest import Ingestor
 from cloud_bridge.link import BridgeLink, Delivery, PublishResult
 from cloud_bridge.registry import CommandRow, Registry
-from edge_agent.mqtt_session import BrokerOptions
-from edge_agent.protocol import utc_now
-from edge_agent.signing import sign_payload, signer_from_config
-from edge_agent.topics import DeviceTopics, cloud_subscriptions, group_cmd
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Dispatch:
         self._publisher = publisher
         self._prefix = config.mqtt.topic_prefix
         self._dispatch = config.dispatch
-        self._signer = signer_from_config(config.security)  # issue #6: sign each command when a key is set
+        self._signer = config.security.signer()  # issue #6: sign each command when a key is set
         self.stats = stats or BridgeStats()
         self._sent: dict[int, tuple[str, float]] = {}  # paho mid -> (command id, monotonic time)
 

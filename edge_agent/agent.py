@@ -13,17 +13,11 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from edge_agent import __version__, lifecycle, policy
-from edge_agent.config import AgentConfig
-from edge_agent.engine import EngineReload, TextEngine
-from edge_agent.engine.onnx import onnx_handlers
-from edge_agent.errors import AgentError, Busy, ConfigError, InvalidCommand, Unauthorized
-from edge_agent.executor import IMMEDIATE_KINDS, Executor, Outcome
-from edge_agent.lifecycle import State
-from edge_agent.link import InboundMessage, Link, LinkOptions
-from edge_agent.mqtt_session import BrokerOptions
-from edge_agent.notify import sd_notify, watchdog_interval_s
-from edge_agent.protocol import (
+from autoglm_wire import __version__, lifecycle
+from autoglm_wire.errors import Busy, ConfigError, InvalidCommand, ProtocolError, Unauthorized
+from autoglm_wire.lifecycle import State
+from autoglm_wire.mqtt_session import BrokerOptions
+from autoglm_wire.protocol import (
     ChatParams,
     CompleteParams,
     ConfigParams,
@@ -37,9 +31,16 @@ from edge_agent.protocol import (
     to_bytes,
     utc_now,
 )
-from edge_agent.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
+from autoglm_wire.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
+from autoglm_wire.topics import DeviceTopics, group_cmd
+from edge_agent import policy
+from edge_agent.config import AgentConfig
+from edge_agent.engine import EngineReload, TextEngine
+from edge_agent.engine.onnx import onnx_handlers
+from edge_agent.executor import IMMEDIATE_KINDS, Executor, Outcome
+from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.notify import sd_notify, watchdog_interval_s
 from edge_agent.store import OutboxLimits, ReplyDraft, Store, StoreError
-from edge_agent.topics import DeviceTopics, group_cmd
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Agent:
         try:
             parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
             self._authorize(parsed, message)
-        except AgentError as exc:
+        except ProtocolError as exc:
             self._reject(exc, message)
             return
         expires_at = parsed.command.expires_at.timestamp() if parsed.command.expires_at else None
@@ -182,7 +183,7 @@ class Agent:
             raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
 
     def _authorize(self, parsed: ParsedCommand, message: InboundMessage) -> None:
-        """Target, signature and age, reply topic, limits: raises the AgentError to reject with."""
+        """Target, signature and age, reply topic, limits: raises the ProtocolError to reject with."""
         self._check_target(parsed)
         if self.verifier.enabled:
             key_id = self.verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
@@ -213,7 +214,7 @@ class Agent:
             raise InvalidCommand(f"the prompt is {chars} characters; this device accepts at most "
                                  f"{limits.max_prompt_chars} (limits.max_prompt_chars)", parsed.id)
 
-    def _reject(self, exc: AgentError, message: InboundMessage) -> None:
+    def _reject(self, exc: ProtocolError, message: InboundMessage) -> None:
         log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
         event = Event(
             device_id=self.config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",

@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_agent import __version__
+from autoglm_wire import __version__
+from autoglm_wire.errors import ConfigError, ProtocolError
 from edge_agent.config import AgentConfig, load_config
-from edge_agent.errors import AgentError, ConfigError
 
 
 def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama.cpp is heavy
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
-    except AgentError as exc:
+    except ProtocolError as exc:
         print(f"edge-agent: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
 

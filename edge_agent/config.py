@@ -4,7 +4,7 @@ Environment names: top-level keys as `EDGE_AGENT_DEVICE_ID`, section keys with a
 underscore, e.g. `EDGE_AGENT_MQTT__HOST`, `EDGE_AGENT_MODEL__N_GPU_LAYERS`; list values as JSON
 (`EDGE_AGENT_MQTT__GROUPS='["lab","floor-2"]'`). The environment wins over the file. Loading does
 no I/O beyond reading the file; unknown keys are errors. The loading rules and the `[mqtt]` broker
-keys shared with the bridge live in `edge_agent.settings`.
+keys shared with the bridge live in `autoglm_wire.settings`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from edge_agent.engine.profile import KvCacheType, OnnxOptimization, apply_onnx_profile, apply_profile
-from edge_agent.engine.templates import PromptTemplate
-from edge_agent.settings import (
+from autoglm_wire.settings import (
     BrokerConfig,
     ReconnectConfig,
     Section,
@@ -24,8 +22,10 @@ from edge_agent.settings import (
     load_toml_settings,
     resolve_relative,
 )
-from edge_agent.signing import is_raw_key
-from edge_agent.topics import check_device_id, check_group
+from autoglm_wire.signing import is_raw_key
+from autoglm_wire.topics import check_device_id, check_group
+from edge_agent.engine.profile import KvCacheType, OnnxOptimization, apply_onnx_profile, apply_profile
+from edge_agent.engine.templates import PromptTemplate
 
 ENV_PREFIX = "EDGE_AGENT_"
 
@@ -86,7 +86,7 @@ class OnnxConfig(Section):
 
 
 class SecurityConfig(Section):
-    """`[security]`: signed commands (edge_agent.signing) and where replies may go (docs/security.md)."""
+    """`[security]`: signed commands (autoglm_wire.signing) and where replies may go (docs/security.md)."""
 
     require_signed_commands: bool = False
     trusted_keys: dict[str, str] = Field(default_factory=dict, description="key_id -> base64 raw key or PEM path")

@@ -12,13 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent import lifecycle
-from edge_agent.engine import EngineReload, Generation, TextEngine
-from edge_agent.engine.stream import ChunkStreamer
-from edge_agent.errors import AgentError, Cancelled, Expired, Internal, InvalidCommand
-from edge_agent.lifecycle import State
-from edge_agent.policy import Policy, apply_defaults
-from edge_agent.protocol import (
+from autoglm_wire import lifecycle
+from autoglm_wire.errors import Cancelled, Expired, Internal, InvalidCommand, ProtocolError
+from autoglm_wire.lifecycle import State
+from autoglm_wire.protocol import (
     CancelParams,
     ChatParams,
     CompleteParams,
@@ -27,8 +24,11 @@ from edge_agent.protocol import (
     Sampling,
     parse_command,
 )
+from autoglm_wire.topics import DeviceTopics
+from edge_agent.engine import EngineReload, Generation, TextEngine
+from edge_agent.engine.stream import ChunkStreamer
+from edge_agent.policy import Policy, apply_defaults
 from edge_agent.store import ReplyDraft, Store, StoredCommand, StoreFull, fault_point
-from edge_agent.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Outcome:
     state: State
     output: dict[str, Any] | None
     metrics: dict[str, Any]
-    error: AgentError | None = None
+    error: ProtocolError | None = None
 
 
 Handler = Callable[[ParsedCommand, threading.Event], Outcome]
@@ -252,7 +252,7 @@ class Executor:
         if parsed is None:
             try:
                 parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
-            except AgentError as exc:
+            except ProtocolError as exc:
                 exc.command_id = command.id
                 self._finish(command.id, Outcome(State.FAILED, None, {}, exc), {"queue_ms": queue_ms})
                 return
@@ -285,7 +285,7 @@ class Executor:
             if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
                 parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
             return self.handlers[parsed.kind](parsed, cancel)
-        except AgentError as exc:
+        except ProtocolError as exc:
             exc.command_id = parsed.id
             state = State.CANCELLED if isinstance(exc, Cancelled) else State.FAILED
             return Outcome(state, None, {}, exc)
@@ -300,7 +300,7 @@ class Executor:
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
         draft = ReplyDraft(
-            status=outcome.state.value,  # type: ignore[arg-type]
+            status=lifecycle.reply_status(outcome.state),
             output=outcome.output,
             error=ErrorInfo(code=error.code, message=error.message) if error else None,
             metrics={**(extra_metrics or {}), **outcome.metrics},

@@ -5,7 +5,7 @@
 - Commands are delivered with `manual_ack`: the handler stores the command, then we PUBACK. A
   handler that raises leaves the message unacknowledged, so the broker redelivers it.
 - Client construction and reconnects (tenacity: exponential backoff, full jitter; paho's own
-  reconnect is off) are `edge_agent.mqtt_session`'s, shared with the bridge; this module adds the
+  reconnect is off) are `autoglm_wire.mqtt_session`'s, shared with the bridge; this module adds the
   will, the in-flight window, the callbacks and the pump.
 - The outbox pump (its own thread) publishes stored rows in id order with a bounded in-flight
   window and deletes acked rows from the outbox in batches (`DELETE_BATCH_ROWS`). paho's
@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.mqtt_session import BrokerOptions, SessionRunner, make_client
+from autoglm_wire.mqtt_session import BrokerOptions, SessionRunner, make_client
 from edge_agent.store import OutboxRow, StoreFull, fault_point
 
 log = logging.getLogger(__name__)

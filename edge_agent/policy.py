@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.protocol import ConfigParams, Sampling
+from autoglm_wire.protocol import ConfigParams, Sampling
 
 SAMPLING_DEFAULTS = ("max_tokens", "temperature", "top_p")
 S = TypeVar("S", bound=Sampling)

@@ -38,11 +38,11 @@ from typing import Any, Literal
 
 from sqlite_utils import Database
 
-from edge_agent import lifecycle
-from edge_agent.errors import AgentError, Busy
-from edge_agent.lifecycle import State
-from edge_agent.protocol import ErrorInfo, Event, Reply, ReplyStatus, format_ts, to_bytes, utc_now
-from edge_agent.topics import DeviceTopics
+from autoglm_wire import lifecycle
+from autoglm_wire.errors import Busy, ProtocolError
+from autoglm_wire.lifecycle import ReplyStatus, State
+from autoglm_wire.protocol import ErrorInfo, Event, Reply, format_ts, to_bytes, utc_now
+from autoglm_wire.topics import DeviceTopics
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ReplyDraft:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def failure(cls, status: ReplyStatus, error: AgentError) -> ReplyDraft:
+    def failure(cls, status: ReplyStatus, error: ProtocolError) -> ReplyDraft:
         return cls(status=status, error=ErrorInfo(code=error.code, message=error.message))
 
 

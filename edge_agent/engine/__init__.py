@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo
+from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo
 
 OnDelta = Callable[[str], None]
 FinishReason = Literal["stop", "length", "cancelled"]

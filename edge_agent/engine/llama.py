@@ -24,6 +24,8 @@ from typing import Any, Literal
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from autoglm_wire.errors import InvalidCommand, ModelError, Timeout
+from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
 from edge_agent.config import ModelConfig
 from edge_agent.engine import FinishReason, Generation, OnDelta
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
@@ -31,8 +33,6 @@ from edge_agent.engine.prefix import PrefixStates
 from edge_agent.engine.repack import RepackChoice, choose_repack
 from edge_agent.engine.templates import PromptTemplate, apply_template
 from edge_agent.engine.watchdog import StallWatchdog
-from edge_agent.errors import InvalidCommand, ModelError, Timeout
-from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autoglm_wire.errors import InvalidCommand, ModelError
+from autoglm_wire.protocol import OnnxParams, ParsedCommand
 from edge_agent.config import OnnxModelConfig
-from edge_agent.errors import InvalidCommand, ModelError
-from edge_agent.protocol import OnnxParams, ParsedCommand
 
 if TYPE_CHECKING:
     from edge_agent.executor import Handler, Outcome
@@ -135,8 +135,8 @@ def onnx_handlers(configs: Mapping[str, OnnxModelConfig]) -> dict[str, Handler]:
     """{"onnx": handler} when ONNX models are configured, else {} (the kind is then not served)."""
     if not configs:
         return {}
+    from autoglm_wire.lifecycle import State
     from edge_agent.executor import Outcome
-    from edge_agent.lifecycle import State
 
     models = OnnxModels(configs)
 

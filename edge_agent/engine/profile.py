@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.errors import ConfigError
+from autoglm_wire.errors import ConfigError
 
 if TYPE_CHECKING:
     from edge_agent.config import ModelConfig, OnnxModelConfig

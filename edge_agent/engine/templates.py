@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_agent.errors import InvalidCommand
+from autoglm_wire.errors import InvalidCommand
 
 
 class PromptTemplate(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from edge_agent.protocol import Command, ModelInfo, Reply, Status, StreamChunk, format_ts
+from autoglm_wire.protocol import Command, ModelInfo, Reply, Status, StreamChunk, format_ts
 
 T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
 

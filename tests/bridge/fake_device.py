@@ -12,8 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.protocol import Event, ModelInfo, Reply, Status, StreamChunk, format_ts, to_bytes, utc_now
-from edge_agent.topics import DeviceTopics
+from autoglm_wire.protocol import Event, ModelInfo, Reply, Status, StreamChunk, format_ts, to_bytes, utc_now
+from autoglm_wire.topics import DeviceTopics
 
 Behaviour = Callable[["FakeDevice", dict[str, Any]], None]
 

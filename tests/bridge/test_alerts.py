@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from autoglm_wire.protocol import Telemetry, format_ts
 from cloud_bridge.alerts import AlertConfig, check_fleet
-from edge_agent.protocol import Telemetry, format_ts
 
 from .factories import T0, at, command, offline, online, reply
 

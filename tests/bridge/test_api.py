@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from autoglm_wire.protocol import Status
 from cloud_bridge.api import create_app, read_token
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import ConfigError
-from edge_agent.protocol import Status
 
 from .factories import T0, online, reply
 

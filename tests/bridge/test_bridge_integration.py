@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from autoglm_wire.protocol import Event, format_ts, utc_now
 from cloud_bridge.registry import Registry
-from edge_agent.protocol import Event, format_ts, utc_now
 
 from .conftest import VENV_BIN, BridgeProcess, launch_bridge, stop_process, wait_until, write_bridge_config
 from .fake_device import FakeDevice, stay_silent

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from autoglm_wire.settings import read_password
 from cloud_bridge.config import load_config
 from cloud_bridge.errors import ConfigError
-from edge_agent.settings import read_password
 
 
 def write(tmp_path, text: str):

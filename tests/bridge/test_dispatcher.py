@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cloud_bridge.dispatcher import Action, CommandView, advances, decide, message_expiry_s, rank
+from cloud_bridge.dispatcher import Action, CommandView, decide, message_expiry_s
 
 T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
 RESEND = 5.0
@@ -67,20 +67,6 @@ def test_the_wake_time_never_passes_the_expiry():
 
 def test_a_command_without_expiry_is_resent_forever():
     assert decide(view(sent_ago_s=10_000.0, expires_in_s=None), "online", T0, RESEND).action is Action.SEND
-
-
-def test_states_only_move_forward():
-    assert advances("sent", "accepted")
-    assert advances("accepted", "succeeded")
-    assert advances("pending", "rejected")
-    assert not advances("succeeded", "accepted")
-    assert not advances("running", "accepted")
-    assert not advances("expired", "succeeded")
-
-
-def test_an_unknown_state_is_an_error_that_lists_the_known_ones():
-    with pytest.raises(ValueError, match="expected one of"):
-        rank("lost")
 
 
 def test_message_expiry_is_whole_seconds_left_and_at_least_one():

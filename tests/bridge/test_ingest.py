@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from autoglm_wire.protocol import to_bytes
 from cloud_bridge.ingest import Inbound, Ingestor, Outcome
-from edge_agent.protocol import to_bytes
 
 from .factories import T0, at, chunk, command, offline, online, reply
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_bridge.dispatcher import is_terminal, rank
+from autoglm_wire.lifecycle import is_terminal, rank
+from autoglm_wire.protocol import Event, Telemetry, format_ts
 from cloud_bridge.errors import BridgeError, DuplicateCommand, RegistryMissing, UnknownCommand
 from cloud_bridge.registry import Registry
-from edge_agent.protocol import Event, Telemetry, format_ts
 
 from .factories import T0, at, chunk, command, offline, online, reply
 

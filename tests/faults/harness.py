@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.protocol import TERMINAL_STATUSES
+from autoglm_wire.lifecycle import TERMINAL as TERMINAL_STATUSES
+from autoglm_wire.topics import DeviceTopics
 from edge_agent.store import FAULT_POINT_ENV, Store
-from edge_agent.topics import DeviceTopics
 from tests.faults.chaos import ChaosProxy
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config
 from tests.support.broker import Broker

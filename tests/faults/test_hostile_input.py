@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import AgentError
-from edge_agent.protocol import parse_command
+from autoglm_wire.errors import ProtocolError
+from autoglm_wire.protocol import parse_command
 from tests.faults.harness import Rig, report
 from tests.support.cloud import command
 
@@ -89,7 +89,7 @@ hostile = st.one_of(
 def _is_valid(payload: bytes) -> bool:
     try:
         parse_command(payload, MAX_PAYLOAD)
-    except AgentError:
+    except ProtocolError:
         return False
     return True
 

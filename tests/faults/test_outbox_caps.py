@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import Busy
-from edge_agent.lifecycle import State
-from edge_agent.protocol import Event
+from autoglm_wire.errors import Busy
+from autoglm_wire.lifecycle import State
+from autoglm_wire.protocol import Event
+from autoglm_wire.topics import DeviceTopics
 from edge_agent.store import OutboxLimits, ReplyDraft, Store
-from edge_agent.topics import DeviceTopics
 from tests.faults.harness import Rig, audit, outbox_depth, report, seed_outbox, wait_all_terminal
 from tests.support.cloud import command
 

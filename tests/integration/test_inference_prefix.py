@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.protocol import ChatParams
 from edge_agent.config import ModelConfig
 from edge_agent.engine.llama import LlamaEngine
-from edge_agent.protocol import ChatParams
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
+from autoglm_wire.protocol import CompleteParams
 from edge_agent.config import ModelConfig
 from edge_agent.engine.llama import LlamaEngine, load_llama
-from edge_agent.protocol import CompleteParams
 
 pytestmark = pytest.mark.integration
 

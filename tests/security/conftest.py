@@ -86,7 +86,7 @@ class RawClient:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from edge_agent.mqtt_session import TlsOptions
+        from autoglm_wire.mqtt_session import TlsOptions
 
         self._lock = threading.Lock()
         self.received: list[tuple[str, bytes]] = []

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.errors import ConfigError
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError
 
 KEY = "O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik="  # base64 of 32 bytes
 
@@ -52,8 +52,9 @@ def test_the_shipped_production_example_requires_signed_commands() -> None:
 
 
 def test_every_security_limit_and_tls_key_is_documented_in_the_readme_and_security_doc() -> None:
+    from autoglm_wire.settings import BrokerConfig
+    from cloud_bridge.config import SigningConfig
     from edge_agent.config import LimitsConfig, SecurityConfig
-    from edge_agent.settings import BrokerConfig, SigningConfig
 
     root = Path(__file__).resolve().parents[2]
     readme, security_doc = (root / "README.md").read_text(), (root / "docs" / "security.md").read_text()

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.signing import CommandSigner, public_key_base64
+from autoglm_wire.signing import CommandSigner, public_key_base64
 from tests.security.conftest import render_acl, tls_env
 from tests.security.pki import CertFiles, TestCA
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config

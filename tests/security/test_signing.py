@@ -1,4 +1,4 @@
-"""edge_agent.signing: canonical JSON, Ed25519 signatures, trusted keys by key_id, the age window.
+"""autoglm_wire.signing: canonical JSON, Ed25519 signatures, trusted keys by key_id, the age window.
 Pure: real crypto, time passed in."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.errors import ConfigError, Unauthorized
-from edge_agent.settings import SigningConfig
-from edge_agent.signing import (
+from autoglm_wire.errors import ConfigError, Unauthorized
+from autoglm_wire.signing import (
     CommandSigner,
     CommandVerifier,
     VerifyPolicy,
@@ -22,8 +21,8 @@ from edge_agent.signing import (
     load_trusted_keys,
     public_key_base64,
     sign_payload,
-    signer_from_config,
 )
+from cloud_bridge.config import SigningConfig
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -142,9 +141,9 @@ def test_the_bridge_signer_loads_a_pem_private_key_and_refuses_a_relative_path(t
     key = tmp_path / "signing.pem"
     key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    signer = signer_from_config(SigningConfig(signing_key_file=key, key_id="fleet"))
+    signer = SigningConfig(signing_key_file=key, key_id="fleet").signer()
     assert signer is not None and signer.key_id == "fleet" and "private" not in repr(signer).lower()
-    assert signer_from_config(SigningConfig()) is None
+    assert SigningConfig().signer() is None
     with pytest.raises(ValueError, match="absolute path or credential"):
         SigningConfig(signing_key_file=Path("signing.pem"), key_id="fleet")
     with pytest.raises(ValueError, match="go together"):

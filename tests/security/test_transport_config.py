@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.errors import ConfigError
+from autoglm_wire.mqtt_session import BrokerOptions, TlsOptions
+from autoglm_wire.settings import BrokerConfig, ReconnectConfig, read_password
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError
-from edge_agent.mqtt_session import BrokerOptions, TlsOptions
-from edge_agent.settings import BrokerConfig, ReconnectConfig, read_password
 from tests.security.pki import TestCA
 
 

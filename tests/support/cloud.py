@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.mqtt_session import disable_nagle
+from autoglm_wire.mqtt_session import disable_nagle
 
 
 def command(kind: str, params: dict[str, Any] | None = None, command_id: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tenacity import RetryCallState, Retrying
 
-from edge_agent.backoff import ceiling, reconnect_wait
+from autoglm_wire.backoff import ceiling, reconnect_wait
 
 SAMPLES = 400
 

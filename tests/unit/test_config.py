@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.errors import ConfigError
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError
 
 MINIMAL = """
 device_id = "pi-7"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from autoglm_wire.errors import ModelError
 from edge_agent.engine.onnx import choose_providers
-from edge_agent.errors import ModelError
 
 
 def test_without_a_configured_list_the_best_available_providers_come_first_and_cpu_last() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.errors import ConfigError
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError
 
 BASE = 'device_id = "gw-1"\n[model]\npath = "m.gguf"\n'
 

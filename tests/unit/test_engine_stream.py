@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from autoglm_wire.protocol import StreamChunk
 from edge_agent.engine.stream import ChunkStreamer
-from edge_agent.protocol import StreamChunk
 
 
 class Clock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from autoglm_wire.errors import InvalidCommand
 from edge_agent.engine.templates import PromptTemplate, apply_template
-from edge_agent.errors import InvalidCommand
 
 TEMPLATES = {
     "triage": PromptTemplate(system="You watch {site}. Answer in one line.", user="Reading: {reading}",

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, ParsedCommand, parse_command
+from autoglm_wire.topics import DeviceTopics
 from edge_agent import executor as executor_module
 from edge_agent.engine import Generation, OnDelta
 from edge_agent.executor import Executor
-from edge_agent.protocol import ChatParams, CompleteParams, ModelInfo, ParsedCommand, parse_command
 from edge_agent.store import Store, StoredCommand
-from edge_agent.topics import DeviceTopics
 
 TOPICS = DeviceTopics("autoglm", "d1")
 KINDS = frozenset({"ping", "chat", "complete", "cancel"})

@@ -28,5 +28,5 @@ def test_importing_the_agent_loads_neither_cryptography_nor_pydantic_settings() 
 
 def test_loading_a_trusted_key_loads_cryptography() -> None:
     key = "'" + "A" * 43 + "='"
-    statement = f"from edge_agent.signing import load_trusted_keys; load_trusted_keys({{'k': {key}}})"
+    statement = f"from autoglm_wire.signing import load_trusted_keys; load_trusted_keys({{'k': {key}}})"
     assert modules_loaded_by(statement)["cryptography"]

@@ -1,40 +1,46 @@
-"""The command lifecycle table and the pure decisions the executor takes from it."""
+"""The one command lifecycle (autoglm_wire.lifecycle): the device's table, ranks, the start decision."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
-from edge_agent.lifecycle import (
+from autoglm_wire.lifecycle import (
+    BRIDGE_STATES,
+    REPLY_STATES,
     TERMINAL,
     TRANSITIONS,
-    IllegalTransition,
+    ReplyStatus,
     State,
-    check,
-    recovery_decision,
+    is_terminal,
+    rank,
     sources,
     start_decision,
 )
-from edge_agent.protocol import TERMINAL_STATUSES
+from autoglm_wire.lifecycle import (
+    reply_status as lifecycle_reply_status,
+)
+from autoglm_wire.protocol import Reply
 
 TERMINAL_STATES = [State.SUCCEEDED, State.FAILED, State.REJECTED, State.EXPIRED, State.CANCELLED]
 ALLOWED = {(old, new) for old, nxt in TRANSITIONS.items() for new in nxt}
 
 
-def test_the_terminal_states_are_exactly_the_terminal_reply_statuses() -> None:
+def test_the_wire_statuses_are_every_state_but_the_bridges_own() -> None:
+    assert set(REPLY_STATES) | set(BRIDGE_STATES) == {s.value for s in State}
+    assert not set(REPLY_STATES) & set(BRIDGE_STATES)
+    assert Reply.model_fields["status"].annotation is ReplyStatus
+    assert get_args(ReplyStatus) == REPLY_STATES
+
+
+def test_the_terminal_states_are_the_ones_without_exit() -> None:
     assert set(TERMINAL) == set(TERMINAL_STATES)
-    assert {str(s) for s in TERMINAL} == set(TERMINAL_STATUSES)
+    assert {s for s, nxt in TRANSITIONS.items() if not nxt} == TERMINAL
 
 
-def test_every_state_has_a_row_in_the_table() -> None:
-    assert set(TRANSITIONS) == set(State)
-
-
-@pytest.mark.parametrize("terminal", TERMINAL_STATES)
-def test_a_terminal_state_has_no_exit(terminal: State) -> None:
-    assert TRANSITIONS[terminal] == frozenset()
-    for new in State:
-        with pytest.raises(IllegalTransition):
-            check(terminal, new)
+def test_every_state_a_device_stores_has_a_row_in_the_table() -> None:
+    assert set(TRANSITIONS) == set(REPLY_STATES)
 
 
 def test_the_table_is_exactly_the_documented_lifecycle() -> None:
@@ -49,27 +55,6 @@ def test_the_table_is_exactly_the_documented_lifecycle() -> None:
     }
 
 
-@pytest.mark.parametrize("old", list(State))
-@pytest.mark.parametrize("new", list(State))
-def test_check_allows_exactly_the_transitions_in_the_table(old: State, new: State) -> None:
-    if (old, new) in ALLOWED:
-        check(old, new)
-    else:
-        with pytest.raises(IllegalTransition):
-            check(old, new)
-
-
-def test_a_running_command_may_succeed_but_a_succeeded_one_never_runs_again() -> None:
-    check(State.RUNNING, State.SUCCEEDED)
-    with pytest.raises(IllegalTransition, match="cannot become running"):
-        check(State.SUCCEEDED, State.RUNNING)
-
-
-def test_a_command_that_never_ran_cannot_succeed() -> None:
-    with pytest.raises(IllegalTransition):
-        check(State.ACCEPTED, State.SUCCEEDED)
-
-
 def test_sources_name_the_states_a_command_may_come_from() -> None:
     assert sources(State.RUNNING) == {State.ACCEPTED}
     assert sources(State.SUCCEEDED) == {State.RUNNING}
@@ -78,10 +63,25 @@ def test_sources_name_the_states_a_command_may_come_from() -> None:
     assert sources(State.EXPIRED) == {State.ACCEPTED}
     assert sources(State.ACCEPTED) == frozenset()
     assert sources(State.REJECTED) == frozenset()
+    assert "accepted" in sources(State.RUNNING)  # StrEnum: matches the stored strings
 
 
-def test_sources_match_the_stored_state_strings() -> None:
-    assert "accepted" in sources(State.RUNNING)
+def test_every_allowed_transition_moves_forward_in_rank() -> None:
+    assert all(rank(new) > rank(old) for old, new in ALLOWED)
+
+
+def test_states_only_move_forward() -> None:
+    assert rank("sent") > rank("pending")
+    assert rank("accepted") > rank("sent")
+    assert rank("running") > rank("accepted")
+    assert rank("rejected") > rank("pending")
+    assert rank("succeeded") == rank("expired")  # the first terminal state is final
+    assert [is_terminal(s) for s in ("running", "cancelled")] == [False, True]
+
+
+def test_an_unknown_state_is_an_error_that_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="expected one of"):
+        rank("lost")
 
 
 def test_a_command_without_expiry_always_starts() -> None:
@@ -100,10 +100,8 @@ def test_a_command_reached_after_its_expiry_has_expired() -> None:
     assert start_decision(expires_at=100.0, now=100.001) is State.EXPIRED
 
 
-def test_a_command_found_running_at_start_was_interrupted_and_fails() -> None:
-    assert recovery_decision(State.RUNNING) is State.FAILED
-
-
-@pytest.mark.parametrize("state", [s for s in State if s is not State.RUNNING])
-def test_every_other_command_found_at_start_is_left_as_it_is(state: State) -> None:
-    assert recovery_decision(state) is None
+def test_a_reply_status_is_the_states_value_and_the_bridges_own_states_have_none() -> None:
+    assert lifecycle_reply_status(State.SUCCEEDED) == "succeeded"
+    for state in (State.PENDING, State.SENT):
+        with pytest.raises(ValueError, match="bridge's own state"):
+            lifecycle_reply_status(state)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autoglm_wire.mqtt_session import BrokerOptions
 from edge_agent.link import DELETE_BATCH_ROWS, InboundMessage, Link, LinkOptions
-from edge_agent.mqtt_session import BrokerOptions
 from edge_agent.store import OutboxRow
 
 BROKER = BrokerOptions(host="127.0.0.1", port=1, client_id="d1", keepalive=30, session_expiry_s=3600,

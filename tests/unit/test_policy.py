@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from autoglm_wire.protocol import ChatParams, ConfigParams
 from edge_agent.policy import Policy, apply_defaults, initial, merge
-from edge_agent.protocol import ChatParams, ConfigParams
 
 
 def chat(**fields: object) -> ChatParams:

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from edge_agent.errors import AgentError, BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
-from edge_agent.protocol import (
+from autoglm_wire.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, ProtocolError, UnknownKind
+from autoglm_wire.protocol import (
     MAX_JSON_DEPTH,
     CancelParams,
     ChatParams,
@@ -52,8 +52,8 @@ def encode(obj: Any) -> bytes:
     return json.dumps(obj).encode("utf-8")
 
 
-def refusal(payload: bytes, max_bytes: int = MAX, kinds: frozenset[str] | None = None) -> AgentError:
-    with pytest.raises(AgentError) as caught:
+def refusal(payload: bytes, max_bytes: int = MAX, kinds: frozenset[str] | None = None) -> ProtocolError:
+    with pytest.raises(ProtocolError) as caught:
         parse_command(payload, max_bytes, kinds)
     return caught.value
 
@@ -174,7 +174,7 @@ def test_json_nested_deeper_than_the_limit_is_refused_before_the_parser_recurses
     def must_not_parse(text: str) -> None:
         raise AssertionError("json.loads was called on deeply nested text")
 
-    monkeypatch.setattr("edge_agent.protocol.json.loads", must_not_parse)
+    monkeypatch.setattr("autoglm_wire.protocol.json.loads", must_not_parse)
     error = refusal(b'{"v": 1, "params": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}")
     assert isinstance(error, BadJson) and f"more than {MAX_JSON_DEPTH} levels" in error.message
 
@@ -320,7 +320,7 @@ def test_a_cancel_whose_target_is_not_a_command_id_is_invalid() -> None:
     assert isinstance(refusal(encode(command(kind="cancel", params={"target": "a/b"}))), InvalidCommand)
 
 
-# --- nothing but AgentError, whatever arrives ----------------------------------------------------
+# --- nothing but ProtocolError, whatever arrives ----------------------------------------------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -340,7 +340,7 @@ plausible_values = json_values | st.sampled_from(
 def test_arbitrary_bytes_raise_nothing_but_agent_errors(payload: bytes) -> None:
     try:
         parse_command(payload, 200)
-    except AgentError:
+    except ProtocolError:
         pass
 
 
@@ -349,7 +349,7 @@ def test_arbitrary_bytes_raise_nothing_but_agent_errors(payload: bytes) -> None:
 def test_arbitrary_json_objects_raise_nothing_but_agent_errors(obj: dict[str, Any]) -> None:
     try:
         parsed = parse_command(encode(obj), MAX)
-    except AgentError as error:
+    except ProtocolError as error:
         assert error.command_id is None or error.command_id == obj.get("id")
     else:
         assert parsed.id == obj["id"]

@@ -1,4 +1,4 @@
-"""The environment overlay of edge_agent.settings: `<PREFIX><KEY>` variables over a TOML file.
+"""The environment overlay of autoglm_wire.settings: `<PREFIX><KEY>` variables over a TOML file.
 
 Pure tests: the environment is a dict passed in, never the process's own.
 """
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, Field
 
+from autoglm_wire.errors import ConfigError
+from autoglm_wire.settings import Section, TomlSettings, deep_merge, env_overlay, load_toml_settings
 from cloud_bridge.config import BridgeConfig
 from edge_agent.config import AgentConfig
-from edge_agent.errors import ConfigError
-from edge_agent.settings import Section, TomlSettings, deep_merge, env_overlay, load_toml_settings
 
 EXAMPLE = "EDGE_AGENT_MQTT__GROUPS='[\"lab\"]'"
 

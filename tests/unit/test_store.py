@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from autoglm_wire.errors import BadJson, InvalidCommand
+from autoglm_wire.lifecycle import State
+from autoglm_wire.protocol import ErrorInfo, Event, format_ts, utc_now
+from autoglm_wire.topics import DeviceTopics
 from edge_agent.agent import Agent
-from edge_agent.errors import BadJson, InvalidCommand
-from edge_agent.lifecycle import State
-from edge_agent.protocol import ErrorInfo, Event, format_ts, utc_now
 from edge_agent.store import OutboxRow, ReplyDraft, Store, StoreError, StoreFull
-from edge_agent.topics import DeviceTopics
 
 TOPICS = DeviceTopics("autoglm", "d1")
 REPLY = "autoglm/d1/reply"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.topics import (
+from autoglm_wire.topics import (
     CloudTopic,
     DeviceTopics,
     check_group,

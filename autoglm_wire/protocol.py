@@ -1,6 +1,6 @@
 """Wire protocol v1: the pydantic models of every payload and the command parser.
 
-Pure: no I/O. `parse_command` turns raw bytes into a `ParsedCommand` or raises the `AgentError`
+Pure: no I/O. `parse_command` turns raw bytes into a `ParsedCommand` or raises the `ProtocolError`
 subclass whose code the rejected reply must carry. The contract is docs/protocol.md.
 """
 
@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from edge_agent.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
+from autoglm_wire.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
+from autoglm_wire.lifecycle import ReplyStatus, is_terminal
 
 PROTOCOL_VERSION = 1
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -25,8 +26,6 @@ _OPENERS = frozenset(b"[{")
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 CommandId = Annotated[str, StringConstraints(pattern=COMMAND_ID_PATTERN)]
-ReplyStatus = Literal["accepted", "running", "succeeded", "failed", "rejected", "expired", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "rejected", "expired", "cancelled"})
 
 
 class _Strict(BaseModel):
@@ -168,20 +167,21 @@ class ParsedCommand(BaseModel):
         return self.command.kind
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "(root)"
-        parts.append(f"{where}: {item['msg']}")
-    more = error.error_count() - len(parts)
-    suffix = f" (and {more} more)" if more > 0 else ""
-    return "; ".join(parts) + suffix
+def validation_problems(error: ValidationError, root: str = "(root)") -> list[str]:
+    """Each problem of a pydantic error as `where: what`, `where` being the dotted field path."""
+    return [f"{'.'.join(str(p) for p in item['loc']) or root}: {item['msg']}" for item in error.errors()]
 
 
-def _validate_id(value: Any) -> str | None:
-    if isinstance(value, str) and re.fullmatch(COMMAND_ID_PATTERN, value):
-        return value
-    return None
+def describe_validation_error(error: ValidationError, limit: int = 5, root: str = "(root)") -> str:
+    """The first `limit` problems of a pydantic error on one line, and how many more there are."""
+    parts = validation_problems(error, root)
+    more = len(parts) - limit
+    return "; ".join(parts[:limit]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def is_command_id(value: Any) -> bool:
+    """True for a string protocol v1 accepts as a command id (also a valid topic level)."""
+    return isinstance(value, str) and re.fullmatch(COMMAND_ID_PATTERN, value) is not None
 
 
 def json_nesting_exceeds(payload: bytes, limit: int) -> bool:
@@ -231,11 +231,11 @@ def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None =
     be read.
     """
     obj = decode_json_object(payload, max_bytes)
-    command_id = _validate_id(obj.get("id"))
+    command_id = obj["id"] if is_command_id(obj.get("id")) else None
     try:
         command = Command.model_validate(obj)
     except ValidationError as exc:
-        raise InvalidCommand(f"invalid command envelope: {_describe(exc)}", command_id) from exc
+        raise InvalidCommand(f"invalid command envelope: {describe_validation_error(exc)}", command_id) from exc
     served = frozenset(PARAMS_BY_KIND) if kinds is None else kinds & frozenset(PARAMS_BY_KIND)
     if command.kind not in served:
         raise UnknownKind(
@@ -244,7 +244,8 @@ def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None =
     try:
         params = PARAMS_BY_KIND[command.kind].model_validate(command.params)
     except ValidationError as exc:
-        raise InvalidCommand(f"invalid params for {command.kind!r}: {_describe(exc)}", command_id) from exc
+        problems = describe_validation_error(exc)
+        raise InvalidCommand(f"invalid params for {command.kind!r}: {problems}", command_id) from exc
     return ParsedCommand(command=command, params=params)
 
 
@@ -269,7 +270,7 @@ class Reply(_Tolerant):
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+        return is_terminal(self.status)
 
 
 class StreamChunk(_Tolerant):

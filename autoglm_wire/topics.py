@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from edge_agent.protocol import COMMAND_ID_PATTERN, DEVICE_ID_PATTERN
+from autoglm_wire.protocol import DEVICE_ID_PATTERN, is_command_id
 
 GROUP_PATTERN = DEVICE_ID_PATTERN
 
@@ -69,7 +69,7 @@ class DeviceTopics:
         return f"{self.base}/event"
 
     def stream(self, command_id: str) -> str:
-        if not re.fullmatch(COMMAND_ID_PATTERN, command_id):
+        if not is_command_id(command_id):
             raise ValueError(f"command id {command_id!r} is not a valid topic level")
         return f"{self.base}/stream/{command_id}"
 
@@ -105,6 +105,6 @@ def parse_cloud_topic(prefix: str, topic: str) -> CloudTopic | None:
         return None
     if len(parts) == 2 and parts[1] in CLOUD_CHANNELS:
         return CloudTopic(parts[0], parts[1])
-    if len(parts) == 3 and parts[1] == "stream" and re.fullmatch(COMMAND_ID_PATTERN, parts[2]):
+    if len(parts) == 3 and parts[1] == "stream" and is_command_id(parts[2]):
         return CloudTopic(parts[0], "stream", parts[2])
     return None

@@ -28,8 +28,9 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge_agent.errors import ConfigError
-from edge_agent.topics import check_prefix
+from autoglm_wire.errors import ConfigError
+from autoglm_wire.protocol import validation_problems
+from autoglm_wire.topics import check_prefix
 
 
 class Section(BaseModel):
@@ -73,27 +74,11 @@ class BrokerConfig(Section):
 
 
 class ReconnectConfig(Section):
-    """`[reconnect]`: the backoff schedule between connection attempts (see edge_agent.backoff)."""
+    """`[reconnect]`: the backoff schedule between connection attempts (see autoglm_wire.backoff)."""
 
     initial_s: float = Field(default=1.0, gt=0)
     multiplier: float = Field(default=2.0, ge=1.0)
     max_s: float = Field(default=30.0, gt=0)
-
-
-class SigningConfig(Section):
-    """The bridge's `[security]`: sign every dispatched command (edge_agent.signing) with this key."""
-
-    signing_key_file: Path | None = None
-    key_id: str | None = Field(default=None, min_length=1, max_length=64)
-
-    @model_validator(mode="after")
-    def _key_and_id(self) -> Self:
-        if (self.signing_key_file is None) != (self.key_id is None):
-            raise ValueError("signing_key_file and key_id go together: set both to sign commands, or neither")
-        path = self.signing_key_file
-        if path is not None and not (path.is_absolute() or str(path).startswith(CREDENTIAL_PREFIX)):
-            raise ValueError(f"signing_key_file {str(path)!r} must be an absolute path or credential:NAME")
-        return self
 
 
 class TomlSettings(BaseModel):
@@ -120,7 +105,7 @@ def load_toml_settings(cls: type[S], path: Path, hint: str, env_example: str | N
     try:
         return cls.model_validate(deep_merge(data, overlay))
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        lines = [f"  {problem}" for problem in validation_problems(exc)]
         where = f" (with {cls.env_prefix}* environment overrides)" if overlay else ""
         raise ConfigError(f"config file {path} is invalid{where}:\n" + "\n".join(lines)) from exc
 

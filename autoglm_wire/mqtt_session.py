@@ -7,7 +7,7 @@
   SessionExpiryInterval on every CONNECT, `manual_ack`), with paho's own reconnect off.
 - `SessionRunner`: the network thread's loop. It runs one session at a time (`reconnect()`, then
   `loop_forever()`); a connection attempt that fails, a CONNACK that refuses, or a session that
-  ends within `MIN_SESSION_S` is backed off with tenacity (`edge_agent.backoff.reconnect_wait`:
+  ends within `MIN_SESSION_S` is backed off with tenacity (`autoglm_wire.backoff.reconnect_wait`:
   exponential, full jitter); after a longer session it reconnects at once with a fresh schedule.
 
 The links keep their own paho callbacks; the only call they make into this module from a paho
@@ -31,9 +31,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception_type
 
-from edge_agent.backoff import reconnect_wait
-from edge_agent.errors import ConfigError
-from edge_agent.settings import BrokerConfig, ReconnectConfig, read_password, secret_path
+from autoglm_wire.backoff import reconnect_wait
+from autoglm_wire.errors import ConfigError
+from autoglm_wire.settings import BrokerConfig, ReconnectConfig, read_password, secret_path
 
 log = logging.getLogger(__name__)
 

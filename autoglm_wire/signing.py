@@ -27,8 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.errors import ConfigError, Unauthorized
-from edge_agent.settings import SigningConfig, secret_path
+from autoglm_wire.errors import ConfigError, Unauthorized
 
 if TYPE_CHECKING:  # imported where a key is loaded or used, see the module docstring
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -208,10 +207,3 @@ def public_key_base64(key: Ed25519PublicKey) -> str:
 
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
-
-
-def signer_from_config(config: SigningConfig) -> CommandSigner | None:
-    """The bridge's signer from its `[security]` section; None when no key is configured."""
-    if config.signing_key_file is None or config.key_id is None:
-        return None
-    return CommandSigner.from_file(secret_path(config.signing_key_file, "security.signing_key_file"), config.key_id)

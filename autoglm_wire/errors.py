@@ -1,4 +1,4 @@
-"""Error tree of the edge agent.
+"""Error tree of protocol v1, shared by the agent and the bridge.
 
 Every protocol error code (protocol v1, Reply.error.code) has exactly one exception type, so code
 that fails raises the type and the reply builder reads its code. Each error may carry the command
@@ -24,8 +24,8 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-class AgentError(Exception):
-    """Base of every error the agent reports on the wire."""
+class ProtocolError(Exception):
+    """Base of every error reported on the wire (Reply.error.code is its `code`)."""
 
     code: ErrorCode = ErrorCode.INTERNAL
 
@@ -35,47 +35,47 @@ class AgentError(Exception):
         self.command_id = command_id
 
 
-class BadJson(AgentError):
+class BadJson(ProtocolError):
     code = ErrorCode.BAD_JSON
 
 
-class InvalidCommand(AgentError):
+class InvalidCommand(ProtocolError):
     code = ErrorCode.INVALID_COMMAND
 
 
-class UnknownKind(AgentError):
+class UnknownKind(ProtocolError):
     code = ErrorCode.UNKNOWN_KIND
 
 
-class PayloadTooLarge(AgentError):
+class PayloadTooLarge(ProtocolError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
-class Expired(AgentError):
+class Expired(ProtocolError):
     code = ErrorCode.EXPIRED
 
 
-class Busy(AgentError):
+class Busy(ProtocolError):
     code = ErrorCode.BUSY
 
 
-class ModelError(AgentError):
+class ModelError(ProtocolError):
     code = ErrorCode.MODEL_ERROR
 
 
-class Timeout(AgentError):
+class Timeout(ProtocolError):
     code = ErrorCode.TIMEOUT
 
 
-class Cancelled(AgentError):
+class Cancelled(ProtocolError):
     code = ErrorCode.CANCELLED
 
 
-class Unauthorized(AgentError):
+class Unauthorized(ProtocolError):
     code = ErrorCode.UNAUTHORIZED
 
 
-class Internal(AgentError):
+class Internal(ProtocolError):
     code = ErrorCode.INTERNAL
 
 
