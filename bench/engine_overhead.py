@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 from llama_timing import model_parser, time_stream  # noqa: E402
 
 from autoglm_wire.protocol import CompleteParams  # noqa: E402
-from edge_agent.config import ModelConfig  # noqa: E402
 from edge_agent.engine.llama import LlamaEngine  # noqa: E402
+from edge_agent.engine.settings import ModelConfig  # noqa: E402
 from edge_agent.engine.stream import ChunkStreamer  # noqa: E402
 
 PROMPT = "The gateway reported the following sensor readings and asked for a summary:"

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autoglm_wire.protocol import ChatParams  # noqa: E402
-from edge_agent.config import ModelConfig  # noqa: E402
 from edge_agent.engine.llama import LlamaEngine  # noqa: E402
+from edge_agent.engine.settings import ModelConfig  # noqa: E402
 
 RULES = "Rule {i}: report pressure, temperature and vibration of pump {i} in one short line. "
 

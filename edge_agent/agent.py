@@ -36,8 +36,7 @@ from autoglm_wire.topics import DeviceTopics, group_cmd
 from edge_agent import policy
 from edge_agent.config import AgentConfig
 from edge_agent.engine import EngineReload, TextEngine
-from edge_agent.engine.onnx import onnx_handlers
-from edge_agent.executor import IMMEDIATE_KINDS, Executor, Outcome
+from edge_agent.executor import IMMEDIATE_KINDS, Executor, Outcome, onnx_handlers
 from edge_agent.link import InboundMessage, Link, LinkOptions
 from edge_agent.notify import sd_notify, watchdog_interval_s
 from edge_agent.store import OutboxLimits, ReplyDraft, Store, StoreError

@@ -24,7 +24,8 @@ from autoglm_wire.settings import (
 )
 from autoglm_wire.signing import is_raw_key
 from autoglm_wire.topics import check_device_id, check_group
-from edge_agent.engine.profile import KvCacheType, OnnxOptimization, apply_onnx_profile, apply_profile
+from edge_agent.engine.profile import apply_onnx_profile, apply_profile
+from edge_agent.engine.settings import ModelConfig, OnnxModelConfig
 from edge_agent.engine.templates import PromptTemplate
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -53,32 +54,6 @@ class StoreConfig(Section):
     max_outbox_rows: int = Field(default=100_000, ge=10)
     max_outbox_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     ledger_days: float = Field(default=7.0, ge=0)
-
-
-class ModelConfig(Section):
-    path: Path
-    n_gpu_layers: Literal["auto"] | int = "auto"
-    n_ctx: int = Field(default=4096, ge=64)
-    n_threads: int | None = Field(default=None, ge=1)
-    n_batch: int = Field(default=512, ge=1)
-    n_ubatch: int | None = Field(default=None, ge=1)
-    flash_attn: bool = False
-    repack: Literal["auto"] | bool = "auto"
-    type_k: KvCacheType | None = None
-    type_v: KvCacheType | None = None
-    prefix_cache_mb: int = Field(default=0, ge=0)
-    stall_timeout_s: float = Field(default=120.0, gt=0.0)
-    profile: Path | None = None
-    name: str | None = None
-
-
-class OnnxModelConfig(Section):
-    path: Path
-    providers: list[str] | None = None
-    intra_op_threads: int | None = Field(default=None, ge=1)
-    graph_optimization: OnnxOptimization = "all"
-    parallel_execution: bool = False
-    profile: Path | None = None
 
 
 class OnnxConfig(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +20,15 @@ from autoglm_wire.protocol import (
     ChatParams,
     CompleteParams,
     ErrorInfo,
+    OnnxParams,
     ParsedCommand,
     Sampling,
     parse_command,
 )
 from autoglm_wire.topics import DeviceTopics
 from edge_agent.engine import EngineReload, Generation, TextEngine
+from edge_agent.engine.onnx import OnnxModels
+from edge_agent.engine.settings import OnnxModelConfig
 from edge_agent.engine.stream import ChunkStreamer
 from edge_agent.policy import Policy, apply_defaults
 from edge_agent.store import ReplyDraft, Store, StoredCommand, StoreFull, fault_point
@@ -418,3 +421,16 @@ class Executor:
         previous = self.tokens_per_s_ewma
         self.tokens_per_s_ewma = generation.tokens_per_s if previous is None else (
             0.8 * previous + 0.2 * generation.tokens_per_s)
+
+
+def onnx_handlers(configs: Mapping[str, OnnxModelConfig]) -> dict[str, Handler]:
+    """{"onnx": handler} when ONNX models are configured, else {} (the kind is then not served)."""
+    if not configs:
+        return {}
+    models = OnnxModels(configs)
+
+    def handle(parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        assert isinstance(parsed.params, OnnxParams)
+        return Outcome(State.SUCCEEDED, models.run(parsed.params), {})
+
+    return {"onnx": handle}

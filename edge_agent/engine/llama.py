@@ -26,11 +26,11 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from autoglm_wire.errors import InvalidCommand, ModelError, Timeout
 from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
-from edge_agent.config import ModelConfig
 from edge_agent.engine import FinishReason, Generation, OnDelta
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
 from edge_agent.engine.prefix import PrefixStates
 from edge_agent.engine.repack import RepackChoice, choose_repack
+from edge_agent.engine.settings import ModelConfig
 from edge_agent.engine.templates import PromptTemplate, apply_template
 from edge_agent.engine.watchdog import StallWatchdog
 

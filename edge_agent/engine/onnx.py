@@ -11,16 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from autoglm_wire.errors import InvalidCommand, ModelError
-from autoglm_wire.protocol import OnnxParams, ParsedCommand
-from edge_agent.config import OnnxModelConfig
-
-if TYPE_CHECKING:
-    from edge_agent.executor import Handler, Outcome
+from autoglm_wire.protocol import OnnxParams
+from edge_agent.engine.settings import OnnxModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +126,3 @@ class OnnxModels:
             raise InvalidCommand(f"no ONNX model {params.model!r} on this device (it has {sorted(self._models)})")
         with self._lock:
             return {"outputs": model.run(params.inputs)}
-
-
-def onnx_handlers(configs: Mapping[str, OnnxModelConfig]) -> dict[str, Handler]:
-    """{"onnx": handler} when ONNX models are configured, else {} (the kind is then not served)."""
-    if not configs:
-        return {}
-    from autoglm_wire.lifecycle import State
-    from edge_agent.executor import Outcome
-
-    models = OnnxModels(configs)
-
-    def handle(parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
-        assert isinstance(parsed.params, OnnxParams)
-        return Outcome(State.SUCCEEDED, models.run(parsed.params), {})
-
-    return {"onnx": handle}

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_wire.errors import ConfigError
-
-if TYPE_CHECKING:
-    from edge_agent.config import ModelConfig, OnnxModelConfig
-
-KvCacheType = Literal["f32", "f16", "q8_0", "q4_0"]
-OnnxOptimization = Literal["disabled", "basic", "extended", "all"]
+from edge_agent.engine.settings import KvCacheType, ModelConfig, OnnxModelConfig, OnnxOptimization
 
 
 class TunedSettings(BaseModel):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from autoglm_wire.protocol import CompleteParams
-from edge_agent.config import ModelConfig
 from edge_agent.engine.llama import LlamaEngine
+from edge_agent.engine.settings import ModelConfig
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import build_parser
-from edge_agent.config import ModelConfig, OnnxModelConfig
+from edge_agent.engine.settings import ModelConfig, OnnxModelConfig
 from edge_agent.engine.templates import PromptTemplate
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_agent.engine.profile import read_profile
-from edge_agent.tune import Candidate, Trial, best, profile_toml, search, search_space, table
+from edge_agent.tune.llama import Candidate, profile_toml, search_space, table
+from edge_agent.tune.search import Trial, best, search
 
 SPACE = search_space(cpu_count=4, gpu_layer_options=[0])
 
@@ -83,7 +84,7 @@ def test_the_table_marks_the_winner_and_the_trials_over_the_latency_bound() -> N
 
 
 def test_onnx_models_are_tuned_over_threads_graph_optimization_and_execution_mode() -> None:
-    from edge_agent.tune_onnx import onnx_search_space
+    from edge_agent.tune.onnx import onnx_search_space
 
     assert onnx_search_space(2) == {"intra_op_threads": [1, 2], "graph_optimization": ["all", "basic", "extended"],
                                     "parallel_execution": [False, True]}

@@ -1,29 +1,29 @@
-"""`edge-agent tune --model FILE.onnx`: the same search as for GGUF models (edge_agent.tune), over
-ONNX Runtime session options: intra-op threads, graph optimization level, sequential or parallel
+"""Tuning an `.onnx` model on ONNX Runtime: the same search as for GGUF models
+(edge_agent.tune.search), over intra-op threads, graph optimization level, sequential or parallel
 execution. Each trial times runs of the model on random inputs of its own signature (symbolic
-dimensions as 1). The winner is written as a profile for `[onnx.models.NAME] profile = "FILE"`.
+dimensions as 1); both targets mean the lowest latency per run. The winner is written as a profile
+for `[onnx.models.NAME] profile = "FILE"`.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from edge_agent.tune import Column, Target, Trial, best, render_table, search
+from edge_agent.engine.settings import OnnxOptimization
+from edge_agent.tune.search import Column, Measure, Trial, best, conclude, progress_printer, render_table, search
 
-Optimization = Literal["disabled", "basic", "extended", "all"]
 RUNS_PER_TRIAL_S = 0.5  # run each candidate for this long (wall clock, at least 5 runs)
 
 
 @dataclass(frozen=True)
 class OnnxCandidate:
     intra_op_threads: int
-    graph_optimization: Optimization = "all"
+    graph_optimization: OnnxOptimization = "all"
     parallel_execution: bool = False
 
     def normalized(self) -> OnnxCandidate:
@@ -39,19 +39,19 @@ def onnx_search_space(cpu_count: int) -> dict[str, list[object]]:
             "graph_optimization": ["all", "basic", "extended"], "parallel_execution": [False, True]}
 
 
-def random_inputs(session: object) -> dict[str, np.ndarray]:
+def random_inputs(session: Any) -> dict[str, np.ndarray]:
     """Inputs matching the model's signature: symbolic dimensions become 1."""
     from edge_agent.engine.onnx import DTYPES
 
     rng = np.random.default_rng(0)
     feeds = {}
-    for spec in session.get_inputs():  # type: ignore[attr-defined]
+    for spec in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
         feeds[spec.name] = rng.standard_normal(shape).astype(DTYPES.get(spec.type, np.float32))
     return feeds
 
 
-def measure_with_onnxruntime(model: Path, providers: list[str]):  # noqa: ANN201 - a Measure
+def measure_with_onnxruntime(model: Path, providers: list[str]) -> Measure:
     import onnxruntime as ort
 
     from edge_agent.engine.onnx import session_options
@@ -97,31 +97,17 @@ def onnx_profile_toml(winner: Trial, model: Path, trials: int) -> str:
             f"trials = {trials}\nlatency_ms = {winner.ttft_ms:.3f}\n")
 
 
-def run_onnx_tune(model: Path, target: Target, max_latency_ms: float | None, budget_s: float, out: Path,
-                  cpu_count: int) -> int:
-    """For ONNX models both targets mean the lowest latency per run."""
+def run_onnx_tune(model: Path, max_latency_ms: float | None, budget_s: float, out: Path, cpu_count: int) -> int:
     import onnxruntime as ort
 
     from edge_agent.engine.onnx import choose_providers
-    from edge_agent.tune import progress
 
-    deadline = time.monotonic() + budget_s
     providers = choose_providers(None, ort.get_available_providers())
-    space = onnx_search_space(cpu_count)
-
-    def report(trial: Trial, done: int, total: int) -> None:
-        left = max(0.0, deadline - time.monotonic())
-        print(progress(trial, done, total, left, f"{trial.ttft_ms:.3f} ms per run"), file=sys.stderr, flush=True)
-
     start = OnnxCandidate(intra_op_threads=cpu_count)
-    trials = search(start, space, measure_with_onnxruntime(model, providers), "ttft", max_latency_ms, budget_s,
-                    on_trial=report)
+    trials = search(start, onnx_search_space(cpu_count), measure_with_onnxruntime(model, providers), "ttft",
+                    max_latency_ms, budget_s,
+                    on_trial=progress_printer(budget_s, lambda trial: f"{trial.ttft_ms:.3f} ms per run"))
     winner = best(trials, "ttft", max_latency_ms)
     print(f"ONNX Runtime providers: {providers}")
-    print(onnx_table(trials, winner, max_latency_ms))
-    if winner is None:
-        print("edge-agent tune: no configuration could be measured; see the errors above", file=sys.stderr)
-        return 1
-    out.write_text(onnx_profile_toml(winner, model, len(trials)))
-    print(f"wrote {out}; add  profile = \"{out}\"  to [onnx.models.NAME]")
-    return 0
+    return conclude(onnx_table(trials, winner, max_latency_ms), winner, max_latency_ms, out,
+                    lambda w: onnx_profile_toml(w, model, len(trials)), "[onnx.models.NAME]")
