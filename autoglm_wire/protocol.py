@@ -11,7 +11,16 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from autoglm_wire.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
 from autoglm_wire.lifecycle import ReplyStatus, is_terminal
@@ -23,19 +32,26 @@ MAX_JSON_DEPTH = 64
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # UTF-8: no character holds a `"` or `\` byte
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _OPENERS = frozenset(b"[{")
+# `\u0000` or a `\uD800`-`\uDFFF` escape: the only ways JSON text can hold a NUL or a lone surrogate.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+YEARS = (1970, 2200)  # a wire datetime outside these years is refused (clocks, SQL and .timestamp() agree here)
 
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+# Integers that reach SQLite or PostgreSQL columns: 64 bits at most.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 CommandId = Annotated[str, StringConstraints(pattern=COMMAND_ID_PATTERN)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Tolerant(BaseModel):
     """Device -> cloud payloads: a reader ignores fields a newer sender may add."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 def _exact_int(value: Any) -> Any:
@@ -46,6 +62,18 @@ def _exact_int(value: Any) -> Any:
 
 
 Version = Annotated[Literal[1], BeforeValidator(_exact_int)]
+
+
+def _offset_and_range(value: datetime) -> datetime:
+    """A wire datetime names its offset (`Z` or `+hh:mm`) and lies in YEARS; it is kept in UTC."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must carry a UTC offset, e.g. 2026-11-21T10:00:00Z")
+    if not YEARS[0] <= value.year < YEARS[1]:
+        raise ValueError(f"must lie between the years {YEARS[0]} and {YEARS[1]}")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_offset_and_range)]
 
 
 def utc_now() -> datetime:
@@ -73,8 +101,8 @@ class Command(_Strict):
     id: CommandId
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
-    expires_at: datetime | None = None
+    created_at: Timestamp
+    expires_at: Timestamp | None = None
     priority: int = Field(default=0, ge=-1000, le=1000)
     target: str | None = None
     sig: Signature | None = None
@@ -213,14 +241,40 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if json_nesting_exceeds(payload, MAX_JSON_DEPTH):
         raise BadJson(f"payload JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise BadJson(f"payload JSON has a value that cannot be read: {exc}") from exc
     if not isinstance(obj, dict):
         raise BadJson(f"payload must be a JSON object, got {type(obj).__name__}")
+    if _SUSPECT_ESCAPE.search(payload) and (problem := _text_problem(obj)):
+        raise InvalidCommand(f"payload text {problem}", obj["id"] if is_command_id(obj.get("id")) else None)
     return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _text_problem(value: Any) -> str | None:
+    """What makes a decoded string unstorable: a NUL (PostgreSQL text refuses it) or a lone UTF-16
+    surrogate (not Unicode text: it cannot be encoded as UTF-8). None when every string is fine."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "holds a NUL character (\\u0000); send text without it"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x}); it is not Unicode text"
+        return None
+    if isinstance(value, dict):
+        items = [*value, *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    return next((problem for item in items if (problem := _text_problem(item))), None)
 
 
 def parse_command(payload: bytes, max_bytes: int, kinds: frozenset[str] | None = None) -> ParsedCommand:
@@ -262,7 +316,7 @@ class Reply(_Tolerant):
     command_id: str | None
     device_id: DeviceId
     status: ReplyStatus
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT64_MAX)
     ts: str
     output: dict[str, Any] | None = None
     error: ErrorInfo | None = None
@@ -276,7 +330,7 @@ class Reply(_Tolerant):
 class StreamChunk(_Tolerant):
     v: Literal[1] = 1
     command_id: str
-    index: int = Field(ge=0)
+    index: Count
     delta: str
     done: bool = False
 
@@ -286,7 +340,7 @@ class ModelInfo(_Tolerant):
     sha256: str
     arch: str
     quant: str
-    n_gpu_layers: int
+    n_gpu_layers: Int64
     gpu_reason: str | None = None
 
 
@@ -305,14 +359,14 @@ class Telemetry(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
     ts: str
-    queue_depth: int
-    outbox_depth: int
-    outbox_bytes: int
+    queue_depth: Count
+    outbox_depth: Count
+    outbox_bytes: Count
     tokens_per_s_ewma: float | None
     rss_mb: float
-    gpu_layers: int
+    gpu_layers: Int64
     uptime_s: float
-    dropped: dict[str, int] = Field(default_factory=dict)
+    dropped: dict[str, Count] = Field(default_factory=dict)
 
 
 class Event(_Tolerant):

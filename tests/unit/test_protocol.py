@@ -491,3 +491,75 @@ def test_format_ts_converts_other_offsets_to_utc() -> None:
 
 def test_format_ts_of_now_matches_the_wire_format() -> None:
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", format_ts(datetime.now(UTC)))
+
+
+# --- values at and past the edges of what storage and code accept ------------------------------------
+
+
+@pytest.mark.parametrize("field", ["created_at", "expires_at"])
+@pytest.mark.parametrize("value", ["0001-01-01", "2026-11-21T10:00:00", "2026-11-21 10:00:00.5"])
+def test_a_datetime_without_an_offset_is_invalid_and_names_the_field(field: str, value: str) -> None:
+    error = refusal(encode(command(**{field: value})))
+    assert isinstance(error, InvalidCommand) and error.command_id == "cmd-1"
+    assert field in error.message and "UTC offset" in error.message
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z", "2200-01-01T00:00:00Z",
+                                   "9999-12-31T23:59:59+14:00", "0001-01-01T00:00:00-14:00"])
+def test_a_datetime_outside_the_sane_years_is_invalid(value: str) -> None:
+    error = refusal(encode(command(expires_at=value)))
+    assert isinstance(error, InvalidCommand) and "between the years" in error.message
+
+
+def test_datetimes_at_the_edges_of_the_range_are_kept_in_utc_and_have_a_timestamp() -> None:
+    first = parse_command(encode(command(created_at="1970-01-01T00:00:00+00:00",
+                                         expires_at="2199-12-31T23:00:00-00:59")), MAX).command
+    assert first.created_at.timestamp() == 0.0
+    assert first.expires_at is not None and first.expires_at.tzinfo is UTC and first.expires_at.year == 2199
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "\udfff", "x\u0000y"])
+def test_text_with_a_lone_surrogate_or_a_nul_is_an_invalid_command_with_its_id(text: str) -> None:
+    payload = encode(command(kind="chat", params={"messages": [{"role": "user", "content": text}]}))
+    error = refusal(payload)
+    assert isinstance(error, InvalidCommand) and error.command_id == "cmd-1"
+    assert "surrogate" in error.message or "NUL" in error.message
+
+
+def test_a_key_with_a_lone_surrogate_is_refused_too() -> None:
+    error = refusal(encode(command(kind="onnx", params={"model": "m", "inputs": {"\ud83d": [1.0]}})))
+    assert isinstance(error, InvalidCommand) and "surrogate" in error.message
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_u0000_are_ordinary_text() -> None:
+    parsed = parse_command(encode(command(kind="complete", params={"prompt": "\U0001f600 \\u0000"})), MAX)
+    assert isinstance(parsed.params, CompleteParams) and parsed.params.prompt == "\U0001f600 \\u0000"
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_not_json_numbers(constant: bytes) -> None:
+    payload = encode(command(kind="complete", params={"prompt": "p"})).replace(b'"p"}', b'"p", "temperature": '
+                                                                               + constant + b"}")
+    assert isinstance(refusal(payload), BadJson)
+
+
+def test_a_float_that_overflows_to_infinity_is_invalid() -> None:
+    payload = encode(command(kind="complete", params={"prompt": "p"})).replace(b'"p"}', b'"p", "top_p": 1e999}')
+    assert isinstance(refusal(payload), InvalidCommand)
+
+
+@pytest.mark.parametrize(("model", "fields"), [
+    (Reply, {"seq": 2**63}), (StreamChunk, {"index": 2**63}), (StreamChunk, {"index": -1}),
+    (Telemetry, {"queue_depth": 2**63}), (Telemetry, {"dropped": {"events": 2**64}}),
+    (Telemetry, {"rss_mb": float("inf")}), (Telemetry, {"gpu_layers": -(2**63) - 1}),
+])
+def test_device_payload_integers_are_64_bit_and_floats_finite(model: type[BaseModel], fields: dict[str, Any]) -> None:
+    valid = {
+        Reply: {"command_id": "c", "device_id": "d", "status": "accepted", "seq": 2**63 - 1, "ts": CREATED},
+        StreamChunk: {"command_id": "c", "index": 2**63 - 1, "delta": "x"},
+        Telemetry: {"device_id": "d", "ts": CREATED, "queue_depth": 0, "outbox_depth": 0, "outbox_bytes": 0,
+                    "tokens_per_s_ewma": None, "rss_mb": 1.0, "gpu_layers": 0, "uptime_s": 1.0},
+    }[model]
+    model.model_validate(valid)
+    with pytest.raises(ValueError):
+        model.model_validate({**valid, **fields})
