@@ -69,13 +69,11 @@ class DeviceFilter(BaseModel):
         return ",".join(parts) or "all"
 
 
+# The body of `POST /api/commands`, also built by `cloud-bridge send|policy`, `cancel` and `/v1`. Its
+# field constraints answer an HTTP body with 422; `cloud-bridge send`, whose values argparse already
+# typed, builds it with `model_construct` and `build_command` checks the ranges with its own messages.
 class CommandRequest(BaseModel):
-    """A command as a user asks for it: for one device (`target: "D"`), a group (`target: "group/G"`)
-    or a `filter`. The body of `POST /api/commands`, built by `cloud-bridge send|policy` and `/v1`.
-
-    The field constraints answer an HTTP body with 422; the CLI, whose values argparse already
-    typed, builds it with `model_construct` and `build_command` checks the ranges with its messages.
-    """
+    """A command for one device (`target: "D"`), a group (`target: "group/G"`) or a `filter`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
