@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from autoglm_wire.mqtt_session import disable_nagle  # noqa: E402
 from autoglm_wire.protocol import Reply, Status, format_ts, to_bytes, utc_now  # noqa: E402
+from cloud_bridge.commands import CommandRequest, queue_command  # noqa: E402
 from cloud_bridge.config import BridgeConfig  # noqa: E402
-from cloud_bridge.console import SendRequest, queue_command  # noqa: E402
 from cloud_bridge.registry import Registry  # noqa: E402
 from cloud_bridge.service import BridgeService  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
@@ -156,7 +156,7 @@ def dispatch(port: int, m: int, folder: Path) -> float:
         registry.record_status(Status(device_id=f"dev-{i:03d}", state="online", ts=format_ts(utc_now())))
     with registry.transaction():
         for i in range(m):
-            queue_command(registry, SendRequest(device_id=f"dev-{i % TARGETS:03d}", kind="ping"))
+            queue_command(registry, CommandRequest(target=f"dev-{i % TARGETS:03d}", kind="ping"))
     count, ready = [0], threading.Event()
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-devices",
                       protocol=mqtt.MQTTv5)

@@ -1,4 +1,5 @@
-"""`cloud-bridge` command line: a thin adapter over service.serve and the console functions.
+"""`cloud-bridge` command line: parses the arguments and calls service.serve, `commands` (send,
+cancel, follow) and `console` (what to print).
 
 Exit codes: 0 success; for `send` 1 when the command ended in another terminal state and 2 when
 no terminal reply came before --timeout; 3 for usage, configuration and registry errors.
@@ -17,11 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from cloud_bridge import console, fleet
+from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.registry import CommandRow, Registry
 
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
 EXIT_USAGE = 3
 
 DESCRIPTION = """\
@@ -135,6 +139,11 @@ def _err(text: str) -> None:
     print(f"cloud-bridge: {text}", file=sys.stderr, flush=True)
 
 
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        _err(f"warning: {warning}")
+
+
 def cmd_serve(args: argparse.Namespace, config: BridgeConfig) -> int:
     from cloud_bridge.service import serve
 
@@ -181,9 +190,8 @@ def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        row, warnings = fleet.cancel(registry, args.command_id, resend_interval_s=config.dispatch.resend_interval_s)
-        for warning in warnings:
-            _err(f"warning: {warning}")
+        row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
+        _warn(warnings)
         _json({"cancel": row, "target": registry.command(args.command_id)}) if args.json else _out(row.id)
     return 0
 
@@ -196,25 +204,11 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
             return 0
         if args.target is None:
             raise InvalidRequest("--set needs a TARGET: a device id or group/G")
-        request = console.SendRequest(device_id=args.target, kind="config", params=args.policy,
-                                      expires_in_s=config.dispatch.default_expiry_s)
-        rows, warnings = _queue_to_target(registry, request, config)
-        for warning in warnings:
-            _err(f"warning: {warning}")
-        _json(rows) if args.json else _out("\n".join(row.id for row in rows))
+        request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
+        queued = commands.send(registry, request, dispatch=config.dispatch)
+        _warn(queued.warnings)
+        _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
     return 0
-
-
-def _queue_to_target(registry: Registry, request: console.SendRequest,
-                     config: BridgeConfig) -> tuple[list[CommandRow], list[str]]:
-    """Queue for a device, or for every known member of `group/G` (one tracked command each)."""
-    target = fleet.parse_target(request.device_id)
-    resend = config.dispatch.resend_interval_s
-    if isinstance(target, str):
-        row, warnings = console.queue_command(registry, request, resend_interval_s=resend)
-        return [row], warnings
-    fanout = fleet.send_to_many(registry, request, target, resend_interval_s=resend)
-    return fanout.rows, fanout.warnings
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -234,37 +228,45 @@ def cmd_watch(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 
 def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
-    request = console.SendRequest(
-        device_id=args.device, kind=args.kind, prompt=args.prompt, stream=args.stream,
-        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, params=args.params,
-        expires_in_s=args.expires_in if args.expires_in is not None else config.dispatch.default_expiry_s,
-        command_id=args.command_id, priority=args.priority,
+    # argparse typed every value; commands.build_command checks the ranges with the messages of `send`
+    request = commands.CommandRequest.model_construct(
+        target=args.device, kind=args.kind, prompt=args.prompt, stream=args.stream, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed, params=args.params, expires_in_s=args.expires_in,
+        id=args.command_id, priority=args.priority,
     )
     with _registry(config) as registry:
-        rows, warnings = _queue_to_target(registry, request, config)
-        for warning in warnings:
-            _err(f"warning: {warning}")
-        if args.no_wait or len(rows) > 1:
-            _json(rows) if args.json else _out("\n".join(row.id for row in rows))
+        queued = commands.send(registry, request, dispatch=config.dispatch)
+        _warn(queued.warnings)
+        if args.no_wait or len(queued.rows) > 1:
+            _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
             return 0
-        return _wait_and_print(registry, rows[0].id, args)
+        return _wait_and_print(registry, queued.rows[0].id, args)
 
 
 def _wait_and_print(registry: Registry, command_id: str, args: argparse.Namespace) -> int:
-    follower = None
-    if args.stream and not args.json:
-        follower = console.StreamFollower(registry, command_id, lambda d: print(d, end="", flush=True))
+    printing = args.stream and not args.json
+    follower = commands.Follower(registry, command_id)
     try:
-        row = console.wait_for_terminal(registry, command_id, args.timeout, follower)
+        for delta in follower.follow(args.timeout):
+            if printing:
+                print(delta, end="", flush=True)
+        row = follower.row
     except KeyboardInterrupt:
         row = registry.command(command_id)
     if args.json:
         _out(json.dumps(console.final_json(row) if row.terminal else _progress(row), indent=2))
     elif row.state == "succeeded":
-        _out(console.format_outcome(row, follower))
+        _out(console.format_outcome(row, follower.text if printing else None, follower.gaps))
     if row.state != "succeeded":
         _err(console.describe_failure(row))
-    return console.exit_code(row)
+    return exit_code(row)
+
+
+def exit_code(row: CommandRow) -> int:
+    """0 succeeded, 1 any other terminal state, 2 not finished (timeout)."""
+    if not row.terminal:
+        return EXIT_TIMEOUT
+    return EXIT_SUCCEEDED if row.state == "succeeded" else EXIT_FAILED
 
 
 def _progress(row: CommandRow) -> dict:

@@ -1,34 +1,21 @@
-"""The operator console: what `devices`, `send`, `commands` and `watch` do, against the registry file.
+"""What the operator console prints: tables of devices, commands, alerts and policies, a command's
+outcome, and the lines of `cloud-bridge watch`.
 
-The console never talks MQTT: it reads and writes the same SQLite registry as `cloud-bridge serve`,
-whose dispatch loop publishes a queued command within ~100 ms. Everything here takes a Registry and
-returns text (or writes lines to a callable), so tests call it without a terminal.
+Only rendering: sending and following commands is `commands`. Everything here takes a Registry or
+its rows and returns text (or writes lines to a callable), so tests call it without a terminal.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import asdict
 from typing import Any
 
-from pydantic import ValidationError
-
-from autoglm_wire.protocol import PARAMS_BY_KIND, Command, describe_validation_error, is_command_id, utc_now
-from autoglm_wire.topics import check_device_id
-from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.registry import CommandRow, DeviceRow, Registry
 
-POLL_S = 0.1
-PROMPT_KINDS = ("chat", "complete", "cancel")
 Write = Callable[[str], None]
-
-EXIT_SUCCEEDED = 0
-EXIT_FAILED = 1
-EXIT_TIMEOUT = 2
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -99,161 +86,7 @@ def policies_table(registry: Registry) -> str:
     return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
 
 
-# --- send ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendRequest:
-    """A command as the operator asked for it on the command line."""
-
-    device_id: str
-    kind: str
-    prompt: str | None = None
-    stream: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    expires_in_s: float = 3600.0
-    command_id: str | None = None
-    priority: int = 0
-
-
-def build_params(request: SendRequest) -> dict[str, Any]:
-    """The `params` object of the command, validated against the kind's protocol model."""
-    if request.kind not in PARAMS_BY_KIND:
-        raise InvalidRequest(f"unknown kind {request.kind!r}; protocol v1 kinds are {sorted(PARAMS_BY_KIND)}")
-    params = _prompt_params(request)
-    sampling = {"max_tokens": request.max_tokens, "temperature": request.temperature, "seed": request.seed}
-    params.update({k: v for k, v in sampling.items() if v is not None})
-    if request.stream:
-        params["stream"] = True
-    params.update(request.params)
-    try:
-        PARAMS_BY_KIND[request.kind].model_validate(params)
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, root="params")
-        raise InvalidRequest(f"invalid params for {request.kind!r}: {problems}") from exc
-    return params
-
-
-def _prompt_params(request: SendRequest) -> dict[str, Any]:
-    if request.kind not in PROMPT_KINDS:
-        if request.prompt is not None:
-            raise InvalidRequest(f"kind {request.kind!r} takes no PROMPT; pass its params with --params JSON")
-        return {}
-    if request.prompt is None:
-        if {"messages", "prompt", "target"} & request.params.keys():
-            return {}  # given whole in --params (the API's and /v1's way)
-        what = "the target command id" if request.kind == "cancel" else "a PROMPT"
-        raise InvalidRequest(f"kind {request.kind!r} needs {what}")
-    if request.kind == "chat":
-        return {"messages": [{"role": "user", "content": request.prompt}]}
-    if request.kind == "complete":
-        return {"prompt": request.prompt}
-    return {"target": request.prompt}
-
-
-def build_command(request: SendRequest, now: datetime | None = None) -> Command:
-    """The Command envelope to queue: fresh uuid4 hex id (or --id), expiry, target = the device."""
-    try:
-        check_device_id(request.device_id)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
-    command_id = request.command_id or uuid.uuid4().hex
-    if not is_command_id(command_id):
-        raise InvalidRequest(f"command id {command_id!r} must be 1-128 characters of [A-Za-z0-9_.:-]")
-    if request.expires_in_s <= 0:
-        raise InvalidRequest("--expires-in must be more than 0 seconds")
-    if not -1000 <= request.priority <= 1000:
-        raise InvalidRequest(f"priority {request.priority} must be between -1000 and 1000 (higher runs first)")
-    moment = now or utc_now()
-    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-    return Command(v=1, id=command_id, kind=request.kind, params=build_params(request), created_at=moment,
-                   expires_at=moment + timedelta(seconds=request.expires_in_s), target=request.device_id,
-                   priority=request.priority)
-
-
-def queue_command(registry: Registry, request: SendRequest, now: datetime | None = None,
-                  resend_interval_s: float = 5.0, batch: str | None = None) -> tuple[CommandRow, list[str]]:
-    """Validate and queue a command; returns its row and warnings worth showing the operator."""
-    command = build_command(request, now)
-    with registry.transaction():
-        row = registry.add_command(command, request.device_id, now, batch=batch)
-        notes = _cancel_undelivered(registry, row, now) if row.kind == "cancel" else []
-    return row, notes + device_warnings(registry.device(request.device_id), row, resend_interval_s)
-
-
-def _cancel_undelivered(registry: Registry, cancel: CommandRow, now: datetime | None) -> list[str]:
-    """A cancel for a command the device has not accepted yet also stops the bridge resending it.
-
-    The cancel itself still goes to the device, after any copy of the target its session holds,
-    so the device cancels that copy if it arrives.
-    """
-    target = cancel.payload["params"]["target"]
-    message = f"cancelled by command {cancel.id} before the device accepted it"
-    if registry.close_locally(target, "cancelled", message, now):
-        return [f"{target} was not accepted by the device yet: it is marked cancelled and no longer resent"]
-    return []
-
-
-def device_warnings(device: DeviceRow | None, row: CommandRow, resend_interval_s: float) -> list[str]:
-    """Why a queued command might not run soon (never an error: the command stays queued)."""
-    expiry = short_ts(row.expires_at)
-    if device is None or device.state is None:
-        return [f"device {row.device_id} has never reported status to this bridge; the command is queued and "
-                f"sent every {resend_interval_s:g} s until it is accepted or expires at {expiry} UTC "
-                "(a device with no broker session yet misses the copies sent before it connects)"]
-    warnings = []
-    if device.state == "offline":
-        warnings.append(f"device {row.device_id} is offline since {short_ts(device.since)} UTC; its broker session "
-                        f"keeps the command until it returns or the command expires at {expiry} UTC")
-    if device.kinds and row.kind not in device.kinds:
-        warnings.append(f"device {row.device_id} does not list kind {row.kind!r} (it serves {', '.join(device.kinds)});"
-                        " it will most likely reject the command")
-    return warnings
-
-
-class StreamFollower:
-    """Prints a command's stream chunks in index order as they are stored."""
-
-    def __init__(self, registry: Registry, command_id: str, write: Write) -> None:
-        self._registry = registry
-        self._command_id = command_id
-        self._write = write
-        self.next_idx = 0
-        self.text = ""
-        self.gaps = 0
-
-    def poll(self, final: bool = False) -> None:
-        """Print the chunks that continue the text; with `final`, also those after a gap (lost chunks)."""
-        for chunk in self._registry.chunks(self._command_id, self.next_idx):
-            if chunk.idx != self.next_idx and not final:
-                return
-            self.gaps += chunk.idx - self.next_idx
-            self._write(chunk.delta)
-            self.text += chunk.delta
-            self.next_idx = chunk.idx + 1
-
-
-def wait_for_terminal(registry: Registry, command_id: str, timeout_s: float,
-                      follower: StreamFollower | None = None, poll_s: float = POLL_S) -> CommandRow:
-    """Poll until the command is terminal or `timeout_s` passed; returns its latest row either way."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        row = registry.command(command_id)
-        if follower is not None:
-            follower.poll(final=row.terminal)
-        if row.terminal or time.monotonic() >= deadline:
-            return row
-        time.sleep(poll_s)
-
-
-def exit_code(row: CommandRow) -> int:
-    """0 succeeded, 1 any other terminal state, 2 not finished (timeout)."""
-    if not row.terminal:
-        return EXIT_TIMEOUT
-    return EXIT_SUCCEEDED if row.state == "succeeded" else EXIT_FAILED
+# --- a command's outcome ----------------------------------------------------------------------
 
 
 def final_json(row: CommandRow) -> dict[str, Any]:
@@ -264,27 +97,31 @@ def final_json(row: CommandRow) -> dict[str, Any]:
             "attempts": row.attempts, "source": "cloud-bridge"}
 
 
-def format_outcome(row: CommandRow, streamed: StreamFollower | None = None) -> str:
-    """Human-readable result of a finished command (see `describe_failure` for the others)."""
+def format_outcome(row: CommandRow, streamed: str | None = None, lost_chunks: int = 0) -> str:
+    """Human-readable result of a finished command (see `describe_failure` for the others).
+
+    `streamed` is the text already printed as the device streamed it, `lost_chunks` how many of its
+    chunks never arrived.
+    """
     output = (row.reply or {}).get("output") or {}
     metrics = (row.reply or {}).get("metrics") or {}
     if row.kind == "ping":
         return (f"pong from {row.device_id}: agent {output.get('agent_version', '?')}, "
                 f"model {output.get('model', '?')}")
     if row.kind in ("chat", "complete"):
-        return _format_text(output, metrics, streamed)
+        return _format_text(output, metrics, streamed, lost_chunks)
     if row.kind == "cancel" and "target" in output:
         return f"cancel {output['target']}: {output.get('previous_state', '?')} -> {output.get('state', '?')}"
     return json.dumps(output, indent=2, sort_keys=True)
 
 
-def _format_text(output: dict[str, Any], metrics: dict[str, Any], streamed: StreamFollower | None) -> str:
+def _format_text(output: dict[str, Any], metrics: dict[str, Any], streamed: str | None, lost_chunks: int) -> str:
     text = output.get("text", "")
     lines = []
     if streamed is None:
         lines.append(text)
-    elif streamed.text != text:
-        lines.append(f"\n[stream incomplete ({streamed.gaps} chunk(s) lost); the full text:]\n{text}")
+    elif streamed != text:
+        lines.append(f"\n[stream incomplete ({lost_chunks} chunk(s) lost); the full text:]\n{text}")
     else:
         lines.append("")
     usage = output.get("usage") or {}

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from autoglm_wire.errors import ConfigError
 
-__all__ = ["BridgeError", "ConfigError", "DuplicateCommand", "InvalidRequest", "RegistryMissing", "UnknownCommand"]
+__all__ = [
+    "BadTarget", "BridgeError", "ConfigError", "DuplicateCommand", "InvalidRequest", "RegistryMissing",
+    "UnknownCommand",
+]
 
 
 class BridgeError(Exception):
@@ -47,3 +50,7 @@ class DuplicateCommand(BridgeError):
 
 class InvalidRequest(BridgeError):
     """A command the operator asked for does not validate against protocol v1."""
+
+
+class BadTarget(InvalidRequest):
+    """A request that names neither or both of a target (a device or `group/G`) and a filter."""

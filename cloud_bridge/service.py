@@ -231,7 +231,8 @@ class BridgeService:
             return None
         import uvicorn
 
-        from cloud_bridge.api import create_app, read_token
+        from cloud_bridge.http.app import create_app
+        from cloud_bridge.http.deps import read_token
 
         app = create_app(self._registry, self._config, read_token(http.token_file))
         log.info("HTTP API and console on http://%s:%d/ (OpenAPI at /docs)", http.host, http.port)

@@ -8,9 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from autoglm_wire.protocol import Status
-from cloud_bridge.api import create_app, read_token
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import ConfigError
+from cloud_bridge.http.app import create_app
+from cloud_bridge.http.deps import read_token
 
 from .factories import T0, online, reply
 

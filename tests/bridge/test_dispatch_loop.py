@@ -82,13 +82,12 @@ def test_broker_refusals_are_counted(registry):
 
 
 def test_a_group_command_is_published_once_on_the_group_topic_and_resent_until_each_member_accepts(registry):
-    from cloud_bridge.console import SendRequest
-    from cloud_bridge.fleet import DeviceFilter, send_to_many
+    from cloud_bridge.commands import CommandRequest, DeviceFilter, send_to_many
 
     dispatch, publisher = make(registry)
     for device_id in ("gw-a", "gw-b"):
         registry.record_status(online(device_id), T0)
-    send_to_many(registry, SendRequest("any", "ping", command_id="g1"), DeviceFilter(group="lab"), T0)
+    send_to_many(registry, CommandRequest(target="any", kind="ping", id="g1"), DeviceFilter(group="lab"), T0)
     assert dispatch.run_once(at(0)) == 1
     assert [(t, p["id"], p["target"]) for t, p, _, _ in publisher.sent] == [("P/group/lab/cmd", "g1", "group/lab")]
     assert {registry.command(f"g1.{d}").attempts for d in ("gw-a", "gw-b")} == {1}

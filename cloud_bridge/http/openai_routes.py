@@ -4,6 +4,7 @@
 unfinished commands). The request becomes one command in the registry (so it shows in `cloud-bridge
 commands` and is resent until accepted like any other); `stream: true` answers with server-sent
 `chat.completion.chunk` events built from the device's stream chunks, then `data: [DONE]`.
+Mounted by `app.create_app` behind the bearer token.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
 
-from cloud_bridge import console, fleet
-from cloud_bridge.api import CFG, REG, ApiError, Body, follow_chunks, stream_response
+from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
 from cloud_bridge.registry import CommandRow, Registry
 
 router = APIRouter()
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
          "developer": "system"}
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class TextPart(Body):
@@ -70,13 +76,13 @@ class ChatCompletionRequest(Body):
 
 def pick_device(registry: Registry, model: str) -> str:
     """The device a `model` names; for `group/G`, the least busy online member."""
-    target = fleet.parse_target(model)
+    target = commands.parse_target(model)
     if isinstance(target, str):
         if registry.device(target) is None:
             raise ApiError(404, f"model {model!r}: no such device has reported to this bridge; GET /v1/models "
                            "lists devices and groups", "model_not_found")
         return target
-    members = fleet.select(registry, fleet.DeviceFilter(group=target.group, state="online"))
+    members = commands.select(registry, commands.DeviceFilter(group=target.group, state="online"))
     if not members:
         raise ApiError(503, f"model {model!r}: no device of group {target.group!r} is online", "no_device_online",
                        "server_error")
@@ -95,15 +101,15 @@ def list_models(registry: Registry = REG) -> dict[str, Any]:
 @router.post("/chat/completions", summary="OpenAI chat completions, run on a device over MQTT")
 def chat_completions(body: ChatCompletionRequest, registry: Registry = REG, config: BridgeConfig = CFG) -> Any:
     device_id = pick_device(registry, body.model)
-    request = console.SendRequest(device_id=device_id, kind="chat", stream=body.stream, params=body.params(),
-                                  expires_in_s=config.http.chat_timeout_s)
-    row, _ = console.queue_command(registry, request, resend_interval_s=config.dispatch.resend_interval_s)
+    request = commands.CommandRequest(target=device_id, kind="chat", stream=body.stream, params=body.params(),
+                                      expires_in_s=config.http.chat_timeout_s)
+    row, _ = commands.queue_command(registry, request, dispatch=config.dispatch)
     created = int(time.time())
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return stream_response(_chunks(registry, row.id, body.model, created, config.http.chat_timeout_s,
-                                       include_usage))
-    final = console.wait_for_terminal(registry, row.id, config.http.chat_timeout_s)
+        follower = commands.Follower(registry, row.id, STREAM_POLL_S)
+        return stream_response(_chunks(follower, body.model, created, config.http.chat_timeout_s, include_usage))
+    final = commands.Follower(registry, row.id).wait(config.http.chat_timeout_s)
     text, finish, usage = _outcome(final)
     message = {"role": "assistant", "content": text}
     return {"id": f"chatcmpl-{row.id}", "object": "chat.completion", "created": created, "model": body.model,
@@ -125,9 +131,10 @@ def _outcome(row: CommandRow) -> tuple[str, str, dict[str, int]]:
                                             "total_tokens": prompt + completion}
 
 
-def _chunks(registry: Registry, command_id: str, model: str, created: int, timeout_s: float,
+def _chunks(follower: commands.Follower, model: str, created: int, timeout_s: float,
             include_usage: bool) -> Iterator[str]:
     """`data: {chat.completion.chunk}` lines, ending with `data: [DONE]` (or an error object)."""
+    command_id = follower.row.id
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
         choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
@@ -137,20 +144,17 @@ def _chunks(registry: Registry, command_id: str, model: str, created: int, timeo
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    sent = ""
-    for delta, row in follow_chunks(registry, command_id, timeout_s):
-        if row is None:
-            sent += delta
-            yield chunk({"content": delta})
-            continue
-        try:
-            text, finish, usage = _outcome(row)
-        except ApiError as exc:
-            yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'code': exc.code}})}\n\n"
-            return
-        if text.startswith(sent) and len(text) > len(sent):
-            yield chunk({"content": text[len(sent):]})  # chunks lost on the way (QoS 0)
-        yield chunk({}, finish)
-        if include_usage:
-            yield chunk({}, usage=usage)
+    for delta in follower.follow(timeout_s):
+        yield chunk({"content": delta})
+    try:
+        text, finish, usage = _outcome(follower.row)
+    except ApiError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        return
+    sent = follower.text
+    if text.startswith(sent) and len(text) > len(sent):
+        yield chunk({"content": text[len(sent):]})  # chunks lost on the way (QoS 0)
+    yield chunk({}, finish)
+    if include_usage:
+        yield chunk({}, usage=usage)
     yield "data: [DONE]\n\n"

@@ -1,30 +1,32 @@
 """`/api`: devices, commands (one device, a group or a filter; cancel; priorities), replies, events,
-alerts. Mounted by `api.create_app` behind the bearer token."""
+alerts. Mounted by `app.create_app` behind the bearer token. A command created here is queued by
+`commands` exactly as `cloud-bridge send` queues it, and the dispatch loop publishes it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Query
 
-from cloud_bridge import console, fleet
-from cloud_bridge.api import (
-    CFG,
-    REG,
-    ApiError,
-    CommandBody,
-    command_json,
-    follow_chunks,
-    send_request,
-    sse,
-    stream_response,
-)
+from cloud_bridge import commands
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.registry import Registry
+from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
+from cloud_bridge.registry import CommandRow, Registry
 
 router = APIRouter()
+
+
+def command_json(row: CommandRow) -> dict[str, Any]:
+    data = asdict(row)
+    data.pop("raw_payload", None)
+    return data
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 @router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry")
@@ -43,16 +45,10 @@ def get_device(device_id: str, registry: Registry = REG) -> dict[str, Any]:
 
 @router.post("/commands", status_code=201,
              summary="queue a command for a device, a group (`group/G`) or a filtered set; one row per device")
-def create_command(body: CommandBody, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
-    resend = config.dispatch.resend_interval_s
-    if (body.target is None) == (body.filter is None):
-        raise ApiError(400, 'give exactly one of "target" (a device id or "group/G") and "filter"', "bad_target")
-    target = fleet.parse_target(body.target) if body.target is not None else body.filter.to_filter()
-    if isinstance(target, str):
-        row, warnings = console.queue_command(registry, send_request(body, target, config), resend_interval_s=resend)
-        return {"batch": None, "commands": [command_json(row)], "warnings": warnings}
-    fanout = fleet.send_to_many(registry, send_request(body, "placeholder", config), target, resend_interval_s=resend)
-    return {"batch": fanout.batch, "commands": [command_json(r) for r in fanout.rows], "warnings": fanout.warnings}
+def create_command(body: commands.CommandRequest, registry: Registry = REG,
+                   config: BridgeConfig = CFG) -> dict[str, Any]:
+    queued = commands.send(registry, body, dispatch=config.dispatch)
+    return {"batch": queued.batch, "commands": [command_json(r) for r in queued.rows], "warnings": queued.warnings}
 
 
 @router.get("/commands", summary="recent commands, newest first")
@@ -69,7 +65,7 @@ def get_command(command_id: str, registry: Registry = REG) -> dict[str, Any]:
 
 @router.post("/commands/{command_id}/cancel", status_code=201, summary="send a cancel for a command")
 def cancel_command(command_id: str, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
-    row, warnings = fleet.cancel(registry, command_id, resend_interval_s=config.dispatch.resend_interval_s)
+    row, warnings = commands.cancel(registry, command_id, dispatch=config.dispatch)
     return {"cancel": command_json(row), "target": command_json(registry.command(command_id)), "warnings": warnings}
 
 
@@ -77,11 +73,12 @@ def cancel_command(command_id: str, registry: Registry = REG, config: BridgeConf
             summary="server-sent events: `delta` {text} for each streamed chunk, then `done` with the command")
 def stream_command(command_id: str, timeout_s: float = Query(default=300.0, gt=0, le=3600),
                    registry: Registry = REG) -> Any:
-    registry.command(command_id)  # 404 before the stream starts
+    follower = commands.Follower(registry, command_id, STREAM_POLL_S)  # 404 before the stream starts
 
     def events() -> Iterator[str]:
-        for delta, row in follow_chunks(registry, command_id, timeout_s):
-            yield sse("done", command_json(row)) if row is not None else sse("delta", {"text": delta})
+        for delta in follower.follow(timeout_s):
+            yield sse("delta", {"text": delta})
+        yield sse("done", command_json(follower.row))
 
     return stream_response(events())
 

@@ -1,0 +1,90 @@
+"""What every router of the HTTP layer depends on: the registry and config of the app, the bearer
+token check, the error shape and how bridge errors map to HTTP statuses, streamed responses.
+
+Errors have one shape everywhere, OpenAI's: `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from autoglm_wire import settings
+from cloud_bridge.config import BridgeConfig
+from cloud_bridge.errors import BadTarget, BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
+from cloud_bridge.registry import Registry
+
+STREAM_POLL_S = 0.05
+TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "
+              "[http] token_file in the bridge's config")
+BRIDGE_ERRORS: dict[type[BridgeError], tuple[int, str]] = {
+    UnknownCommand: (404, "UnknownCommand"),
+    DuplicateCommand: (409, "DuplicateCommand"),
+    InvalidRequest: (400, "InvalidRequest"),
+    BadTarget: (400, "bad_target"),
+}
+CREDENTIALS = Depends(HTTPBearer(auto_error=False))
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
+
+
+def read_token(path: Path) -> str:
+    """The API token: the first line of `path` (or `credential:NAME`). Raises ConfigError with what to do."""
+    path = settings.secret_path(path, "[http] token_file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read [http] token_file {path}: {exc.strerror}; create it with "
+                          f"`python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}`") from exc
+    token = lines[0].strip() if lines else ""
+    if len(token) < 16:
+        raise ConfigError(f"[http] token_file {path} must start with a token of at least 16 characters")
+    return token
+
+
+def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None = CREDENTIALS) -> None:
+    """Refuses (401) a call without the app's bearer token."""
+    token: str = request.app.state.token
+    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise ApiError(401, f"missing or wrong API token: {TOKEN_HINT}", "invalid_api_key", "authentication_error")
+
+
+def registry_of(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def config_of(request: Request) -> BridgeConfig:
+    return request.app.state.config
+
+
+REG = Depends(registry_of)
+CFG = Depends(config_of)
+
+
+def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def bridge_error_response(request: Request, exc: BridgeError) -> JSONResponse:
+    status, code = BRIDGE_ERRORS.get(type(exc), (500, type(exc).__name__))
+    return api_error_response(request, ApiError(status, str(exc), code))
+
+
+def stream_response(events: Iterator[str]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
