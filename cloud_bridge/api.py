@@ -29,7 +29,8 @@ from autoglm_wire import settings
 from cloud_bridge import console, fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "
@@ -166,8 +167,8 @@ def follow_chunks(registry: Registry, command_id: str, timeout_s: float) -> Iter
     deadline = time.monotonic() + timeout_s
     next_idx = 0
     while True:
-        row = registry.command(command_id)
-        for chunk in registry.chunks(command_id, next_idx):
+        row = registry.commands.get(command_id)
+        for chunk in registry.chunks.of_command(command_id, next_idx):
             if chunk.idx != next_idx and not row.terminal:
                 break
             next_idx = chunk.idx + 1

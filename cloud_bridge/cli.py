@@ -20,7 +20,8 @@ from typing import NoReturn
 from cloud_bridge import console, fleet
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 EXIT_USAGE = 3
 
@@ -157,14 +158,14 @@ def _plain(value: object) -> object:
 
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _json(registry.devices()) if args.json else _out(console.devices_table(registry))
+        _json(registry.devices.all()) if args.json else _out(console.devices_table(registry))
     return 0
 
 
 def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.json:
-            _json(registry.commands(args.device, args.limit, args.batch))
+            _json(registry.commands.recent(args.device, args.limit, args.batch))
         else:
             _out(console.commands_table(registry, args.device, args.limit, args.batch))
     return 0
@@ -173,7 +174,7 @@ def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
 def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.json:
-            _json(registry.alerts(open_only=not args.all))
+            _json(registry.alerts.recent(open_only=not args.all))
         else:
             _out(console.alerts_table(registry, args.all))
     return 0
@@ -184,14 +185,14 @@ def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
         row, warnings = fleet.cancel(registry, args.command_id, resend_interval_s=config.dispatch.resend_interval_s)
         for warning in warnings:
             _err(f"warning: {warning}")
-        _json({"cancel": row, "target": registry.command(args.command_id)}) if args.json else _out(row.id)
+        _json({"cancel": row, "target": registry.commands.get(args.command_id)}) if args.json else _out(row.id)
     return 0
 
 
 def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.policy is None:
-            _json({d.device_id: d.policy for d in registry.devices()}) if args.json else _out(
+            _json({d.device_id: d.policy for d in registry.devices.all()}) if args.json else _out(
                 console.policies_table(registry))
             return 0
         if args.target is None:
@@ -257,7 +258,7 @@ def _wait_and_print(registry: Registry, command_id: str, args: argparse.Namespac
     try:
         row = console.wait_for_terminal(registry, command_id, args.timeout, follower)
     except KeyboardInterrupt:
-        row = registry.command(command_id)
+        row = registry.commands.get(command_id)
     if args.json:
         _out(json.dumps(console.final_json(row) if row.terminal else _progress(row), indent=2))
     elif row.state == "succeeded":

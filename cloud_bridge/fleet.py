@@ -25,7 +25,8 @@ from autoglm_wire.protocol import is_command_id
 from autoglm_wire.topics import check_group
 from cloud_bridge.console import SendRequest, build_command, device_warnings, queue_command
 from cloud_bridge.errors import InvalidRequest
-from cloud_bridge.registry import CommandRow, DeviceRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow, DeviceRow
 
 GROUP_PREFIX = "group/"
 
@@ -67,7 +68,7 @@ def parse_target(target: str) -> DeviceFilter | str:
 
 def select(registry: Registry, device_filter: DeviceFilter) -> list[DeviceRow]:
     """The known devices the filter matches, by id."""
-    return [d for d in registry.devices() if device_filter.matches(d)]
+    return [d for d in registry.devices.all() if device_filter.matches(d)]
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _send_to_group(registry: Registry, request: SendRequest, group: str, members
     fanout = Fanout(batch)
     with registry.transaction():
         for device in members:
-            row = registry.add_command(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
+            row = registry.commands.add(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
             fanout.rows.append(row)
             fanout.warnings.extend(device_warnings(device, row, resend_interval_s))
     return fanout
@@ -125,14 +126,14 @@ def _send_to_group(registry: Registry, request: SendRequest, group: str, members
 def cancel(registry: Registry, command_id: str, now: datetime | None = None,
            resend_interval_s: float = 5.0) -> tuple[CommandRow, list[str]]:
     """Send a `cancel` for a command to its device (and stop resending it if it was not accepted yet)."""
-    target = registry.command(command_id)
+    target = registry.commands.get(command_id)
     if target.terminal:
         raise InvalidRequest(f"command {command_id} already ended {target.state}; there is nothing to cancel")
     wire_id = target.wire_id or target.id
     request = SendRequest(device_id=target.device_id, kind="cancel", prompt=wire_id, priority=1000)
     row, notes = queue_command(registry, request, now, resend_interval_s)
-    if wire_id != target.id and registry.close_locally(target.id, "cancelled", f"cancelled by command {row.id} "
-                                                       "before the device accepted it", now):
+    if wire_id != target.id and registry.commands.close_locally(
+            target.id, "cancelled", f"cancelled by command {row.id} before the device accepted it", now):
         notes.append(f"{target.id} was not accepted by {target.device_id} yet: it is marked cancelled and no "
                      "longer resent")
     return row, notes
