@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -39,9 +39,9 @@ class Backend(Protocol):
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]: ...
 
-    def transaction(self) -> Any: ...
+    def transaction(self) -> AbstractContextManager[Any]: ...
 
-    def exclusive(self) -> Any: ...
+    def exclusive(self) -> AbstractContextManager[None]: ...
 
     def schema_version(self) -> int: ...
 
@@ -88,7 +88,7 @@ class SqliteBackend:
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
 
-    def transaction(self) -> Any:
+    def transaction(self) -> AbstractContextManager[Database]:
         return self.db.atomic()
 
     @contextmanager

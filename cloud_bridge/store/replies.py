@@ -17,13 +17,17 @@ from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.rows import ChunkRow, ReplyRow, stamp
 
 
-class Replies:
+class _Answers:
+    """What storing a device's answers needs: its device row, the command answered, the duplicate counters."""
+
     def __init__(self, connection: Connection, devices: Devices, commands: Commands, counters: Counters) -> None:
         self._db = connection
         self._devices = devices
         self._commands = commands
         self._counters = counters
 
+
+class Replies(_Answers):
     def record(self, reply: Reply, now: datetime | None = None) -> bool:
         """Store a reply and move its command forward. Returns False for a duplicate (device_id, seq)."""
         ts = stamp(now)
@@ -76,13 +80,7 @@ class Replies:
         return [float(row["tps"]) for row in rows]
 
 
-class Chunks:
-    def __init__(self, connection: Connection, devices: Devices, commands: Commands, counters: Counters) -> None:
-        self._db = connection
-        self._devices = devices
-        self._commands = commands
-        self._counters = counters
-
+class Chunks(_Answers):
     def record(self, device_id: str, chunk: StreamChunk, now: datetime | None = None) -> bool:
         """Store a stream chunk. Returns False for a duplicate (command_id, index)."""
         ts = stamp(now)

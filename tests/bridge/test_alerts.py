@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from autoglm_wire.protocol import Telemetry, format_ts
-from cloud_bridge.alerts import AlertConfig, check_fleet
+from cloud_bridge.alerts import check_fleet
+from cloud_bridge.config import AlertConfig
 
 from .factories import T0, at, command, offline, online, reply
 
