@@ -37,8 +37,8 @@ from autoglm_wire.mqtt_session import disable_nagle  # noqa: E402
 from autoglm_wire.protocol import Reply, Status, format_ts, to_bytes, utc_now  # noqa: E402
 from cloud_bridge.commands import CommandRequest, queue_command  # noqa: E402
 from cloud_bridge.config import BridgeConfig  # noqa: E402
-from cloud_bridge.registry import Registry  # noqa: E402
 from cloud_bridge.service import BridgeService  # noqa: E402
+from cloud_bridge.store.registry import Registry  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 
 DEVICES = 10
@@ -142,7 +142,7 @@ def bridge_ingest(port: int, n: int, store: dict, registry: Registry) -> float:
     start = time.monotonic()
     stop, thread = _running(config, registry, settle_s=0)
     try:
-        end = _wait(lambda: registry.reply_count() >= n)
+        end = _wait(lambda: registry.replies.count() >= n)
     finally:
         stop.set()
         thread.join(30)
@@ -153,7 +153,7 @@ def dispatch(port: int, m: int, folder: Path) -> float:
     prefix = "dp" + os.urandom(2).hex()
     registry = Registry.open(folder / "dispatch.db")
     for i in range(TARGETS):
-        registry.record_status(Status(device_id=f"dev-{i:03d}", state="online", ts=format_ts(utc_now())))
+        registry.devices.record_status(Status(device_id=f"dev-{i:03d}", state="online", ts=format_ts(utc_now())))
     with registry.transaction():
         for i in range(m):
             queue_command(registry, CommandRequest(target=f"dev-{i % TARGETS:03d}", kind="ping"))

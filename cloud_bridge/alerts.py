@@ -19,22 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import Field
-
-from autoglm_wire import settings
-from cloud_bridge.registry import DeviceRow, Registry
-
-
-class AlertConfig(settings.Section):
-    """`[alerts]`: thresholds of the abnormal-device checks."""
-
-    offline_after_s: float = Field(default=300.0, gt=0)
-    error_rate: float = Field(default=0.5, gt=0, le=1)
-    error_window: int = Field(default=10, ge=1)
-    outbox_depth_max: int = Field(default=100, ge=1)
-    tokens_per_s_drop: float = Field(default=0.5, gt=0, lt=1)
-    speed_window: int = Field(default=10, ge=2)
-    check_interval_s: float = Field(default=5.0, gt=0)
+from cloud_bridge.config import AlertConfig
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import DeviceRow
 
 
 @dataclass(frozen=True)
@@ -96,19 +83,19 @@ CHECKS: dict[str, Check] = {
 
 
 def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig) -> Facts:
-    return Facts(device, registry.terminal_states(device.device_id, config.error_window),
-                 registry.decode_speeds(device.device_id, config.speed_window + 1))
+    return Facts(device, registry.commands.terminal_states(device.device_id, config.error_window),
+                 registry.replies.decode_speeds(device.device_id, config.speed_window + 1))
 
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
     """Run every check on every device; returns (device, kind, raised?) for each alert opened or closed."""
     changes = []
-    for device in registry.devices():
+    for device in registry.devices.all():
         facts = facts_of(registry, device, config)
         for kind, check in CHECKS.items():
             message = check(facts, now, config)
-            if message is not None and registry.raise_alert(device.device_id, kind, message, now):
+            if message is not None and registry.alerts.open(device.device_id, kind, message, now):
                 changes.append((device.device_id, kind, True))
-            elif message is None and registry.clear_alert(device.device_id, kind, now):
+            elif message is None and registry.alerts.clear(device.device_id, kind, now):
                 changes.append((device.device_id, kind, False))
     return changes

@@ -21,7 +21,8 @@ from typing import NoReturn
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -166,14 +167,14 @@ def _plain(value: object) -> object:
 
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _json(registry.devices()) if args.json else _out(console.devices_table(registry))
+        _json(registry.devices.all()) if args.json else _out(console.devices_table(registry))
     return 0
 
 
 def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.json:
-            _json(registry.commands(args.device, args.limit, args.batch))
+            _json(registry.commands.recent(args.device, args.limit, args.batch))
         else:
             _out(console.commands_table(registry, args.device, args.limit, args.batch))
     return 0
@@ -182,7 +183,7 @@ def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
 def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.json:
-            _json(registry.alerts(open_only=not args.all))
+            _json(registry.alerts.recent(open_only=not args.all))
         else:
             _out(console.alerts_table(registry, args.all))
     return 0
@@ -192,14 +193,14 @@ def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
         _warn(warnings)
-        _json({"cancel": row, "target": registry.command(args.command_id)}) if args.json else _out(row.id)
+        _json({"cancel": row, "target": registry.commands.get(args.command_id)}) if args.json else _out(row.id)
     return 0
 
 
 def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.policy is None:
-            _json({d.device_id: d.policy for d in registry.devices()}) if args.json else _out(
+            _json({d.device_id: d.policy for d in registry.devices.all()}) if args.json else _out(
                 console.policies_table(registry))
             return 0
         if args.target is None:
@@ -252,7 +253,7 @@ def _wait_and_print(registry: Registry, command_id: str, args: argparse.Namespac
                 print(delta, end="", flush=True)
         row = follower.row
     except KeyboardInterrupt:
-        row = registry.command(command_id)
+        row = registry.commands.get(command_id)
     if args.json:
         _out(json.dumps(console.final_json(row) if row.terminal else _progress(row), indent=2))
     elif row.state == "succeeded":

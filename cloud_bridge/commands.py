@@ -34,7 +34,8 @@ from autoglm_wire.topics import check_device_id, check_group
 from cloud_bridge.config import DispatchConfig
 from cloud_bridge.console import short_ts
 from cloud_bridge.errors import BadTarget, InvalidRequest
-from cloud_bridge.registry import CommandRow, DeviceRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow, DeviceRow
 
 GROUP_PREFIX = "group/"
 PROMPT_KINDS = ("chat", "complete", "cancel")
@@ -172,9 +173,9 @@ def queue_command(registry: Registry, request: CommandRequest, now: datetime | N
     """Validate and queue a command for the device `request.target`; returns its row and warnings."""
     command = build_command(request, now, dispatch.default_expiry_s)
     with registry.transaction():
-        row = registry.add_command(command, command.target, now, batch=batch)
+        row = registry.commands.add(command, command.target, now, batch=batch)
         notes = _cancel_undelivered(registry, row, now) if row.kind == "cancel" else []
-    return row, notes + device_warnings(registry.device(command.target), row, dispatch.resend_interval_s)
+    return row, notes + device_warnings(registry.devices.get(command.target), row, dispatch.resend_interval_s)
 
 
 def _cancel_undelivered(registry: Registry, cancel: CommandRow, now: datetime | None) -> list[str]:
@@ -185,7 +186,7 @@ def _cancel_undelivered(registry: Registry, cancel: CommandRow, now: datetime | 
     """
     target = cancel.payload["params"]["target"]
     message = f"cancelled by command {cancel.id} before the device accepted it"
-    if registry.close_locally(target, "cancelled", message, now):
+    if registry.commands.close_locally(target, "cancelled", message, now):
         return [f"{target} was not accepted by the device yet: it is marked cancelled and no longer resent"]
     return []
 
@@ -222,7 +223,7 @@ def parse_target(target: str) -> DeviceFilter | str:
 
 def select(registry: Registry, device_filter: DeviceFilter) -> list[DeviceRow]:
     """The known devices the filter matches, by id."""
-    return [d for d in registry.devices() if device_filter.matches(d)]
+    return [d for d in registry.devices.all() if device_filter.matches(d)]
 
 
 def send(registry: Registry, request: CommandRequest, now: datetime | None = None,
@@ -276,7 +277,7 @@ def _send_to_group(registry: Registry, request: CommandRequest, group: str, memb
     queued = Queued(batch)
     with registry.transaction():
         for device in members:
-            row = registry.add_command(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
+            row = registry.commands.add(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
             queued.rows.append(row)
             queued.warnings.extend(device_warnings(device, row, dispatch.resend_interval_s))
     return queued
@@ -288,15 +289,15 @@ def _send_to_group(registry: Registry, request: CommandRequest, group: str, memb
 def cancel(registry: Registry, command_id: str, now: datetime | None = None,
            dispatch: DispatchConfig = DISPATCH_DEFAULTS) -> tuple[CommandRow, list[str]]:
     """Send a `cancel` for a command to its device (and stop resending it if it was not accepted yet)."""
-    target = registry.command(command_id)
+    target = registry.commands.get(command_id)
     if target.terminal:
         raise InvalidRequest(f"command {command_id} already ended {target.state}; there is nothing to cancel")
     wire_id = target.wire_id or target.id
     request = CommandRequest(target=target.device_id, kind="cancel", prompt=wire_id, priority=1000,
                              expires_in_s=CANCEL_EXPIRES_IN_S)
     row, notes = queue_command(registry, request, now, dispatch)
-    if wire_id != target.id and registry.close_locally(target.id, "cancelled", f"cancelled by command {row.id} "
-                                                       "before the device accepted it", now):
+    message = f"cancelled by command {row.id} before the device accepted it"
+    if wire_id != target.id and registry.commands.close_locally(target.id, "cancelled", message, now):
         notes.append(f"{target.id} was not accepted by {target.device_id} yet: it is marked cancelled and no "
                      "longer resent")
     return row, notes
@@ -318,14 +319,14 @@ class Follower:
         self._command_id = command_id
         self._poll_s = poll_s
         self._next_idx = 0
-        self.row = registry.command(command_id)
+        self.row = registry.commands.get(command_id)
         self.text = ""
         self.gaps = 0
 
     def read(self, final: bool = False) -> list[str]:
         """The new deltas that continue the text; with `final`, also those after a gap (lost chunks)."""
         deltas = []
-        for chunk in self._registry.chunks(self._command_id, self._next_idx):
+        for chunk in self._registry.chunks.of_command(self._command_id, self._next_idx):
             if chunk.idx != self._next_idx and not final:
                 break
             self.gaps += chunk.idx - self._next_idx
@@ -339,7 +340,7 @@ class Follower:
         """Each new delta as it is stored, until the command ended or `timeout_s` passed (see `row`)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            self.row = self._registry.command(self._command_id)
+            self.row = self._registry.commands.get(self._command_id)
             yield from self.read(final=self.row.terminal)
             if self.row.terminal or time.monotonic() >= deadline:
                 return

@@ -46,7 +46,6 @@ from pydantic import Field, model_validator
 
 from autoglm_wire import settings
 from autoglm_wire.signing import CommandSigner
-from cloud_bridge.alerts import AlertConfig
 
 ENV_PREFIX = "CLOUD_BRIDGE_"
 
@@ -91,6 +90,18 @@ class HttpConfig(settings.Section):
                              "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > api-token` "
                              "and set token_file = \"api-token\"")
         return self
+
+
+class AlertConfig(settings.Section):
+    """`[alerts]`: thresholds of the abnormal-device checks."""
+
+    offline_after_s: float = Field(default=300.0, gt=0)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    error_window: int = Field(default=10, ge=1)
+    outbox_depth_max: int = Field(default=100, ge=1)
+    tokens_per_s_drop: float = Field(default=0.5, gt=0, lt=1)
+    speed_window: int = Field(default=10, ge=2)
+    check_interval_s: float = Field(default=5.0, gt=0)
 
 
 class RetentionConfig(settings.Section):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from cloud_bridge.registry import CommandRow, DeviceRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow, DeviceRow
 
 Write = Callable[[str], None]
 
@@ -41,10 +42,10 @@ def _cell(value: object) -> str:
 def devices_table(registry: Registry) -> str:
     """Every device the bridge has heard of, one line each."""
     headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "GPU LAYERS", "AGENT"]
-    rows = [_device_cells(d) for d in registry.devices()]
+    rows = [_device_cells(d) for d in registry.devices.all()]
     if not rows:
         return "no devices yet: none has published a status under this topic prefix"
-    counters = registry.counters()
+    counters = registry.counters.all()
     footer = "\n\n" + "  ".join(f"{k}={v}" for k, v in counters.items()) if counters else ""
     return render_table(headers, rows) + footer
 
@@ -60,7 +61,7 @@ def commands_table(registry: Registry, device_id: str | None = None, limit: int 
     headers = ["ID", "DEVICE", "KIND", "STATE", "ATTEMPTS", "CREATED", "LAST SENT", "UPDATED", "ERROR"]
     rows = [[c.id, c.device_id, c.kind, c.state, str(c.attempts), short_ts(c.created_at),
              short_ts(c.last_sent_at), short_ts(c.updated_at), (c.error or {}).get("code", "-")]
-            for c in registry.commands(device_id, limit, batch)]
+            for c in registry.commands.recent(device_id, limit, batch)]
     if not rows:
         return "no commands yet" + (f" for {device_id}" if device_id else "")
     return render_table(headers, rows)
@@ -70,7 +71,7 @@ def alerts_table(registry: Registry, include_cleared: bool = False) -> str:
     """Abnormal-device alerts, newest first."""
     headers = ["DEVICE", "ALERT", "RAISED", "CLEARED", "MESSAGE"]
     rows = [[a.device_id, a.kind, short_ts(a.raised_at), short_ts(a.cleared_at), a.message]
-            for a in registry.alerts(open_only=not include_cleared)]
+            for a in registry.alerts.recent(open_only=not include_cleared)]
     if not rows:
         return "no open alerts" if not include_cleared else "no alerts yet"
     return render_table(headers, rows)
@@ -80,7 +81,7 @@ def policies_table(registry: Registry) -> str:
     """The policy in force on each device (the output of its last succeeded `config` command)."""
     rows = [[d.device_id, ", ".join(d.groups) or "-",
              json.dumps(d.policy, sort_keys=True) if d.policy is not None else "(agent defaults)"]
-            for d in registry.devices()]
+            for d in registry.devices.all()]
     if not rows:
         return "no devices yet"
     return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
@@ -151,7 +152,7 @@ def _stream_lines(registry: Registry, cursor: dict[str, int],
                   device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """One line per command with the text its stream chunks added since the last poll."""
     runs: dict[str, dict[str, Any]] = {}
-    for chunk in registry.chunks_after(cursor["stream_chunks"], device_id):
+    for chunk in registry.feeds.chunks(cursor["stream_chunks"], device_id):
         cursor["stream_chunks"] = chunk.id
         run = runs.setdefault(chunk.command_id, {"type": "stream", "device_id": chunk.device_id,
                                                  "command_id": chunk.command_id, "first_index": chunk.idx,
@@ -171,7 +172,7 @@ def watch(registry: Registry, write: Write, device_id: str | None = None, for_s:
     `on_ready` is called once the starting point is fixed: everything stored after it is printed.
     With `as_json`, each is one JSON object per line (`{"type": "status"|"reply"|"event", ...}`).
     """
-    cursor = registry.last_ids()
+    cursor = registry.feeds.last_ids()
     if on_ready is not None:
         on_ready()
     deadline = None if for_s is None else time.monotonic() + for_s
@@ -185,11 +186,11 @@ def _new_lines(registry: Registry, cursor: dict[str, int],
                device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(timestamp, line, JSON record) of every row past `cursor`; advances the cursor."""
     lines = []
-    for change in registry.device_states_after(cursor["device_states"], device_id):
+    for change in registry.feeds.device_states(cursor["device_states"], device_id):
         cursor["device_states"] = change.id
         lines.append((change.ts, f"{change.ts} status {change.device_id} {change.state}",
                       {"type": "status", **asdict(change)}))
-    for reply in registry.replies_after(cursor["replies"], device_id):
+    for reply in registry.feeds.replies(cursor["replies"], device_id):
         cursor["replies"] = reply.id
         error = reply.payload.get("error")
         tail = f" {error['code']}: {error['message']}" if error else ""
@@ -197,7 +198,7 @@ def _new_lines(registry: Registry, cursor: dict[str, int],
                                          f"{reply.command_id or '-'} {reply.status}{tail}",
                       {"type": "reply", **asdict(reply)}))
     lines.extend(_stream_lines(registry, cursor, device_id))
-    for event in registry.events_after(cursor["events"], device_id):
+    for event in registry.feeds.events(cursor["events"], device_id):
         cursor["events"] = event.id
         lines.append((event.received_at, f"{event.received_at} event  {event.device_id} {event.level} "
                                          f"{event.code}: {event.message}", {"type": "event", **asdict(event)}))

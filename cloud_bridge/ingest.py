@@ -28,7 +28,7 @@ from autoglm_wire.protocol import (
     describe_validation_error,
 )
 from autoglm_wire.topics import CloudTopic, parse_cloud_topic
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Ingestor:
             return self._handlers[topic.channel](topic, message, now)
         except BadPayload as exc:
             log.warning("bad payload on %s: %s", message.topic, exc)
-            self._registry.bump("bad_payloads")
+            self._registry.counters.bump("bad_payloads")
             return Outcome.BAD
 
     def handle_batch(self, messages: list[Inbound], now: datetime) -> list[Outcome]:
@@ -114,7 +114,7 @@ class Ingestor:
         devices = sorted({t.device_id for t in topics})
         seen = {t.device_id for t in topics if t.channel != "status"}  # a status may be a replay or a will
         with self._registry.transaction():
-            self._registry.touch_devices(devices, seen, now)
+            self._registry.devices.touch(devices, seen, now)
             return [self.handle(message, now) for message in messages]
 
     def _status(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
@@ -122,14 +122,14 @@ class Ingestor:
             return Outcome.IGNORED  # someone cleared the retained status
         status = _parse(Status, message.payload)
         _same_device(topic, status.device_id)
-        if self._registry.record_status(status, now, retained=message.retained):
+        if self._registry.devices.record_status(status, now, retained=message.retained):
             log.info("device %s is %s", status.device_id, status.state)
         return Outcome.STORED
 
     def _reply(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
         reply = _parse(Reply, message.payload)
         _same_device(topic, reply.device_id)
-        if not self._registry.record_reply(reply, now):
+        if not self._registry.replies.record(reply, now):
             log.debug("duplicate reply %s/%d ignored", reply.device_id, reply.seq)
             return Outcome.DUPLICATE
         return Outcome.STORED
@@ -137,13 +137,13 @@ class Ingestor:
     def _event(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
         event = _parse(Event, message.payload)
         _same_device(topic, event.device_id)
-        self._registry.record_event(event, now)
+        self._registry.events.record(event, now)
         return Outcome.STORED
 
     def _telemetry(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
         telemetry = _parse(Telemetry, message.payload)
         _same_device(topic, telemetry.device_id)
-        self._registry.record_telemetry(telemetry, now)
+        self._registry.devices.record_telemetry(telemetry, now)
         return Outcome.STORED
 
     def _stream(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
@@ -152,6 +152,6 @@ class Ingestor:
             raise BadPayload(
                 f"chunk names command {chunk.command_id!r} but was published on {topic.command_id!r}'s topic"
             )
-        if not self._registry.record_chunk(topic.device_id, chunk, now):
+        if not self._registry.chunks.record(topic.device_id, chunk, now):
             return Outcome.DUPLICATE
         return Outcome.STORED

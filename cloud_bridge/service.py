@@ -35,7 +35,8 @@ from cloud_bridge.dispatcher import Action, decide, message_expiry_s
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.ingest import Ingestor
 from cloud_bridge.link import BridgeLink, Delivery, PublishResult
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ class Dispatch:
         `P/group/G/cmd`, and the others due in the same pass count that send as theirs.
         """
         published = 0
-        device_states = self._registry.device_states()
+        device_states = self._registry.devices.states_awaiting_delivery()
         this_pass: set[tuple[str, str | None]] = set()
-        rows = self._registry.active_commands()
+        rows = self._registry.commands.active()
         for start in range(0, len(rows), PASS_CHUNK):
             with self._registry.transaction():  # one commit per chunk of sends, not one fsync per command
                 for row in rows[start:start + PASS_CHUNK]:
@@ -100,12 +101,12 @@ class Dispatch:
         return published
 
     def _expire(self, row: CommandRow, reason: str, now: datetime) -> None:
-        if self._registry.mark_expired(row.id, reason, now):
+        if self._registry.commands.mark_expired(row.id, reason, now):
             self.stats.expired += 1
             log.warning("command %s for %s expired: %s", row.id, row.device_id, reason)
 
     def _send(self, row: CommandRow, reason: str, now: datetime, this_pass: set[tuple[str, str | None]]) -> int:
-        if not self._registry.mark_sent(row.id, now, claim=row):
+        if not self._registry.commands.mark_sent(row.id, now, claim=row):
             return 0  # a reply moved it past `sent` since we read it, or another replica sent it
         topic = self._topic(row)
         if (topic, row.wire_id) in this_pass:
@@ -285,7 +286,7 @@ class BridgeService:
             self._stop.wait(POLL_S)
 
     def _prune(self) -> None:
-        deleted = self._registry.prune(*self._config.retention.cutoffs(self._clock()))
+        deleted = self._registry.retention.prune(*self._config.retention.cutoffs(self._clock()))
         if any(deleted.values()):
             log.info("retention: deleted %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
 

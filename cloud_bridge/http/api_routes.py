@@ -14,7 +14,8 @@ from fastapi import APIRouter, Query
 from cloud_bridge import commands
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 router = APIRouter()
 
@@ -31,12 +32,12 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 @router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry")
 def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices()]
+    return [asdict(device) for device in registry.devices.all()]
 
 
 @router.get("/devices/{device_id}", summary="one device")
 def get_device(device_id: str, registry: Registry = REG) -> dict[str, Any]:
-    device = registry.device(device_id)
+    device = registry.devices.get(device_id)
     if device is None:
         raise ApiError(404, f"no device {device_id!r} has reported to this bridge; list them with GET /api/devices",
                        "unknown_device")
@@ -54,19 +55,20 @@ def create_command(body: commands.CommandRequest, registry: Registry = REG,
 @router.get("/commands", summary="recent commands, newest first")
 def list_commands(device: str | None = None, batch: str | None = None,
                   limit: int = Query(default=50, ge=1, le=1000), registry: Registry = REG) -> list[dict[str, Any]]:
-    return [command_json(row) for row in registry.commands(device, limit, batch)]
+    return [command_json(row) for row in registry.commands.recent(device, limit, batch)]
 
 
 @router.get("/commands/{command_id}", summary="one command with every reply stored for it")
 def get_command(command_id: str, registry: Registry = REG) -> dict[str, Any]:
-    row = registry.command(command_id)
-    return {**command_json(row), "replies": [asdict(r) for r in registry.replies(command_id)]}
+    row = registry.commands.get(command_id)
+    return {**command_json(row), "replies": [asdict(r) for r in registry.replies.of_command(command_id)]}
 
 
 @router.post("/commands/{command_id}/cancel", status_code=201, summary="send a cancel for a command")
 def cancel_command(command_id: str, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
     row, warnings = commands.cancel(registry, command_id, dispatch=config.dispatch)
-    return {"cancel": command_json(row), "target": command_json(registry.command(command_id)), "warnings": warnings}
+    target = registry.commands.get(command_id)
+    return {"cancel": command_json(row), "target": command_json(target), "warnings": warnings}
 
 
 @router.get("/commands/{command_id}/stream",
@@ -86,16 +88,16 @@ def stream_command(command_id: str, timeout_s: float = Query(default=300.0, gt=0
 @router.get("/replies", summary="recent replies, newest first")
 def list_replies(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
                  registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(r) for r in registry.recent_replies(device, limit)]
+    return [asdict(r) for r in registry.replies.recent(device, limit)]
 
 
 @router.get("/events", summary="recent device events, newest first")
 def list_events(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
                 registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(e) for e in registry.events(device, limit)]
+    return [asdict(e) for e in registry.events.recent(device, limit)]
 
 
 @router.get("/alerts", summary="abnormal-device alerts, newest first (open ones only unless all=true)")
 def list_alerts(all: bool = False, limit: int = Query(default=100, ge=1, le=1000),  # noqa: A002
                 registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(a) for a in registry.alerts(open_only=not all, limit=limit)]
+    return [asdict(a) for a in registry.alerts.recent(open_only=not all, limit=limit)]

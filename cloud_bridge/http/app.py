@@ -12,7 +12,7 @@ from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.http import api_routes, openai_routes, page_routes
 from cloud_bridge.http.deps import TOKEN_HINT, ApiError, api_error_response, authorized, bridge_error_response
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 
 def create_app(registry: Registry, config: BridgeConfig, token: str) -> FastAPI:

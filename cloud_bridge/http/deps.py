@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from autoglm_wire import settings
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BadTarget, BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 STREAM_POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "

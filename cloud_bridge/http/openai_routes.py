@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
-from cloud_bridge.registry import CommandRow, Registry
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import CommandRow
 
 router = APIRouter()
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
@@ -78,7 +79,7 @@ def pick_device(registry: Registry, model: str) -> str:
     """The device a `model` names; for `group/G`, the least busy online member."""
     target = commands.parse_target(model)
     if isinstance(target, str):
-        if registry.device(target) is None:
+        if registry.devices.get(target) is None:
             raise ApiError(404, f"model {model!r}: no such device has reported to this bridge; GET /v1/models "
                            "lists devices and groups", "model_not_found")
         return target
@@ -86,13 +87,13 @@ def pick_device(registry: Registry, model: str) -> str:
     if not members:
         raise ApiError(503, f"model {model!r}: no device of group {target.group!r} is online", "no_device_online",
                        "server_error")
-    busy = registry.active_counts()
+    busy = registry.commands.active_counts()
     return min(members, key=lambda d: (busy.get(d.device_id, 0), d.device_id)).device_id
 
 
 @router.get("/models", summary="devices and groups usable as `model`")
 def list_models(registry: Registry = REG) -> dict[str, Any]:
-    devices = registry.devices()
+    devices = registry.devices.all()
     names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.groups})
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "autoglm-edge"}
                                        for n in names]}

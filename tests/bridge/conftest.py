@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
 VENV_BIN = Path(sys.executable).parent
@@ -30,9 +31,9 @@ PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.
 PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters"
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test run (`autoglm_test_<random>`), dropped afterwards."""
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (`autoglm_test_<random>`), dropped afterwards."""
     psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (make setup installs it)")
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
@@ -47,10 +48,24 @@ def pg_url() -> Iterator[str]:
         admin.close()
 
 
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, shared by its tests."""
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture
+def scratch_pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (one that changes the schema)."""
+    with scratch_database() as url:
+        yield url
+
+
 def empty_pg_registry(url: str) -> Registry:
     """The registry in `url` with every table emptied (a clean slate per test, one database per run)."""
     reg = Registry.connect(url)
-    reg._execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")
+    reg._connection.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")
     return reg
 
 

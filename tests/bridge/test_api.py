@@ -27,8 +27,8 @@ def client(registry):
 
 def _fleet(registry) -> None:
     for device_id in ("gw-a", "gw-b"):
-        registry.record_status(online(device_id), T0)
-    registry.record_status(Status(device_id="gw-c", state="offline"), T0)
+        registry.devices.record_status(online(device_id), T0)
+    registry.devices.record_status(Status(device_id="gw-c", state="offline"), T0)
 
 
 def test_every_api_call_without_the_token_gets_401_saying_where_the_token_is(registry):
@@ -59,8 +59,8 @@ def test_a_group_command_is_one_command_on_the_wire_tracked_per_member(client, r
     assert sorted(c["id"] for c in body["commands"]) == ["b1.gw-a", "b1.gw-b"]
     assert all(c["priority"] == 5 and c["wire_id"] == "b1" for c in body["commands"])
     assert all(c["payload"]["id"] == "b1" and c["payload"]["target"] == "group/lab" for c in body["commands"])
-    registry.record_reply(reply(1, "accepted", "b1", "gw-a"), T0)
-    registry.record_reply(reply(2, "succeeded", "b1", "gw-a", output={"pong": True}), T0)
+    registry.replies.record(reply(1, "accepted", "b1", "gw-a"), T0)
+    registry.replies.record(reply(2, "succeeded", "b1", "gw-a", output={"pong": True}), T0)
     states = {c["device_id"]: c["state"] for c in client.get("/api/commands?batch=b1").json()}
     assert states == {"gw-a": "succeeded", "gw-b": "pending"}
     assert [r["status"] for r in client.get("/api/commands/b1.gw-a").json()["replies"]] == ["accepted", "succeeded"]
@@ -95,7 +95,7 @@ def test_higher_priority_commands_are_dispatched_first(client, registry):
     _fleet(registry)
     client.post("/api/commands", json={"target": "gw-a", "kind": "ping", "id": "low"})
     client.post("/api/commands", json={"target": "gw-a", "kind": "ping", "id": "high", "priority": 10})
-    assert [row.id for row in registry.active_commands()] == ["high", "low"]
+    assert [row.id for row in registry.commands.active()] == ["high", "low"]
 
 
 def test_cancelling_an_undelivered_command_closes_it_and_sends_a_cancel(client, registry):
@@ -113,8 +113,8 @@ def test_a_command_shows_its_replies_and_a_config_reply_becomes_the_policy_in_fo
     _fleet(registry)
     client.post("/api/commands", json={"target": "gw-a", "kind": "config", "params": {"temperature": 0.2},
                                        "id": "cfg1"})
-    registry.record_reply(reply(1, "accepted", "cfg1", "gw-a"), T0)
-    registry.record_reply(reply(2, "succeeded", "cfg1", "gw-a", output={"temperature": 0.2}), T0)
+    registry.replies.record(reply(1, "accepted", "cfg1", "gw-a"), T0)
+    registry.replies.record(reply(2, "succeeded", "cfg1", "gw-a", output={"temperature": 0.2}), T0)
     body = client.get("/api/commands/cfg1").json()
     assert body["state"] == "succeeded" and [r["status"] for r in body["replies"]] == ["accepted", "succeeded"]
     assert client.get("/api/devices/gw-a").json()["policy"] == {"temperature": 0.2}
@@ -127,8 +127,8 @@ def test_the_stream_endpoint_sends_each_delta_then_the_finished_command(client, 
     _fleet(registry)
     client.post("/api/commands", json={"target": "gw-a", "kind": "chat", "prompt": "hi", "stream": True, "id": "s1"})
     for index, delta in enumerate(["Hel", "lo"]):
-        registry.record_chunk("gw-a", chunk(index, delta, "s1"), T0)
-    registry.record_reply(reply(1, "succeeded", "s1", "gw-a", output={"text": "Hello", "finish_reason": "stop"}), T0)
+        registry.chunks.record("gw-a", chunk(index, delta, "s1"), T0)
+    registry.replies.record(reply(1, "succeeded", "s1", "gw-a", output={"text": "Hello", "finish_reason": "stop"}), T0)
     text = client.get("/api/commands/s1/stream").text
     assert text.index('"Hel"') < text.index('"lo"') < text.index("event: done")
     assert '"state": "succeeded"' in text

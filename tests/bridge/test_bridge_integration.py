@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from autoglm_wire.protocol import Event, format_ts, utc_now
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 from .conftest import VENV_BIN, BridgeProcess, launch_bridge, stop_process, wait_until, write_bridge_config
 from .fake_device import FakeDevice, stay_silent
@@ -34,7 +34,7 @@ def device(bridge: BridgeProcess, mosquitto):
 
 
 def _device_online(registry: Registry, device_id: str) -> bool:
-    row = registry.device(device_id)
+    row = registry.devices.get(device_id)
     return row is not None and row.state == "online"
 
 
@@ -51,10 +51,10 @@ def test_send_ping_exits_0_prints_pong_and_stores_each_reply_once(bridge, device
     out = bridge.cli("send", "dev-1", "ping", "--id", "ping-1", "--timeout", "15")
     assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}\nbridge:\n{bridge.log()}"
     assert "pong" in out.stdout
-    row = open_registry.command("ping-1")
+    row = open_registry.commands.get("ping-1")
     assert row.state == "succeeded" and row.attempts >= 1
-    wait_until(lambda: open_registry.counters().get("duplicate_replies"), what="the duplicate reply to be seen")
-    assert [r.status for r in open_registry.replies("ping-1")] == ["accepted", "succeeded"]
+    wait_until(lambda: open_registry.counters.all().get("duplicate_replies"), what="the duplicate reply to be seen")
+    assert [r.status for r in open_registry.replies.of_command("ping-1")] == ["accepted", "succeeded"]
     assert [c["id"] for c in device.received] == ["ping-1"]
     assert device.received[0]["target"] == "dev-1"
 
@@ -72,7 +72,7 @@ def test_send_stream_prints_the_deltas_then_the_summary(bridge, device, open_reg
     wait_until(lambda: _device_online(open_registry, "dev-1"), what="dev-1 online")
     out = bridge.cli("send", "dev-1", "chat", "hi", "--stream", "--id", "chat-1", "--timeout", "15")
     assert out.returncode == 0, out.stderr
-    assert [c.delta for c in open_registry.chunks("chat-1")] == ["Hel", "lo", "!"]
+    assert [c.delta for c in open_registry.chunks.of_command("chat-1")] == ["Hel", "lo", "!"]
     assert device.received[0]["params"]["stream"] is True
     assert "Hello!" in out.stdout and "finish_reason=stop" in out.stdout and "tokens/s=42.0" in out.stdout
 
@@ -85,9 +85,9 @@ def test_a_device_that_never_accepts_gets_the_same_id_again(bridge, mosquitto, o
         assert out.returncode == 0 and out.stdout.strip() == "again-1", out.stderr
         wait_until(lambda: len(silent.received) >= 2, timeout_s=15, what="a resend")
         assert {c["id"] for c in silent.received} == {"again-1"}
-        assert open_registry.command("again-1").attempts >= 2
+        assert open_registry.commands.get("again-1").attempts >= 2
         silent.reply("again-1", "accepted")
-        wait_until(lambda: open_registry.command("again-1").state == "accepted", what="accepted")
+        wait_until(lambda: open_registry.commands.get("again-1").state == "accepted", what="accepted")
     finally:
         silent.stop()
 
@@ -96,7 +96,7 @@ def test_a_command_nobody_accepts_before_it_expires_ends_expired(bridge, open_re
     out = bridge.cli("send", "ghost", "ping", "--id", "exp-1", "--expires-in", "1", "--timeout", "15")
     assert out.returncode == 1, f"{out.stdout}\n{out.stderr}"
     assert "never reported status" in out.stderr and "ended expired: expired" in out.stderr
-    row = open_registry.command("exp-1")
+    row = open_registry.commands.get("exp-1")
     assert row.state == "expired" and row.error["code"] == "expired"
     listing = bridge.cli("commands", "--device", "ghost")
     assert "exp-1" in listing.stdout and "expired" in listing.stdout
@@ -105,7 +105,7 @@ def test_a_command_nobody_accepts_before_it_expires_ends_expired(bridge, open_re
 def test_send_times_out_with_exit_2_and_the_command_stays_queued(bridge, open_registry):
     out = bridge.cli("send", "ghost", "ping", "--id", "slow-1", "--timeout", "1")
     assert out.returncode == 2 and "stays queued" in out.stderr
-    assert open_registry.command("slow-1").state in ("pending", "sent")
+    assert open_registry.commands.get("slow-1").state in ("pending", "sent")
 
 
 def test_watch_prints_replies_events_and_status_changes(bridge, device, open_registry):
@@ -132,7 +132,7 @@ def test_bad_payloads_are_counted_and_the_bridge_keeps_working(bridge, device, o
     wait_until(lambda: _device_online(open_registry, "dev-1"), what="dev-1 online")
     device.publish(device.topics.reply, b"{not json")
     device.publish(device.topics.telemetry, b'{"v": 1}', qos=0)
-    wait_until(lambda: open_registry.counters().get("bad_payloads", 0) >= 1, what="a bad payload counted")
+    wait_until(lambda: open_registry.counters.all().get("bad_payloads", 0) >= 1, what="a bad payload counted")
     out = bridge.cli("send", "dev-1", "ping", "--timeout", "15")
     assert out.returncode == 0, out.stderr
     assert bridge.process.poll() is None
@@ -156,10 +156,10 @@ def test_a_command_queued_before_the_device_ever_connected_is_delivered_by_a_res
                                                                                     open_registry):
     out = bridge.cli("send", "dev-late", "ping", "--id", "late-1", "--no-wait")
     assert out.returncode == 0 and "never reported status" in out.stderr
-    wait_until(lambda: open_registry.command("late-1").attempts >= 1, what="a first send nobody receives")
+    wait_until(lambda: open_registry.commands.get("late-1").attempts >= 1, what="a first send nobody receives")
     late = FakeDevice(mosquitto.port, bridge.prefix, "dev-late").start()
     try:
-        wait_until(lambda: open_registry.command("late-1").state == "succeeded", timeout_s=15,
+        wait_until(lambda: open_registry.commands.get("late-1").state == "succeeded", timeout_s=15,
                    what="late-1 to succeed")
         assert {c["id"] for c in late.received} == {"late-1"}
     finally:
@@ -173,7 +173,7 @@ def test_replies_sent_while_the_bridge_was_down_arrive_when_it_returns(bridge, d
     assert stop_process(bridge.process) == 0
     device.reply("while-down", "rejected", error={"code": "unknown_kind", "message": "no such kind"})
     bridge.process = launch_bridge(bridge.config_path, bridge.log_path)
-    wait_until(lambda: [r.command_id for r in open_registry.replies("while-down")] == ["while-down"],
+    wait_until(lambda: [r.command_id for r in open_registry.replies.of_command("while-down")] == ["while-down"],
                what="the reply queued in the bridge's session")
 
 
@@ -193,12 +193,12 @@ def test_the_bridge_deletes_what_retention_lets_it_forget(mosquitto, tmp_path):
     registry = Registry.open(folder / "registry.db")
     long_ago = datetime(2020, 1, 1, tzinfo=UTC)
     for moment, message in ((long_ago, "old"), (utc_now(), "new")):
-        registry.record_event(Event(device_id="dev-1", ts=format_ts(moment), level="info", code="tick",
+        registry.events.record(Event(device_id="dev-1", ts=format_ts(moment), level="info", code="tick",
                                     message=message, data={}), moment)
     log_path = folder / "bridge.log"
     process = launch_bridge(config, log_path)
     try:
-        wait_until(lambda: [e.message for e in registry.events_after(0)] == ["new"], what="the old event deleted")
+        wait_until(lambda: [e.message for e in registry.feeds.events(0)] == ["new"], what="the old event deleted")
         wait_until(lambda: "retention: deleted 1 events" in log_path.read_text(), what="the retention log line")
     finally:
         assert stop_process(process) == 0, log_path.read_text()

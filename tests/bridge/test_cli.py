@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloud_bridge.cli import EXIT_USAGE, build_parser, main
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 from .factories import T0, online, reply
 
@@ -19,7 +19,7 @@ def config(tmp_path: Path) -> Path:
     path.write_text('[store]\npath = "registry.db"\n')
     registry = Registry.open(tmp_path / "registry.db")
     for device_id in ("gw-a", "gw-b"):
-        registry.record_status(online(device_id), T0)
+        registry.devices.record_status(online(device_id), T0)
     registry.close()
     return path
 
@@ -45,7 +45,7 @@ def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_show
     assert code == 0 and len(ids) == 2 and all(i.endswith((".gw-a", ".gw-b")) for i in ids)
     assert "does not list kind 'config'" in err  # these devices announced ping/chat/complete/cancel only
     registry = Registry.open(config.parent / "registry.db")
-    registry.record_reply(reply(1, "succeeded", ids[0].split(".")[0], "gw-a", output={"temperature": 0.2}), T0)
+    registry.replies.record(reply(1, "succeeded", ids[0].split(".")[0], "gw-a", output={"temperature": 0.2}), T0)
     registry.close()
     code, out, _ = run(capsys, "policy", "--config", str(config))
     assert '{"temperature": 0.2}' in out and "(agent defaults)" in out
@@ -66,7 +66,7 @@ def test_alerts_says_when_there_are_none_and_lists_them_as_json(config, capsys):
     code, out, _ = run(capsys, "alerts", "--config", str(config))
     assert code == 0 and "no open alerts" in out
     registry = Registry.open(config.parent / "registry.db")
-    registry.raise_alert("gw-a", "offline", "offline for 10 min", T0)
+    registry.alerts.open("gw-a", "offline", "offline for 10 min", T0)
     registry.close()
     code, out, _ = run(capsys, "alerts", "--config", str(config), "--json")
     assert [(a["device_id"], a["kind"]) for a in json.loads(out)] == [("gw-a", "offline")]

@@ -62,14 +62,14 @@ def test_queueing_for_a_device_that_never_reported_warns_but_queues(registry):
 
 
 def test_queueing_for_an_offline_device_warns_that_the_session_holds_it(registry):
-    registry.record_status(online(), T0)
-    registry.record_status(offline(), at(1))
+    registry.devices.record_status(online(), T0)
+    registry.devices.record_status(offline(), at(1))
     _, warnings = queue_command(registry, CommandRequest(target="dev-1", kind="ping"), at(2))
     assert "offline" in warnings[0]
 
 
 def test_queueing_a_kind_the_device_does_not_serve_warns(registry):
-    registry.record_status(online(kinds=["ping"]), T0)
+    registry.devices.record_status(online(kinds=["ping"]), T0)
     _, warnings = queue_command(registry, CommandRequest(target="dev-1", kind="complete", prompt="x"), at(1))
     assert "does not list kind 'complete'" in warnings[0]
 
@@ -78,26 +78,26 @@ def test_streamed_deltas_are_printed_in_order_and_a_lost_chunk_shows_the_full_te
     queue_command(registry, CommandRequest(target="dev-1", kind="chat", prompt="hi", id="c1", stream=True), T0)
     printed: list[str] = []
     follower = Follower(registry, "c1")
-    registry.record_chunk("dev-1", chunk(0, "Hel"), at(1))
-    registry.record_chunk("dev-1", chunk(2, "!"), at(1))
+    registry.chunks.record("dev-1", chunk(0, "Hel"), at(1))
+    registry.chunks.record("dev-1", chunk(2, "!"), at(1))
     printed += follower.read()
     assert printed == ["Hel"]
     printed += follower.read(final=True)
     assert printed == ["Hel", "!"] and follower.gaps == 1
-    registry.record_reply(reply(1, "succeeded", output={"text": "Hello!", "finish_reason": "stop"}), at(2))
-    assert "stream incomplete" in format_outcome(registry.command("c1"), follower.text, follower.gaps)
+    registry.replies.record(reply(1, "succeeded", output={"text": "Hello!", "finish_reason": "stop"}), at(2))
+    assert "stream incomplete" in format_outcome(registry.commands.get("c1"), follower.text, follower.gaps)
 
 
 def test_cancelling_a_command_the_device_never_accepted_stops_its_resends(registry):
     queue_command(registry, CommandRequest(target="dev-1", kind="ping", id="c1"), T0)
-    registry.mark_sent("c1", at(1))
+    registry.commands.mark_sent("c1", at(1))
     cancel, notes = queue_command(registry, CommandRequest(target="dev-1", kind="cancel", prompt="c1", id="x1"), at(2))
-    assert registry.command("c1").state == "cancelled" and "no longer resent" in notes[0]
-    assert cancel.state == "pending" and [r.id for r in registry.active_commands()] == ["x1"]
+    assert registry.commands.get("c1").state == "cancelled" and "no longer resent" in notes[0]
+    assert cancel.state == "pending" and [r.id for r in registry.commands.active()] == ["x1"]
 
 
 def test_cancelling_a_command_the_device_accepted_leaves_it_to_the_device(registry):
     queue_command(registry, CommandRequest(target="dev-1", kind="ping", id="c1"), T0)
-    registry.record_reply(reply(1, "running"), at(1))
+    registry.replies.record(reply(1, "running"), at(1))
     _, notes = queue_command(registry, CommandRequest(target="dev-1", kind="cancel", prompt="c1", id="x1"), at(2))
-    assert registry.command("c1").state == "running" and notes[0].startswith("device dev-1 has never")
+    assert registry.commands.get("c1").state == "running" and notes[0].startswith("device dev-1 has never")

@@ -19,17 +19,17 @@ def ingestor(registry):
 
 def test_a_status_on_the_status_topic_registers_the_device(ingestor, registry):
     assert ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(online()), retained=True), at(1)) is Outcome.STORED
-    assert registry.device("dev-1").state == "online"
+    assert registry.devices.get("dev-1").state == "online"
 
 
 def test_the_last_will_marks_the_device_offline(ingestor, registry):
     ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(online())), at(1))
     ingestor.handle(Inbound(f"{P}/dev-1/status", to_bytes(offline())), at(2))
-    assert registry.device("dev-1").state == "offline"
+    assert registry.devices.get("dev-1").state == "offline"
 
 
 def test_a_duplicate_reply_is_reported_as_such(ingestor, registry):
-    registry.add_command(command(), "dev-1", T0)
+    registry.commands.add(command(), "dev-1", T0)
     message = Inbound(f"{P}/dev-1/reply", to_bytes(reply(1, "accepted")))
     assert ingestor.handle(message, at(1)) is Outcome.STORED
     assert ingestor.handle(message, at(2)) is Outcome.DUPLICATE
@@ -38,7 +38,7 @@ def test_a_duplicate_reply_is_reported_as_such(ingestor, registry):
 def test_stream_chunks_come_from_the_stream_topic(ingestor, registry):
     assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c1", to_bytes(chunk(0, "Hi"))), at(1)) is Outcome.STORED
     assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c1", to_bytes(chunk(0, "Hi"))), at(1)) is Outcome.DUPLICATE
-    assert [c.delta for c in registry.chunks("c1")] == ["Hi"]
+    assert [c.delta for c in registry.chunks.of_command("c1")] == ["Hi"]
 
 
 @pytest.mark.parametrize(
@@ -56,13 +56,13 @@ def test_stream_chunks_come_from_the_stream_topic(ingestor, registry):
 )
 def test_a_bad_payload_is_counted_and_never_raises(ingestor, registry, topic, payload):
     assert ingestor.handle(Inbound(topic, payload), at(1)) is Outcome.BAD
-    assert registry.counters()["bad_payloads"] == 1
+    assert registry.counters.all()["bad_payloads"] == 1
 
 
 def test_a_payload_naming_another_device_than_its_topic_is_bad(ingestor, registry):
     message = Inbound(f"{P}/dev-2/reply", to_bytes(reply(1, "accepted", device_id="dev-1")))
     assert ingestor.handle(message, at(1)) is Outcome.BAD
-    assert registry.replies_after(0) == []
+    assert registry.feeds.replies(0) == []
 
 
 def test_a_chunk_naming_another_command_than_its_topic_is_bad(ingestor):
@@ -71,7 +71,7 @@ def test_a_chunk_naming_another_command_than_its_topic_is_bad(ingestor):
 
 def test_a_cleared_retained_status_is_ignored(ingestor, registry):
     assert ingestor.handle(Inbound(f"{P}/dev-1/status", b"", retained=True), at(1)) is Outcome.IGNORED
-    assert registry.devices() == []
+    assert registry.devices.all() == []
 
 
 def test_topics_outside_the_protocol_are_ignored(ingestor):
@@ -80,7 +80,7 @@ def test_topics_outside_the_protocol_are_ignored(ingestor):
 
 
 def test_a_batch_is_stored_in_one_go(ingestor, registry):
-    registry.add_command(command(), "dev-1", T0)
+    registry.commands.add(command(), "dev-1", T0)
     outcomes = ingestor.handle_batch([
         Inbound(f"{P}/dev-1/status", to_bytes(online())),
         Inbound(f"{P}/dev-1/reply", to_bytes(reply(1, "accepted"))),
@@ -88,4 +88,4 @@ def test_a_batch_is_stored_in_one_go(ingestor, registry):
         Inbound(f"{P}/dev-1/reply", to_bytes(reply(2, "succeeded", output={"pong": True}))),
     ], at(1))
     assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.BAD, Outcome.STORED]
-    assert registry.command("c1").state == "succeeded"
+    assert registry.commands.get("c1").state == "succeeded"

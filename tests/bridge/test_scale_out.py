@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_bridge.registry import Registry
+from cloud_bridge.store.registry import Registry
 
 from .conftest import HttpBridge, empty_pg_registry, start_http_bridge, wait_until
 from .fake_device import FakeDevice
@@ -54,9 +54,9 @@ def test_two_replicas_record_each_of_1000_replies_from_10_devices_exactly_once(m
             for seq in range(1, DUPLICATES_PER_DEVICE + 1):  # a redelivery after a reconnect, say
                 device.reply(f"job-{seq}", "succeeded", output={"n": seq}, seq=seq)
         total = DEVICES * REPLIES_PER_DEVICE
-        wait_until(lambda: registry.counters().get("duplicate_replies", 0) >= DEVICES * DUPLICATES_PER_DEVICE
-                   and len(registry.recent_replies(limit=total + 1)) >= total, 60, "every reply in PostgreSQL")
-        rows = registry.recent_replies(limit=total + 100)
+        wait_until(lambda: registry.counters.all().get("duplicate_replies", 0) >= DEVICES * DUPLICATES_PER_DEVICE
+                   and len(registry.replies.recent(limit=total + 1)) >= total, 60, "every reply in PostgreSQL")
+        rows = registry.replies.recent(limit=total + 100)
         assert len(rows) == total
         assert len({(r.device_id, r.seq) for r in rows}) == total
         for replica in replicas:

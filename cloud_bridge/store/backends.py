@@ -1,0 +1,198 @@
+"""The two databases the registry runs on, behind one small interface: SQLite (one file, one host)
+and PostgreSQL (shared by several bridge replicas). The registry writes one SQL dialect, the common
+part of both (`?` placeholders, `ON CONFLICT`, `IS DISTINCT FROM`); what differs lives here: how to
+connect, where the schema version is kept, how the schema is locked while it changes, and how to
+read a number out of a JSON column.
+
+Each backend holds one connection; `store.connection.Connection` serialises its use across threads.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlite_utils import Database
+
+from cloud_bridge.errors import BridgeError
+
+Dialect = Literal["sqlite", "postgresql"]
+
+BUSY_TIMEOUT_MS = 10_000
+SCHEMA_LOCK = 0x6175746F676C6D  # pg_advisory_xact_lock key: one replica changes the schema at a time
+
+
+class IntegrityError(BridgeError):
+    """A row broke a unique constraint (the caller turns it into its own error)."""
+
+
+class Backend(Protocol):
+    dialect: Dialect
+    label: str  # where the registry lives, for logs and errors (no password)
+
+    def execute(self, sql: str, params: Any = ()) -> int: ...
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]: ...
+
+    def transaction(self) -> AbstractContextManager[Any]: ...
+
+    def exclusive(self) -> AbstractContextManager[None]: ...
+
+    def schema_version(self) -> int: ...
+
+    def set_schema_version(self, version: int) -> None: ...
+
+    def json_number(self, column: str, *path: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def connect_sqlite(path: Path) -> Database:
+    """One connection, usable from any thread (the Connection's lock serialises it).
+
+    `busy_timeout` and `synchronous=FULL`: a message is acknowledged to the broker only after its
+    row is committed, so a commit must survive power loss (the ingest loop groups a batch of
+    messages into one commit to keep that cheap).
+    """
+    try:
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        db = Database(conn, execute_plugins=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as exc:
+        raise BridgeError(f"cannot open the registry {path}: {exc}; check that its folder exists and is writable"
+                          ) from exc
+    return db
+
+
+class SqliteBackend:
+    """sqlite-utils over one `sqlite3` connection; the schema version is `PRAGMA user_version`."""
+
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, db: Database, label: str) -> None:
+        self.db = db
+        self.label = label
+
+    def execute(self, sql: str, params: Any = ()) -> int:
+        try:
+            return self.db.execute(sql, params).rowcount
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from exc
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        return list(self.db.query(sql, params))
+
+    def transaction(self) -> AbstractContextManager[Database]:
+        return self.db.atomic()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """A transaction holding SQLite's write lock from its start (a racing peer waits)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, version: int) -> None:
+        self.db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def json_number(self, column: str, *path: str) -> str:
+        return f"json_extract({column}, '$.{'.'.join(path)}')"
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresBackend:
+    """psycopg 3, autocommit outside `transaction()`, client-side parameter binding, dict rows.
+
+    The schema version is the `schema_version` row of the `meta` table.
+    """
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError as exc:
+            raise BridgeError("[store] url names PostgreSQL but psycopg is not installed: "
+                              "pip install 'psycopg[binary]' (or `pip install autoglm-edge[postgres]`)") from exc
+        self._psycopg = psycopg
+        self.label = redact(url)
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row,
+                                        cursor_factory=psycopg.ClientCursor)
+        except psycopg.Error as exc:
+            raise BridgeError(f"cannot connect to the registry database {self.label}: {exc}".strip()
+                              + "; check [store] url, that PostgreSQL runs and that the database exists") from exc
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
+
+    def execute(self, sql: str, params: Any = ()) -> int:
+        try:
+            with self.conn.cursor() as cursor:
+                cursor.execute(self._sql(sql), params or None)
+                return cursor.rowcount
+        except self._psycopg.errors.UniqueViolation as exc:
+            raise IntegrityError(str(exc)) from exc
+
+    def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        with self.conn.cursor() as cursor:
+            cursor.execute(self._sql(sql), params or None)
+            return list(cursor.fetchall())
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """A transaction holding the schema's advisory lock (replicas starting together wait)."""
+        with self.transaction():
+            self.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+            yield
+
+    def schema_version(self) -> int:
+        if not self.query("SELECT to_regclass('meta') IS NOT NULL AS present")[0]["present"]:
+            return 0
+        rows = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0]["value"]) if rows else 0
+
+    def set_schema_version(self, version: int) -> None:
+        self.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
+
+    def json_number(self, column: str, *path: str) -> str:
+        return f"(({column})::jsonb #>> '{{{','.join(path)}}}')::float"
+
+    def close(self) -> None:
+        self.conn.close()

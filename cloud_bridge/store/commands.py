@@ -1,0 +1,145 @@
+"""Commands: queueing, the bridge's sends and local ends, and moving a command forward on a reply.
+
+Command states only move forward (`autoglm_wire.lifecycle.rank`); every state change is one
+conditional UPDATE, so the serve process and a console process (or several bridge replicas) never
+race each other into a regression.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from autoglm_wire.lifecycle import BRIDGE_STATES, RANKS, TERMINAL_RANK, TERMINAL_STATES, is_terminal
+from autoglm_wire.protocol import Command, Reply, format_ts
+from cloud_bridge.errors import DuplicateCommand, UnknownCommand
+from cloud_bridge.store.backends import IntegrityError
+from cloud_bridge.store.connection import Connection, placeholders
+from cloud_bridge.store.rows import CommandRow, stamp
+
+
+def _rank_sql(column: str) -> str:
+    """SQL CASE expression giving the lifecycle rank of a state column (see lifecycle.rank)."""
+    whens = " ".join(f"WHEN '{state}' THEN {r}" for state, r in RANKS.items())
+    return f"(CASE {column} {whens} ELSE {TERMINAL_RANK} END)"
+
+
+class Commands:
+    def __init__(self, connection: Connection) -> None:
+        self._db = connection
+
+    def add(self, command: Command, device_id: str, now: datetime | None = None,
+            batch: str | None = None, row_id: str | None = None) -> CommandRow:
+        """Queue a command for a device (state `pending`). Raises DuplicateCommand if the id exists.
+
+        `batch` names the fan-out (a group or a filter) the command belongs to, if any. `row_id`
+        is for one member of a group command: the row is `row_id`, the device sees `command.id`.
+        """
+        ts = stamp(now)
+        expires = format_ts(command.expires_at) if command.expires_at else None
+        key = row_id or command.id
+        try:
+            self._db.execute(
+                "INSERT INTO commands (id, device_id, kind, payload, created_at, expires_at, updated_at, priority, "
+                "batch, wire_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, device_id, command.kind, command.model_dump_json(by_alias=True), ts, expires, ts,
+                 command.priority, batch, command.id),
+            )
+        except IntegrityError as exc:
+            raise DuplicateCommand(key) from exc
+        return self.get(key)
+
+    def get(self, command_id: str) -> CommandRow:
+        """The command with this id. Raises UnknownCommand."""
+        rows = self._db.query("SELECT * FROM commands WHERE id = ?", (command_id,))
+        if not rows:
+            raise UnknownCommand(command_id)
+        return CommandRow.from_row(rows[0])
+
+    def recent(self, device_id: str | None = None, limit: int = 20, batch: str | None = None) -> list[CommandRow]:
+        """Most recent commands first, optionally of one device and/or one batch."""
+        rows = self._db.query(
+            "SELECT * FROM commands WHERE (? IS NULL OR device_id = ?) AND (? IS NULL OR batch = ?) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (device_id, device_id, batch, batch, limit),
+        )
+        return [CommandRow.from_row(row) for row in rows]
+
+    def active(self) -> list[CommandRow]:
+        """Commands the bridge still has to deliver (`pending` or `sent`): highest priority, then oldest first."""
+        rows = self._db.query(
+            f"SELECT * FROM commands WHERE state IN ({placeholders(BRIDGE_STATES)}) "
+            "ORDER BY priority DESC, created_at, rowid",
+            BRIDGE_STATES,
+        )
+        return [CommandRow.from_row(row) for row in rows]
+
+    def mark_sent(self, command_id: str, now: datetime | None = None, *, claim: CommandRow | None = None) -> bool:
+        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send).
+
+        With `claim` (the row as the caller read it), also False when someone else sent it since: of
+        several bridge replicas deciding on the same row, exactly one wins each send.
+        """
+        ts = stamp(now)
+        guard, params = "", (ts, ts, command_id)
+        if claim is not None:
+            guard, params = " AND attempts = ?", (*params, claim.attempts)
+        return self._db.execute(
+            "UPDATE commands SET state = 'sent', attempts = attempts + 1, last_sent_at = ?, updated_at = ? "
+            f"WHERE id = ? AND state IN ('pending', 'sent'){guard}",
+            params,
+        ) == 1
+
+    def mark_expired(self, command_id: str, message: str, now: datetime | None = None) -> bool:
+        """Expire a command the device never accepted. False if a reply got there first."""
+        return self.close_locally(command_id, "expired", message, now)
+
+    def close_locally(self, command_id: str, state: str, message: str, now: datetime | None = None) -> bool:
+        """End a command the device never accepted with a terminal `state` (`expired`, `cancelled`).
+
+        The error code is the state's name. Returns False if a device reply moved it past `sent`
+        first (then the device owns it and will report its end itself).
+        """
+        if not is_terminal(state):
+            raise ValueError(f"close_locally needs a terminal state, not {state!r}")
+        error = json.dumps({"code": state, "message": message})
+        return self._db.execute(
+            "UPDATE commands SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN ('pending', 'sent')",
+            (state, error, stamp(now), command_id),
+        ) == 1
+
+    def advance(self, reply: Reply, payload: str, ts: str) -> None:
+        """Move the reply's command forward to the reply's status (never backward); a terminal reply is kept."""
+        terminal = reply.is_terminal
+        error = reply.error.model_dump_json() if reply.error else None
+        self._db.execute(
+            f"UPDATE commands SET state = ?, updated_at = ?, "
+            f"reply = CASE WHEN ? THEN ? ELSE reply END, error = CASE WHEN ? THEN ? ELSE error END "
+            f"WHERE wire_id = ? AND device_id = ? AND {_rank_sql('state')} < {_rank_sql('?')}",
+            (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status),
+        )
+
+    def on_the_wire(self, command_id: str) -> tuple[str, str | None]:
+        """(id the device uses, device) of a queued command; (command_id, None) for one never queued here."""
+        rows = self._db.query("SELECT wire_id, device_id FROM commands WHERE id = ?", (command_id,))
+        if not rows or rows[0]["wire_id"] is None:
+            return command_id, None
+        return rows[0]["wire_id"], rows[0]["device_id"]
+
+    def active_counts(self) -> dict[str, int]:
+        """Unfinished commands per device (how busy each device is)."""
+        rows = self._db.query(
+            f"SELECT device_id, count(*) AS n FROM commands WHERE state NOT IN ({placeholders(TERMINAL_STATES)}) "
+            "GROUP BY device_id",
+            TERMINAL_STATES,
+        )
+        return {row["device_id"]: row["n"] for row in rows}
+
+    def terminal_states(self, device_id: str, limit: int) -> list[str]:
+        """States of the device's last `limit` finished commands, newest first."""
+        rows = self._db.query(
+            f"SELECT state FROM commands WHERE device_id = ? AND state IN ({placeholders(TERMINAL_STATES)}) "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
+            (device_id, *TERMINAL_STATES, limit),
+        )
+        return [row["state"] for row in rows]

@@ -1,0 +1,112 @@
+"""Devices: their rows (identity, state, last telemetry, the policy in force) and state history."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from autoglm_wire.protocol import Reply, Status, Telemetry
+from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.rows import DeviceRow, stamp
+
+
+class Devices:
+    def __init__(self, connection: Connection) -> None:
+        self._db = connection
+        self._touched: dict[str, str] = {}  # device -> last_seen already written in this transaction
+        connection.on_transaction_end(self._touched.clear)
+
+    def ensure(self, device_id: str, seen: str | None) -> None:
+        """Create the device row if needed; `seen` (when not None) becomes its `last_seen`."""
+        if seen is not None and self._touched.get(device_id) == seen:
+            return  # touch() did it in this transaction
+        self._db.execute(
+            "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
+            (device_id, seen),
+        )
+
+    def touch(self, device_ids: list[str], seen: set[str], now: datetime | None = None) -> None:
+        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch); those in `seen`
+        get `last_seen` = `now`, and the rest of the transaction skips doing it again per message."""
+        ts = stamp(now)
+        with self._db.transaction():
+            for device_id in device_ids:
+                self.ensure(device_id, ts if device_id in seen else None)
+                if device_id in seen:
+                    self._touched[device_id] = ts
+
+    def record_status(self, status: Status, now: datetime | None = None, retained: bool = False) -> bool:
+        """Store a status or a last will. Returns True when the device's state changed.
+
+        A `retained` status is a replay from the broker's store (at subscribe), not news: it does not
+        count as the device being seen, and a state change it brings dates from the status's own `ts`.
+        A last will (`offline`) is published by the broker, so it does not count as seen either.
+        """
+        ts = stamp(now)
+        seen = None if retained or status.state == "offline" else ts
+        since = status.ts if retained and status.ts else ts
+        with self._db.transaction():
+            self.ensure(status.device_id, seen)
+            changed = self._db.execute(
+                "UPDATE devices SET state = ?, since = ? WHERE device_id = ? AND state IS DISTINCT FROM ?",
+                (status.state, since, status.device_id, status.state),
+            ) == 1
+            if changed:
+                self._db.execute(
+                    "INSERT INTO device_states (device_id, state, ts) VALUES (?, ?, ?)",
+                    (status.device_id, status.state, since),
+                )
+            if status.state == "online":
+                self._record_identity(status)
+        return changed
+
+    def _record_identity(self, status: Status) -> None:
+        model = status.model
+        self._db.execute(
+            "UPDATE devices SET agent_version = ?, model_name = ?, model_sha256 = ?, n_gpu_layers = ?, "
+            "groups = ?, kinds = ? WHERE device_id = ?",
+            (
+                status.agent_version,
+                model.name if model else None,
+                model.sha256 if model else None,
+                model.n_gpu_layers if model else None,
+                json.dumps(status.groups or []),
+                json.dumps(status.kinds or []),
+                status.device_id,
+            ),
+        )
+
+    def record_telemetry(self, telemetry: Telemetry, now: datetime | None = None) -> None:
+        """Keep the latest telemetry of a device."""
+        with self._db.transaction():
+            self.ensure(telemetry.device_id, stamp(now))
+            self._db.execute(
+                "UPDATE devices SET last_telemetry = ? WHERE device_id = ?",
+                (telemetry.model_dump_json(), telemetry.device_id),
+            )
+
+    def record_policy(self, reply: Reply) -> None:
+        """A succeeded `config` command's output is the policy now in force on the device."""
+        self._db.execute(
+            "UPDATE devices SET policy = ? WHERE device_id = ? AND EXISTS "
+            "(SELECT 1 FROM commands WHERE wire_id = ? AND device_id = ? AND kind = 'config')",
+            (json.dumps(reply.output), reply.device_id, reply.command_id, reply.device_id),
+        )
+
+    def get(self, device_id: str) -> DeviceRow | None:
+        """The device, or None if it never sent anything."""
+        rows = self._db.query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        return DeviceRow.from_row(rows[0]) if rows else None
+
+    def all(self) -> list[DeviceRow]:
+        """Every known device, by id."""
+        return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
+
+    def states_awaiting_delivery(self) -> dict[str, str | None]:
+        """Last reported state of every device that has commands left to deliver."""
+        rows = self._db.query(
+            "SELECT device_id, state FROM devices WHERE device_id IN "
+            "(SELECT device_id FROM commands WHERE state IN ('pending', 'sent'))"
+        )
+        return {row["device_id"]: row["state"] for row in rows}

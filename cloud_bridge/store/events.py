@@ -1,0 +1,64 @@
+"""Events the devices report, and the alerts the bridge raises about abnormal devices (one open
+alert per device and kind, with raised/cleared times)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from autoglm_wire.protocol import Event
+from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.devices import Devices
+from cloud_bridge.store.rows import AlertRow, EventRow, stamp
+
+
+class Events:
+    def __init__(self, connection: Connection, devices: Devices) -> None:
+        self._db = connection
+        self._devices = devices
+
+    def record(self, event: Event, now: datetime | None = None) -> None:
+        ts = stamp(now)
+        with self._db.transaction():
+            self._db.execute(
+                "INSERT INTO events (device_id, ts, level, code, message, data, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event.device_id, event.ts, event.level, event.code, event.message, json.dumps(event.data), ts),
+            )
+            self._devices.ensure(event.device_id, ts)
+
+    def recent(self, device_id: str | None = None, limit: int = 50) -> list[EventRow]:
+        """Most recent events first."""
+        rows = self._db.query(
+            "SELECT * FROM events WHERE (? IS NULL OR device_id = ?) ORDER BY id DESC LIMIT ?",
+            (device_id, device_id, limit),
+        )
+        return [EventRow.from_row(row) for row in rows]
+
+
+class Alerts:
+    def __init__(self, connection: Connection) -> None:
+        self._db = connection
+
+    def open(self, device_id: str, kind: str, message: str, now: datetime | None = None) -> bool:
+        """Open an alert unless one of this kind is open for the device. True when a new one opened."""
+        return self._db.execute(
+            "INSERT INTO alerts (device_id, kind, message, raised_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id, kind) WHERE cleared_at IS NULL DO NOTHING",
+            (device_id, kind, message, stamp(now)),
+        ) == 1
+
+    def clear(self, device_id: str, kind: str, now: datetime | None = None) -> bool:
+        """Close the open alert of this kind, if any. True when one was closed."""
+        return self._db.execute(
+            "UPDATE alerts SET cleared_at = ? WHERE device_id = ? AND kind = ? AND cleared_at IS NULL",
+            (stamp(now), device_id, kind),
+        ) == 1
+
+    def recent(self, open_only: bool = True, limit: int = 100) -> list[AlertRow]:
+        """Alerts, newest first; by default only those whose condition still holds."""
+        rows = self._db.query(
+            "SELECT * FROM alerts WHERE (? = 0 OR cleared_at IS NULL) ORDER BY id DESC LIMIT ?",
+            (int(open_only), limit),
+        )
+        return [AlertRow(**row) for row in rows]

@@ -1,0 +1,78 @@
+"""Commands in the registry (SQLite and PostgreSQL): queueing, sends, local ends, forward-only states."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoglm_wire.protocol import format_ts
+from cloud_bridge.errors import DuplicateCommand, UnknownCommand
+
+from .factories import T0, at, command, reply
+
+
+def test_a_new_command_is_pending_with_no_attempts(registry):
+    row = registry.commands.add(command(), "dev-1", T0)
+    assert (row.state, row.attempts, row.device_id, row.kind) == ("pending", 0, "dev-1", "ping")
+    assert row.payload["id"] == "c1" and row.payload["target"] == "dev-1"
+    assert row.expires_at == format_ts(at(3600))
+
+
+def test_a_command_id_cannot_be_queued_twice(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    with pytest.raises(DuplicateCommand, match="pick another --id"):
+        registry.commands.add(command(), "dev-1", T0)
+
+
+def test_an_unknown_command_id_says_how_to_list_commands(registry):
+    with pytest.raises(UnknownCommand, match="cloud-bridge commands"):
+        registry.commands.get("nope")
+
+
+def test_the_stored_payload_is_exactly_what_gets_published(registry):
+    cmd = command(kind="chat", params={"messages": [{"role": "user", "content": "hi"}]})
+    row = registry.commands.add(cmd, "dev-1", T0)
+    assert row.raw_payload == cmd.model_dump_json(by_alias=True)
+
+
+def test_each_send_counts_an_attempt_and_keeps_the_command_sent(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    assert registry.commands.mark_sent("c1", at(1))
+    assert registry.commands.mark_sent("c1", at(6))
+    row = registry.commands.get("c1")
+    assert (row.state, row.attempts, row.last_sent_at) == ("sent", 2, format_ts(at(6)))
+
+
+def test_a_send_after_the_device_accepted_is_refused(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "accepted"), at(1))
+    assert not registry.commands.mark_sent("c1", at(2))
+    assert registry.commands.get("c1").attempts == 0
+
+
+def test_expiry_records_the_expired_error_code(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    assert registry.commands.mark_expired("c1", "no `accepted` before expires_at", at(3601))
+    row = registry.commands.get("c1")
+    assert row.state == "expired" and row.error == {"code": "expired", "message": "no `accepted` before expires_at"}
+
+
+def test_expiry_does_not_override_a_device_reply(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "running"), at(1))
+    assert not registry.commands.mark_expired("c1", "late", at(3601))
+    assert registry.commands.get("c1").state == "running"
+
+
+def test_active_commands_are_only_pending_and_sent(registry):
+    for cid in ("a", "b", "c"):
+        registry.commands.add(command(cid), "dev-1", T0)
+    registry.commands.mark_sent("b", at(1))
+    registry.replies.record(reply(1, "accepted", command_id="c"), at(1))
+    assert [r.id for r in registry.commands.active()] == ["a", "b"]
+
+
+def test_of_two_replicas_claiming_the_same_send_exactly_one_wins(registry):
+    row = registry.commands.add(command(), "dev-1", T0)
+    assert registry.commands.mark_sent(row.id, at(1), claim=row) is True
+    assert registry.commands.mark_sent(row.id, at(1), claim=row) is False  # the other replica read the same row
+    assert registry.commands.get(row.id).attempts == 1

@@ -1,0 +1,46 @@
+"""Devices in the registry: status, last will, retained replays, telemetry and events."""
+
+from __future__ import annotations
+
+from autoglm_wire.protocol import Event, Telemetry, format_ts
+
+from .factories import T0, at, offline, online
+
+
+def test_an_online_status_records_the_device_identity(registry):
+    assert registry.devices.record_status(online(), at(1))
+    device = registry.devices.get("dev-1")
+    assert (device.state, device.since, device.last_seen) == ("online", format_ts(at(1)), format_ts(at(1)))
+    assert (device.model_name, device.model_sha256, device.n_gpu_layers) == ("glm-4-tiny", "ab" * 32, 0)
+    assert device.groups == ["lab"] and "chat" in device.kinds and device.agent_version == "0.1.0"
+
+
+def test_the_last_will_marks_the_device_offline_and_keeps_its_identity(registry):
+    registry.devices.record_status(online(), at(1))
+    assert registry.devices.record_status(offline(), at(5))
+    device = registry.devices.get("dev-1")
+    assert (device.state, device.since, device.model_name) == ("offline", format_ts(at(5)), "glm-4-tiny")
+    assert device.last_seen == format_ts(at(1))
+
+
+def test_a_repeated_status_is_not_a_state_change(registry):
+    registry.devices.record_status(online(), at(1))
+    assert not registry.devices.record_status(online(), at(2))
+    assert registry.devices.get("dev-1").since == format_ts(at(1))
+    assert [c.state for c in registry.feeds.device_states(0)] == ["online"]
+
+
+def test_a_retained_status_replay_is_not_counted_as_seeing_the_device(registry):
+    registry.devices.record_status(online(), at(100), retained=True)
+    device = registry.devices.get("dev-1")
+    assert device.last_seen is None and device.since == format_ts(T0)
+
+
+def test_telemetry_and_events_are_kept(registry):
+    telemetry = Telemetry(device_id="dev-1", ts=format_ts(T0), queue_depth=1, outbox_depth=0, outbox_bytes=0,
+                          tokens_per_s_ewma=12.5, rss_mb=300.0, gpu_layers=0, uptime_s=5.0)
+    registry.devices.record_telemetry(telemetry, at(1))
+    registry.events.record(Event(device_id="dev-1", ts=format_ts(T0), level="warning", code="disk_low",
+                                message="5% free", data={"free": 5}), at(1))
+    assert registry.devices.get("dev-1").last_telemetry["tokens_per_s_ewma"] == 12.5
+    assert [(e.code, e.data) for e in registry.feeds.events(0)] == [("disk_low", {"free": 5})]

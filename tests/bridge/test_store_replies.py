@@ -1,0 +1,93 @@
+"""Replies and stream chunks in the registry: dedupe, and replies only moving a command forward."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoglm_wire.lifecycle import is_terminal, rank
+from cloud_bridge.store.registry import Registry
+
+from .factories import T0, at, chunk, command, reply
+
+
+def test_a_reply_moves_the_command_forward_and_the_terminal_reply_is_kept(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.commands.mark_sent("c1", at(1))
+    assert registry.replies.record(reply(1, "accepted"), at(2))
+    assert registry.commands.get("c1").state == "accepted"
+    assert registry.replies.record(reply(2, "succeeded", output={"pong": True}), at(3))
+    row = registry.commands.get("c1")
+    assert row.state == "succeeded" and row.reply["output"] == {"pong": True} and row.error is None
+
+
+def test_a_late_accepted_after_succeeded_does_not_regress_the_state(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(2, "succeeded", output={"pong": True}), at(2))
+    registry.replies.record(reply(1, "accepted"), at(3))
+    row = registry.commands.get("c1")
+    assert row.state == "succeeded" and row.reply["seq"] == 2
+    assert len(registry.replies.of_command("c1")) == 2
+
+
+def test_the_first_terminal_status_is_final(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "cancelled", error={"code": "cancelled", "message": "by operator"}), at(1))
+    registry.replies.record(reply(2, "succeeded"), at(2))
+    row = registry.commands.get("c1")
+    assert row.state == "cancelled" and row.error["code"] == "cancelled"
+
+
+def test_a_duplicate_reply_is_stored_once_and_counted(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    assert registry.replies.record(reply(1, "accepted"), at(1))
+    assert not registry.replies.record(reply(1, "accepted"), at(2))
+    assert len(registry.replies.of_command("c1")) == 1
+    assert registry.counters.all()["duplicate_replies"] == 1
+
+
+def test_the_same_seq_from_two_devices_is_two_replies(registry):
+    registry.replies.record(reply(1, "accepted", device_id="dev-1"), at(1))
+    registry.replies.record(reply(1, "accepted", device_id="dev-2"), at(1))
+    assert len(registry.replies.of_command("c1")) == 2
+
+
+def test_a_reply_from_another_device_does_not_touch_the_command(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "succeeded", device_id="dev-2"), at(1))
+    assert registry.commands.get("c1").state == "pending"
+
+
+def test_a_reply_without_command_id_is_stored(registry):
+    assert registry.replies.record(reply(1, "rejected", command_id=None,
+                                       error={"code": "bad_json", "message": "not JSON"}), at(1))
+    assert [r.status for r in registry.feeds.replies(0)] == ["rejected"]
+
+
+def test_stream_chunks_are_deduplicated_by_command_and_index(registry):
+    assert registry.chunks.record("dev-1", chunk(0, "Hel"), at(1))
+    assert registry.chunks.record("dev-1", chunk(1, "lo"), at(1))
+    assert not registry.chunks.record("dev-1", chunk(1, "lo"), at(2))
+    assert [c.delta for c in registry.chunks.of_command("c1")] == ["Hel", "lo"]
+    assert registry.counters.all()["duplicate_chunks"] == 1
+
+
+STATUSES = ["accepted", "running", "succeeded", "failed", "rejected", "expired", "cancelled"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(statuses=st.lists(st.sampled_from(STATUSES), min_size=1, max_size=8))
+def test_any_order_of_replies_never_moves_a_command_backward(tmp_path_factory, statuses):
+    reg = Registry.open(tmp_path_factory.mktemp("prop") / "r.db")
+    try:
+        reg.commands.add(command(), "dev-1", T0)
+        seen = ["pending"]
+        for seq, status in enumerate(statuses, start=1):
+            reg.replies.record(reply(seq, status), at(seq))
+            seen.append(reg.commands.get("c1").state)
+        ranks = [rank(s) for s in seen]
+        assert ranks == sorted(ranks)
+        first_terminal = next((s for s in statuses if is_terminal(s)), None)
+        assert seen[-1] == (first_terminal or max(statuses, key=rank))
+    finally:
+        reg.close()
