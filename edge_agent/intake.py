@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from autoglm_wire import lifecycle
 from autoglm_wire.errors import Busy, InvalidCommand, ProtocolError, Unauthorized
@@ -49,28 +50,27 @@ def prompt_chars(params: object) -> int:
     return 0
 
 
+@dataclass(frozen=True)
 class Intake:
     """Turns each delivered message into a stored command (handed to the executor) or a rejection."""
 
-    def __init__(self, config: AgentConfig, topics: DeviceTopics, verifier: CommandVerifier, inbox: Inbox,
-                 outbox: Outbox, executor: Executor, on_stored: Callable[[], None]) -> None:
-        self._config = config
-        self._topics = topics
-        self._verifier = verifier
-        self._inbox = inbox
-        self._outbox = outbox
-        self._executor = executor
-        self._on_stored = on_stored  # wakes the link's pump
+    config: AgentConfig
+    topics: DeviceTopics
+    verifier: CommandVerifier
+    inbox: Inbox
+    outbox: Outbox
+    executor: Executor
+    on_stored: Callable[[], None]  # wakes the link's pump
 
     def handle(self, message: InboundMessage) -> None:
         """One delivered command, from its bytes to a stored command (or a stored rejection)."""
         try:
-            parsed = parse_command(message.payload, self._config.mqtt.max_payload_bytes, self._executor.kinds)
+            parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
             self._check_target(parsed)
             self._check_signature(parsed, message)
             if not self._response_topic_allowed(message.response_topic):
                 raise Unauthorized(f"ResponseTopic {message.response_topic!r} is outside this device's reply tree "
-                                   f"({self._topics.reply}/...) and security.response_topic_prefixes", parsed.id)
+                                   f"({self.topics.reply}/...) and security.response_topic_prefixes", parsed.id)
             self._check_limits(parsed)
         except ProtocolError as exc:
             self._reject(exc, message)
@@ -81,7 +81,7 @@ class Intake:
             expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
         early = self._start_early(parsed, expires_at)
         try:
-            accepted = self._inbox.accept(
+            accepted = self.inbox.accept(
                 parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
                 message.response_topic, message.correlation_data, claim=early is not None,
             )
@@ -97,7 +97,7 @@ class Intake:
                 early.drop()
             else:
                 early.stored(accepted.command)
-        self._on_stored()
+        self.on_stored()
         if accepted.duplicate:
             log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, accepted.state)
             return
@@ -105,9 +105,9 @@ class Intake:
         if early is not None:
             return  # the worker is already running it
         if parsed.kind in IMMEDIATE_KINDS:
-            self._executor.run(accepted.command, parsed)
+            self.executor.run(accepted.command, parsed)
         else:
-            self._executor.submit(accepted.command, parsed)
+            self.executor.submit(accepted.command, parsed)
 
     def _start_early(self, parsed: ParsedCommand, expires_at: float | None) -> EarlyStart | None:
         """An idle worker starts the command now, while the intake commit stores it already
@@ -116,20 +116,20 @@ class Intake:
         the worker. Not for a command that has expired (the worker answers `expired`), nor for a
         redelivery of a known id (a look-up by primary key: it spares the worker a doomed prompt
         evaluation)."""
-        if lifecycle.start_decision(expires_at, time.time()) is State.EXPIRED or self._inbox.known(parsed.id):
+        if lifecycle.start_decision(expires_at, time.time()) is State.EXPIRED or self.inbox.known(parsed.id):
             return None
-        return self._executor.start_early(parsed)
+        return self.executor.start_early(parsed)
 
     def _check_target(self, parsed: ParsedCommand) -> None:
         target = parsed.command.target
-        allowed = {self._config.device_id} | {f"group/{g}" for g in self._config.mqtt.groups}
+        allowed = {self.config.device_id} | {f"group/{g}" for g in self.config.mqtt.groups}
         if target is not None and target not in allowed:
-            raise Unauthorized(f"command targets {target!r}, not this device ({self._config.device_id})", parsed.id)
+            raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
 
     def _check_signature(self, parsed: ParsedCommand, message: InboundMessage) -> None:
         """With `[security]` keys: a trusted signature, this device as target, `created_at` in the window."""
-        if self._verifier.enabled:
-            key_id = self._verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
+        if self.verifier.enabled:
+            key_id = self.verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
             log.debug("command %s: signature key %s", parsed.id, key_id)
 
     def _response_topic_allowed(self, topic: str | None) -> bool:
@@ -138,13 +138,13 @@ class Intake:
             return True
         if any(c in topic for c in "+#\0"):
             return False
-        own = self._topics.reply
+        own = self.topics.reply
         return topic == own or topic.startswith(own + "/") or any(
-            topic.startswith(prefix) for prefix in self._config.security.response_topic_prefixes)
+            topic.startswith(prefix) for prefix in self.config.security.response_topic_prefixes)
 
     def _check_limits(self, parsed: ParsedCommand) -> None:
         """`[limits]`: prompt length and max_tokens; a command asking for more is rejected, not trimmed."""
-        limits, params = self._config.limits, parsed.params
+        limits, params = self.config.limits, parsed.params
         if isinstance(params, Sampling) and params.max_tokens > limits.max_tokens:
             raise InvalidCommand(f"max_tokens {params.max_tokens} is above this device's limit "
                                  f"{limits.max_tokens} (limits.max_tokens)", parsed.id)
@@ -156,11 +156,11 @@ class Intake:
     def _reject(self, exc: ProtocolError, message: InboundMessage) -> None:
         log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
         event = Event(
-            device_id=self._config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",
+            device_id=self.config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",
             message=exc.message, data={"error_code": exc.code.value, "command_id": exc.command_id,
                                        "topic": message.topic, "bytes": len(message.payload)},
         )
         response_topic = message.response_topic if self._response_topic_allowed(message.response_topic) else None
-        self._outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
+        self.outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
                             response_topic, message.correlation_data)
-        self._on_stored()
+        self.on_stored()
