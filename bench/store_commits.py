@@ -1,6 +1,6 @@
 """What the store costs per command, with `synchronous` FULL and NORMAL: the intake commit of
-an early start (`Store.accept(claim=True)`: `accepted` and `running` with both replies, no fsync
-of its own), the `Store.sync()` the link runs before the PUBACK (one fsync of the WAL, FULL only),
+an early start (`SqliteInbox.accept(claim=True)`: `accepted` and `running` with both replies, no
+fsync of its own), the `SqliteFile.sync()` the link runs before the PUBACK (one fsync of the WAL, FULL only),
 and the terminal reply's commit (fsynced itself under FULL). Baseline: raw SQLite, one INSERT
 of the same command into a bare table and its commit, same file settings.
 
@@ -24,19 +24,21 @@ sys.path.insert(0, str(ROOT))
 
 from autoglm_wire.lifecycle import State  # noqa: E402
 from autoglm_wire.topics import DeviceTopics  # noqa: E402
-from edge_agent.store import ReplyDraft, Store  # noqa: E402
+from edge_agent.inbox import SqliteInbox  # noqa: E402
+from edge_agent.outbox import ReplyDraft, SqliteOutbox  # noqa: E402
+from edge_agent.sqlite_file import SqliteFile  # noqa: E402
 
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000.0
 
 
-def fill_outbox(store: Store, rows: int) -> None:
+def fill_outbox(file: SqliteFile, topics: DeviceTopics, rows: int) -> None:
     """`rows` unsent 600-byte replies, as an outage leaves them (one transaction, to be quick)."""
-    with store.db.atomic():
-        store.db.conn.executemany(
+    with file.db.atomic():
+        file.db.conn.executemany(
             "INSERT INTO outbox (topic, payload, qos, bytes, created_at) VALUES (?, ?, 1, 600, 0)",
-            ((store.topics.reply, b"x" * 600) for _ in range(rows)))
+            ((topics.reply, b"x" * 600) for _ in range(rows)))
 
 
 def raw_commit_s(path: Path, synchronous: str, commands: int) -> list[float]:
@@ -63,20 +65,22 @@ def main() -> int:
     args = parser.parse_args()
     for synchronous in ("full", "normal"):
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-            store = Store(Path(folder) / "bench.db", DeviceTopics("autoglm", "bench"), synchronous)
-            fill_outbox(store, args.backlog)
+            topics = DeviceTopics("autoglm", "bench")
+            file = SqliteFile(Path(folder) / "bench.db", synchronous)
+            inbox = SqliteInbox(file, SqliteOutbox(file, topics))
+            fill_outbox(file, topics, args.backlog)
             intake, sync, terminal = [], [], []
             for i in range(args.commands):
                 started = time.perf_counter()
-                store.accept(f"c{i}", "complete", '{"prompt": "x"}', 0, None, claim=True)
+                inbox.accept(f"c{i}", "complete", '{"prompt": "x"}', 0, None, claim=True)
                 intake.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                store.sync()
+                file.sync()
                 sync.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                store.transition(f"c{i}", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+                inbox.transition(f"c{i}", State.SUCCEEDED, ReplyDraft(status="succeeded"))
                 terminal.append(time.perf_counter() - started)
-            store.close()
+            file.close()
             raw = raw_commit_s(Path(folder) / "raw.db", synchronous, args.commands)
         print(f"synchronous={synchronous:<6}  intake commit {median_ms(intake):5.2f} ms   "
               f"sync {median_ms(sync):5.2f} ms   terminal reply commit {median_ms(terminal):5.2f} ms   "

@@ -1,5 +1,5 @@
 """The executor: one worker thread that runs stored commands, one at a time, through a table of
-handlers by kind. Every state change goes through the store with the reply announcing it;
+handlers by kind. Every state change goes through the inbox with the reply announcing it;
 `lifecycle` says which changes are legal, so two threads never run or finish one command twice.
 """
 
@@ -26,12 +26,15 @@ from autoglm_wire.protocol import (
     parse_command,
 )
 from autoglm_wire.topics import DeviceTopics
+from edge_agent import checkpoints
 from edge_agent.engine import EngineReload, Generation, TextEngine
 from edge_agent.engine.onnx import OnnxModels
 from edge_agent.engine.settings import OnnxModelConfig
 from edge_agent.engine.stream import ChunkStreamer
+from edge_agent.inbox import Inbox, StoredCommand
+from edge_agent.outbox import ReplyDraft
 from edge_agent.policy import Policy, apply_defaults
-from edge_agent.store import ReplyDraft, Store, StoredCommand, StoreFull, fault_point
+from edge_agent.sqlite_file import StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class EarlyStart:
         self._decided = threading.Event()
 
     def stored(self, command: StoredCommand) -> None:
-        """Intake committed the command, already `running` (`Store.accept(claim=True)`)."""
+        """Intake committed the command, already `running` (`Inbox.accept(claim=True)`)."""
         self._command = command
         self._decided.set()
 
@@ -91,7 +94,8 @@ class EarlyStart:
 class Executor:
     def __init__(
         self,
-        store: Store,
+        inbox: Inbox,
+        sync_to_disk: Callable[[], None],
         engine: TextEngine,
         topics: DeviceTopics,
         agent_version: str,
@@ -99,7 +103,8 @@ class Executor:
         on_stored: Callable[[], None],
         stream_interval_s: float,
     ) -> None:
-        self._store = store
+        self._inbox = inbox
+        self._sync_to_disk = sync_to_disk  # the SQLite file's fsync barrier
         self._engine = engine
         self._topics = topics
         self._agent_version = agent_version
@@ -132,7 +137,7 @@ class Executor:
 
     def recover(self) -> int:
         """Give every command left `running` by a crash its terminal reply. Returns how many."""
-        interrupted = self._store.in_state(State.RUNNING)
+        interrupted = self._inbox.in_state(State.RUNNING)
         for command in interrupted:
             error = Internal(
                 "the agent stopped while this command was running (crash or power loss); it was not run "
@@ -146,7 +151,7 @@ class Executor:
 
     def start_early(self, parsed: ParsedCommand) -> EarlyStart | None:
         """Before intake stores a command of EARLY_KINDS: if the worker is idle, it starts running
-        the command now. The caller then stores it claimed (`Store.accept(claim=True)`) and must
+        the command now. The caller then stores it claimed (`Inbox.accept(claim=True)`) and must
         call `stored` or `drop` on the returned EarlyStart. None: the worker is busy (or
         stopping); store the command as usual and `submit` it."""
         if parsed.kind not in EARLY_KINDS:
@@ -226,7 +231,7 @@ class Executor:
             self._idle = False
         if handoff is not None:
             return handoff
-        command = self._store.next_runnable()
+        command = self._inbox.next_runnable()
         if command is None:
             with self._lock:
                 self._idle = self._handoff is None and not self._wake.is_set()
@@ -246,11 +251,11 @@ class Executor:
             error = Expired("the command expired before the device could run it", command.id)
             self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
             return
-        claimed = self._store.claim(command.id)
+        claimed = self._inbox.claim(command.id)
         self._on_stored()
         if not claimed:
             return
-        fault_point("command_running")
+        checkpoints.reached("command_running")
         queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
         if parsed is None:
             try:
@@ -275,7 +280,7 @@ class Executor:
             log.info("dropped the early start of command %s: intake did not store it (a duplicate delivery, a "
                      "full outbox or a store error; see the intake's log line)", early.parsed.id)
             return
-        fault_point("command_running")
+        checkpoints.reached("command_running")
         self._finish(command.id, outcome, {"queue_ms": 0.0})
 
     def _execute(self, parsed: ParsedCommand, cancel: threading.Event, tracked: bool) -> Outcome:
@@ -309,7 +314,7 @@ class Executor:
             metrics={**(extra_metrics or {}), **outcome.metrics},
         )
         self._store_until_written(command_id, outcome.state, draft)
-        fault_point("reply_stored")
+        checkpoints.reached("reply_stored")
         self._on_stored()
 
     def _store_until_written(self, command_id: str, state: State, draft: ReplyDraft) -> None:
@@ -318,7 +323,7 @@ class Executor:
         delay = 0.5
         while True:
             try:
-                self._store.transition(command_id, state, draft)
+                self._inbox.transition(command_id, state, draft)
                 return
             except StoreFull as exc:
                 log.error("cannot store the %s reply of %s: %s; retrying in %.0f s", state, command_id, exc, delay)
@@ -382,25 +387,25 @@ class Executor:
         return Outcome(State.SUCCEEDED, output, metrics)
 
     def _publish_after_sync(self, topic: str, payload: bytes) -> None:
-        """Stream chunks show that a command ran: its claim must be on disk first (Store.claim);
+        """Stream chunks show that a command ran: its claim must be on disk first (Inbox.claim);
         a run started early waits for intake's commit (long done by the first token, normally)
         and publishes nothing if the command was not stored."""
         early = self._early
         if early is not None and early.wait() is None:
             return
-        self._store.sync()
+        self._sync_to_disk()
         self._publish_volatile(topic, payload)
 
     def _cancel(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
         params = parsed.params
         assert isinstance(params, CancelParams)
-        target = self._store.get(params.target)
+        target = self._inbox.get(params.target)
         if target is None:
             raise InvalidCommand(f"no command {params.target!r} on this device to cancel")
         before = target.state
         if before == State.ACCEPTED:
             error = ErrorInfo(code=Cancelled.code, message=f"cancelled by command {parsed.id} before it ran")
-            done = self._store.transition(params.target, State.CANCELLED,
+            done = self._inbox.transition(params.target, State.CANCELLED,
                                           ReplyDraft(status="cancelled", error=error), only_from={State.ACCEPTED})
             self._on_stored()
             after = State.CANCELLED if done else self._state_of(params.target)
@@ -412,7 +417,7 @@ class Executor:
         return Outcome(State.SUCCEEDED, output, {})
 
     def _state_of(self, command_id: str) -> str:
-        command = self._store.get(command_id)
+        command = self._inbox.get(command_id)
         return command.state if command else "unknown"
 
     def _record_speed(self, generation: Generation) -> None:

@@ -2,13 +2,15 @@
 
 - MQTT 5, persistent session (`clean_start=False`, SessionExpiryInterval), retained status on
   every connect and a retained `offline` last will with a will delay.
-- Commands are delivered with `manual_ack`: the handler stores the command, then we PUBACK. A
-  handler that raises leaves the message unacknowledged, so the broker redelivers it.
+- Commands are delivered with `manual_ack`: the handler (intake) stores the command, then we
+  make it durable (`sync_to_disk`, the SQLite file's fsync barrier) and PUBACK. A handler or sync
+  that raises leaves the message unacknowledged, so the broker redelivers it.
 - Client construction and reconnects (tenacity: exponential backoff, full jitter; paho's own
   reconnect is off) are `autoglm_wire.mqtt_session`'s, shared with the bridge; this module adds the
   will, the in-flight window, the callbacks and the pump.
 - The outbox pump (its own thread) publishes stored rows in id order with a bounded in-flight
-  window and deletes acked rows from the outbox in batches (`DELETE_BATCH_ROWS`). paho's
+  window (after `sync_to_disk`) and deletes acked rows from the outbox in batches
+  (`DELETE_BATCH_ROWS`). paho's
   `on_publish` only appends to a queue: no lock of ours is ever taken inside a paho callback.
 """
 
@@ -20,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -30,7 +31,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from autoglm_wire.mqtt_session import BrokerOptions, SessionRunner, make_client
-from edge_agent.store import OutboxRow, StoreFull, fault_point
+from edge_agent import checkpoints
+from edge_agent.outbox import Outbox, OutboxRow
+from edge_agent.sqlite_file import StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,6 @@ class LinkOptions:
     inflight_window: int
 
 
-class Outbox(Protocol):
-    def pending(self, after_id: int, limit: int) -> list[OutboxRow]: ...
-
-    def delete_outbox(self, ids: list[int]) -> None: ...
-
-    def sync(self) -> None: ...
-
-
 @dataclass
 class LinkStats:
     connects: int = 0
@@ -92,6 +87,7 @@ class Link:
         options: LinkOptions,
         subscriptions: list[str],
         outbox: Outbox,
+        sync_to_disk: Callable[[], None],
         on_command: Callable[[InboundMessage], None],
         status_topic: str,
         status_payload: Callable[[], bytes],
@@ -100,6 +96,7 @@ class Link:
         self._options = options
         self._subscriptions = subscriptions
         self._outbox = outbox
+        self._sync_to_disk = sync_to_disk  # the SQLite file's fsync barrier
         self._on_command = on_command
         self._status_topic = status_topic
         self._status_payload = status_payload
@@ -214,13 +211,13 @@ class Link:
         )
         try:
             self._on_command(inbound)
-            self._outbox.sync()  # intake commits skip their fsync (Store): durable before the PUBACK
+            self._sync_to_disk()  # intake commits skip their fsync (sqlite_file): durable before the PUBACK
         except Exception:
             log.exception("could not store a command from %s; leaving it unacknowledged: the link reconnects"
                           " in %.0f s so the broker redelivers it", message.topic, REDELIVERY_RETRY_S)
             self._redeliver_at = self._redeliver_at or time.monotonic() + REDELIVERY_RETRY_S
             return
-        fault_point("command_stored")
+        checkpoints.reached("command_stored")
         client.ack(message.mid, message.qos)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode,
@@ -280,7 +277,7 @@ class Link:
 
     def _delete_acked(self) -> None:
         if self._unsettled:
-            self._outbox.delete_outbox(self._unsettled)  # raises on a full disk: kept, retried next wake
+            self._outbox.delete(self._unsettled)  # raises on a full disk: kept, retried next wake
             self.stats.acked += len(self._unsettled)
             self._unsettled = []
 
@@ -299,7 +296,7 @@ class Link:
             return
         rows = self._outbox.pending(self._last_sent_id, room)
         if rows:
-            self._outbox.sync()  # nothing leaves the device before it is on disk (Store.claim)
+            self._sync_to_disk()  # nothing leaves the device before it is on disk (Inbox.claim)
         for row in rows:
             info = self._publish_row(row)
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -308,7 +305,7 @@ class Link:
             self._inflight[info.mid] = row.id
             self._last_sent_id = row.id
             self.stats.published += 1
-            fault_point("row_published")
+            checkpoints.reached("row_published")
         self._settle_acks()
 
     def _publish_row(self, row: OutboxRow) -> mqtt.MQTTMessageInfo:

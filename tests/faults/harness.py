@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_wire.lifecycle import TERMINAL as TERMINAL_STATUSES
-from autoglm_wire.topics import DeviceTopics
-from edge_agent.store import FAULT_POINT_ENV, Store
+from edge_agent.sqlite_file import SqliteFile
 from tests.faults.chaos import ChaosProxy
+from tests.support import faulty_agent
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config
 from tests.support.broker import Broker
 from tests.support.cloud import CloudClient
@@ -42,7 +42,7 @@ def slow_enabled(config: Any) -> bool:
 
 class FaultyAgent:
     """`edge-agent run` as a subprocess on a fixed device id and store; restartable, killable, and
-    optionally armed with EDGE_AGENT_FAULT_POINT so it SIGKILLs itself at a named point."""
+    optionally armed (`tests/support/faulty_agent.py`) so it SIGKILLs itself at a named checkpoint."""
 
     def __init__(self, workdir: Path, model: Path, port: int, device_id: str | None = None,
                  env: dict[str, str] | None = None, store: Path | None = None) -> None:
@@ -56,10 +56,9 @@ class FaultyAgent:
         self.process: AgentProcess | None = None
 
     def start(self, fault_point: str | None = None, **env: str) -> FaultyAgent:
-        extra = {**self.env, **env}
-        if fault_point:
-            extra[FAULT_POINT_ENV] = fault_point
-        self.process = AgentProcess(self.config, self.workdir / f"{self.device_id}.log", env=extra).start()
+        command = faulty_agent.command(fault_point) if fault_point else None
+        self.process = AgentProcess(self.config, self.workdir / f"{self.device_id}.log", env={**self.env, **env},
+                                    command=command).start()
         self.starts += 1
         return self
 
@@ -234,7 +233,7 @@ def wait_all_terminal(cloud: CloudClient, command_ids: list[str], timeout: float
 
 def seed_outbox(store_path: Path, device_id: str, rows: int) -> None:
     """Put `rows` Events in a (new) agent store, as if produced while the broker was unreachable."""
-    Store(store_path, DeviceTopics("autoglm", device_id), "normal").close()
+    SqliteFile(store_path, "normal").close()
     payloads = [json.dumps({"v": 1, "device_id": device_id, "ts": "2026-11-22T00:00:00.000Z", "level": "info",
                             "code": "backlog", "message": f"queued offline {i}", "data": {"n": i}}).encode()
                 for i in range(rows)]

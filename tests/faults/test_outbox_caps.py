@@ -19,9 +19,10 @@ from autoglm_wire.errors import Busy
 from autoglm_wire.lifecycle import State
 from autoglm_wire.protocol import Event
 from autoglm_wire.topics import DeviceTopics
-from edge_agent.store import OutboxLimits, ReplyDraft, Store
+from edge_agent.outbox import OutboxLimits, ReplyDraft
 from tests.faults.harness import Rig, audit, outbox_depth, report, seed_outbox, wait_all_terminal
 from tests.support.cloud import command
+from tests.support.store import OpenStore, open_store
 
 TOPICS = DeviceTopics("autoglm", "gw-cap")
 
@@ -30,64 +31,65 @@ def _event(n: int) -> Event:
     return Event(device_id="gw-cap", ts="2026-11-22T00:00:00.000Z", level="info", code="test", message=f"e{n}")
 
 
-def _event_codes(store: Store) -> list[str]:
-    rows = store.pending(0, 10_000)
+def _event_codes(store: OpenStore) -> list[str]:
+    rows = store.outbox.pending(0, 10_000)
     return [json.loads(r.payload)["code"] for r in rows if r.topic == TOPICS.event]
 
 
 @pytest.fixture
-def capped(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "cap.db", TOPICS, "normal", OutboxLimits(max_rows=10, max_bytes=1 << 20))
+def capped(tmp_path: Path) -> Iterator[OpenStore]:
+    store = open_store(tmp_path / "cap.db", TOPICS, "normal", OutboxLimits(max_rows=10, max_bytes=1 << 20))
     yield store
     store.close()
 
 
-def test_events_beyond_the_row_cap_are_dropped_counted_and_announced_once(capped: Store) -> None:
-    stored = [capped.enqueue_event(_event(i)) for i in range(15)]
+def test_events_beyond_the_row_cap_are_dropped_counted_and_announced_once(capped: OpenStore) -> None:
+    stored = [capped.outbox.enqueue_event(_event(i)) for i in range(15)]
     assert stored == [True] * 10 + [False] * 5
-    assert capped.dropped["events"] == 5
+    assert capped.outbox.dropped["events"] == 5
     assert _event_codes(capped).count("outbox_full") == 1
 
 
-def test_a_new_command_is_refused_with_busy_when_the_outbox_is_full(capped: Store) -> None:
+def test_a_new_command_is_refused_with_busy_when_the_outbox_is_full(capped: OpenStore) -> None:
     for i in range(10):
-        capped.enqueue_event(_event(i))
+        capped.outbox.enqueue_event(_event(i))
     with pytest.raises(Busy) as refused:
-        capped.accept("c1", "ping", "{}", 0, None)
+        capped.inbox.accept("c1", "ping", "{}", 0, None)
     assert "resend the command later" in refused.value.message
-    assert capped.get("c1") is None, "a refused command is not in the ledger"
-    assert capped.dropped["commands_refused"] == 1
+    assert capped.inbox.get("c1") is None, "a refused command is not in the ledger"
+    assert capped.outbox.dropped["commands_refused"] == 1
 
 
-def test_replies_of_accepted_commands_are_stored_even_above_the_cap(capped: Store) -> None:
-    capped.accept("c1", "ping", "{}", 0, None)
+def test_replies_of_accepted_commands_are_stored_even_above_the_cap(capped: OpenStore) -> None:
+    capped.inbox.accept("c1", "ping", "{}", 0, None)
     for i in range(20):
-        capped.enqueue_event(_event(i))
-    assert capped.transition("c1", State.RUNNING, ReplyDraft(status="running"))
-    assert capped.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
-    statuses = [json.loads(r.payload).get("status") for r in capped.pending(0, 100) if r.topic == TOPICS.reply]
+        capped.outbox.enqueue_event(_event(i))
+    assert capped.inbox.transition("c1", State.RUNNING, ReplyDraft(status="running"))
+    assert capped.inbox.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+    statuses = [json.loads(r.payload).get("status") for r in capped.outbox.pending(0, 100)
+                if r.topic == TOPICS.reply]
     assert statuses == ["accepted", "running", "succeeded"]
 
 
-def test_a_duplicate_of_a_known_command_is_answered_even_when_the_outbox_is_full(capped: Store) -> None:
-    capped.accept("c1", "ping", "{}", 0, None)
+def test_a_duplicate_of_a_known_command_is_answered_even_when_the_outbox_is_full(capped: OpenStore) -> None:
+    capped.inbox.accept("c1", "ping", "{}", 0, None)
     for i in range(20):
-        capped.enqueue_event(_event(i))
-    assert capped.accept("c1", "ping", "{}", 0, None).duplicate
+        capped.outbox.enqueue_event(_event(i))
+    assert capped.inbox.accept("c1", "ping", "{}", 0, None).duplicate
 
 
 def test_the_byte_cap_counts_too(tmp_path: Path) -> None:
-    store = Store(tmp_path / "bytes.db", TOPICS, "normal", OutboxLimits(max_rows=1000, max_bytes=2000))
-    stored = [store.enqueue_event(_event(i)) for i in range(40)]
+    store = open_store(tmp_path / "bytes.db", TOPICS, "normal", OutboxLimits(max_rows=1000, max_bytes=2000))
+    stored = [store.outbox.enqueue_event(_event(i)) for i in range(40)]
     assert 0 < stored.count(True) < 40
-    assert store.outbox_depth()[1] < 2000 + 1000  # one Event of slack at most, plus the notice
+    assert store.outbox.depth()[1] < 2000 + 1000  # one Event of slack at most, plus the notice
 
 
-def test_draining_below_the_cap_publishes_outbox_recovered_with_the_counts(capped: Store) -> None:
+def test_draining_below_the_cap_publishes_outbox_recovered_with_the_counts(capped: OpenStore) -> None:
     for i in range(12):
-        capped.enqueue_event(_event(i))
-    capped.delete_outbox([r.id for r in capped.pending(0, 100)])
-    (row,) = capped.pending(0, 100)
+        capped.outbox.enqueue_event(_event(i))
+    capped.outbox.delete([r.id for r in capped.outbox.pending(0, 100)])
+    (row,) = capped.outbox.pending(0, 100)
     recovered = json.loads(row.payload)
     assert recovered["code"] == "outbox_recovered"
     assert recovered["data"]["events"] == 2
@@ -95,18 +97,18 @@ def test_draining_below_the_cap_publishes_outbox_recovered_with_the_counts(cappe
 
 def test_the_outbox_recovered_event_of_an_unsynced_delete_is_synced_before_the_pump_publishes_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(tmp_path / "full.db", TOPICS, "full", OutboxLimits(max_rows=10, max_bytes=1 << 20))
+    store = open_store(tmp_path / "full.db", TOPICS, "full", OutboxLimits(max_rows=10, max_bytes=1 << 20))
     try:
         for i in range(12):
-            store.enqueue_event(_event(i))
+            store.outbox.enqueue_event(_event(i))
         synced: list[int] = []
         monkeypatch.setattr(os, "fsync", synced.append)
-        store.delete_outbox([store.pending(0, 1)[0].id])  # still at the cap (10 of 10 rows)
-        store.sync()
+        store.outbox.delete([store.outbox.pending(0, 1)[0].id])  # still at the cap (10 of 10 rows)
+        store.file.sync()
         assert synced == [], "a delete alone leaves nothing to sync"
-        store.delete_outbox([r.id for r in store.pending(0, 100)])  # below the cap: outbox_recovered is stored
+        store.outbox.delete([r.id for r in store.outbox.pending(0, 100)])  # below the cap: outbox_recovered is stored
         assert _event_codes(store) == ["outbox_recovered"]
-        store.sync()
+        store.file.sync()
         assert len(synced) == 1, "the Event row of that commit is fsynced before it can be published"
     finally:
         store.close()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-AGENT = [sys.executable, "-m", "edge_agent.cli", "run", "--config"]
+AGENT = [sys.executable, "-m", "edge_agent.cli"]
 
 
 def write_agent_config(path: Path, device_id: str, port: int, model: Path, store: Path, tail: str = "",
@@ -28,16 +28,18 @@ def write_agent_config(path: Path, device_id: str, port: int, model: Path, store
 
 
 class AgentProcess:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.config = config
         self.log = log
         self.env = {**os.environ, **(env or {})}
+        self.command = command or AGENT  # the command line up to `run` (tests/support/faulty_agent.py arms a crash)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
         handle = self.log.open("ab")
-        self.process = subprocess.Popen([*AGENT, str(self.config)], stdout=handle, stderr=subprocess.STDOUT,
-                                        env=self.env)
+        self.process = subprocess.Popen([*self.command, "run", "--config", str(self.config)], stdout=handle,
+                                        stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def kill(self) -> None:

@@ -1,6 +1,7 @@
-"""The executor's worker on a real SQLite store, with a scripted stand-in for the text engine (the
-real engine is exercised in tests/integration): hand-over to an idle worker, claim-once, and the
-durability barrier before stream chunks."""
+"""The executor's worker on the in-memory inbox (MemoryInbox; the SQLite inbox has its own tests on a
+real file), with a scripted stand-in for the text engine (the real engine is exercised in
+tests/integration): hand-over to an idle worker, claim-once, and the durability barrier before
+stream chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +17,8 @@ from autoglm_wire.topics import DeviceTopics
 from edge_agent import executor as executor_module
 from edge_agent.engine import Generation, OnDelta
 from edge_agent.executor import Executor
-from edge_agent.store import Store, StoredCommand
+from edge_agent.inbox import MemoryInbox, StoredCommand
+from edge_agent.outbox import MemoryOutbox
 
 TOPICS = DeviceTopics("autoglm", "d1")
 KINDS = frozenset({"ping", "chat", "complete", "cancel"})
@@ -65,20 +66,14 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
 
 
 class Rig:
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path, TOPICS)
+    def __init__(self) -> None:
+        self.outbox = MemoryOutbox(TOPICS)
+        self.inbox = MemoryInbox(self.outbox)
         self.engine = ScriptedEngine()
         self.published: list[tuple[str, bytes]] = []
         self.events: list[str] = []  # "sync" and "publish", in order
-        real_sync = self.store.sync
-
-        def sync() -> None:
-            self.events.append("sync")
-            real_sync()
-
-        self.store.sync = sync  # type: ignore[method-assign]
-        self.executor = Executor(self.store, self.engine, TOPICS, "test", self._publish, on_stored=lambda: None,
-                                 stream_interval_s=0.05)
+        self.executor = Executor(self.inbox, lambda: self.events.append("sync"), self.engine, TOPICS, "test",
+                                 self._publish, on_stored=lambda: None, stream_interval_s=0.05)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.events.append("publish")
@@ -90,7 +85,7 @@ class Rig:
         stored (then stored already claimed)."""
         parsed = complete(prompt, command_id, priority, stream)
         started = self.executor.start_early(parsed) if early else None
-        intake = self.store.accept(command_id, "complete", parsed.command.model_dump_json(), priority, None,
+        intake = self.inbox.accept(command_id, "complete", parsed.command.model_dump_json(), priority, None,
                                    claim=started is not None)
         assert intake.command is not None
         if started is not None:
@@ -102,32 +97,31 @@ class Rig:
         wait_until(lambda: self.executor._idle, "the worker to go idle")
 
     def store_claimed(self, parsed: ParsedCommand) -> StoredCommand:
-        intake = self.store.accept(parsed.id, parsed.kind, parsed.command.model_dump_json(), 0, None, claim=True)
+        intake = self.inbox.accept(parsed.id, parsed.kind, parsed.command.model_dump_json(), 0, None, claim=True)
         assert intake.command is not None and intake.command.state == "running"
         return intake.command
 
     def wait_state(self, command_id: str, state: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            stored = self.store.get(command_id)
+            stored = self.inbox.get(command_id)
             if stored is not None and stored.state == state:
                 return
             time.sleep(0.005)
         raise AssertionError(f"{command_id} never reached {state}")
 
     def statuses(self) -> list[tuple[str, str, int]]:
-        bodies = [json.loads(r.payload) for r in self.store.pending(0, 1000) if r.topic == TOPICS.reply]
+        bodies = [json.loads(r.payload) for r in self.outbox.pending(0, 1000) if r.topic == TOPICS.reply]
         return [(b["command_id"], b["status"], b["seq"]) for b in bodies]
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    made = Rig(tmp_path / "edge.db")
+def rig() -> Iterator[Rig]:
+    made = Rig()
     made.executor.start()
     yield made
     made.engine.release.set()
     made.executor.stop(5.0)
-    made.store.close()
 
 
 def test_a_command_submitted_to_the_idle_worker_runs_once_with_its_replies_in_seq_order(rig: Rig) -> None:
@@ -142,7 +136,7 @@ def test_a_command_submitted_to_the_idle_worker_runs_once_with_its_replies_in_se
 def test_a_command_run_again_after_its_claim_is_not_executed_twice(rig: Rig) -> None:
     rig.send("once", "c1")
     rig.wait_state("c1", "succeeded")
-    stored = rig.store.get("c1")
+    stored = rig.inbox.get("c1")
     assert stored is not None
     rig.executor.run(stored)
     assert rig.engine.calls == ["once"]
@@ -163,14 +157,14 @@ def test_commands_submitted_while_the_worker_is_busy_run_after_it_by_priority(ri
 def test_an_idle_worker_starts_a_command_before_it_is_stored_and_finishes_it_once_stored(rig: Rig) -> None:
     rig.wait_idle()
     claims: list[str] = []
-    real_claim = rig.store.claim
-    rig.store.claim = lambda command_id: claims.append(command_id) or real_claim(command_id)  # type: ignore[method-assign]
+    real_claim = rig.inbox.claim
+    rig.inbox.claim = lambda command_id: claims.append(command_id) or real_claim(command_id)  # type: ignore[method-assign]
     parsed = complete("hello there", "c1", stream=True)
     early = rig.executor.start_early(parsed)
     assert early is not None
     wait_until(lambda: rig.engine.calls == ["hello there"], "the engine to start before the command is stored")
     time.sleep(0.05)
-    assert rig.published == [] and rig.store.get("c1") is None, "nothing leaves before the command is stored"
+    assert rig.published == [] and rig.inbox.get("c1") is None, "nothing leaves before the command is stored"
     early.stored(rig.store_claimed(parsed))
     rig.wait_state("c1", "succeeded")
     assert claims == [], "intake's commit claimed it: the worker does not claim again"
@@ -178,7 +172,7 @@ def test_an_idle_worker_starts_a_command_before_it_is_stored_and_finishes_it_onc
     assert rig.events[0] == "sync", "the intake commit is synced before the first chunk"
     chunks = [json.loads(p) for t, p in rig.published if t == TOPICS.stream("c1")]
     assert "".join(c["delta"] for c in chunks) == "hellothere"
-    reply = json.loads([r.payload for r in rig.store.pending(0, 100) if r.topic == TOPICS.reply][-1])
+    reply = json.loads([r.payload for r in rig.outbox.pending(0, 100) if r.topic == TOPICS.reply][-1])
     assert reply["metrics"]["queue_ms"] == 0.0
 
 
@@ -207,7 +201,7 @@ def test_a_busy_worker_or_a_kind_with_side_effects_is_not_started_early(rig: Rig
     rig.wait_state("c1", "running")
     assert rig.executor.start_early(complete("second", "c2")) is None, "the worker is busy"
     rig.send("second", "c2", early=True)  # stored `accepted`, claimed by the worker after c1
-    assert rig.store.get("c2").state == "accepted"  # type: ignore[union-attr]
+    assert rig.inbox.get("c2").state == "accepted"  # type: ignore[union-attr]
     rig.engine.release.set()
     rig.wait_state("c2", "succeeded")
     assert rig.engine.calls == ["first", "second"]
@@ -225,7 +219,7 @@ def test_an_early_start_still_finishes_when_the_agent_stops_before_intake_stored
     assert rig.executor.start_early(complete("later", "c2")) is None, "nothing starts once stopping"
     early.stored(rig.store_claimed(parsed))
     stopper.join(10)
-    assert rig.engine.calls == ["late one"] and rig.store.get("c1").state == "succeeded"  # type: ignore[union-attr]
+    assert rig.engine.calls == ["late one"] and rig.inbox.get("c1").state == "succeeded"  # type: ignore[union-attr]
 
 
 def test_an_early_start_waits_out_a_slow_intake_commit_and_still_finishes_the_command(

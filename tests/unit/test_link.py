@@ -6,28 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autoglm_wire.mqtt_session import BrokerOptions
+from autoglm_wire.topics import DeviceTopics
 from edge_agent.link import DELETE_BATCH_ROWS, InboundMessage, Link, LinkOptions
-from edge_agent.store import OutboxRow
+from edge_agent.outbox import MemoryOutbox
 
 BROKER = BrokerOptions(host="127.0.0.1", port=1, client_id="d1", keepalive=30, session_expiry_s=3600,
                        backoff_initial_s=1.0, backoff_multiplier=2.0, backoff_max_s=30.0)
 
 
-class RecordingOutbox:
-    def __init__(self, calls: list[str], sync_fails: bool = False) -> None:
+class RecordingOutbox(MemoryOutbox):
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__(DeviceTopics("autoglm", "d1"))
         self.calls = calls
-        self.sync_fails = sync_fails
 
-    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
-        return []
-
-    def delete_outbox(self, ids: list[int]) -> None:
+    def delete(self, ids: list[int]) -> None:
         self.calls.append(f"delete {len(ids)}")
-
-    def sync(self) -> None:
-        if self.sync_fails:
-            raise OSError(5, "Input/output error")
-        self.calls.append("sync")
+        super().delete(ids)
 
 
 @dataclass
@@ -54,9 +48,15 @@ def make_link(calls: list[str], sync_fails: bool = False) -> Link:
     def on_command(message: InboundMessage) -> None:
         calls.append(f"store {message.payload.decode()}")
 
+    def sync_to_disk() -> None:
+        if sync_fails:
+            raise OSError(5, "Input/output error")
+        calls.append("sync")
+
     return Link(options=LinkOptions(broker=BROKER, will_delay_s=5, inflight_window=20),
-                subscriptions=["autoglm/d1/cmd"], outbox=RecordingOutbox(calls, sync_fails), on_command=on_command,
-                status_topic="autoglm/d1/status", status_payload=lambda: b"{}", offline_payload=b"{}")
+                subscriptions=["autoglm/d1/cmd"], outbox=RecordingOutbox(calls), sync_to_disk=sync_to_disk,
+                on_command=on_command, status_topic="autoglm/d1/status", status_payload=lambda: b"{}",
+                offline_payload=b"{}")
 
 
 def test_a_command_is_stored_then_synced_then_acknowledged() -> None:

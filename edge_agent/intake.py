@@ -1,0 +1,166 @@
+"""Intake: what happens to one delivered command, on the link's network thread, before its PUBACK.
+
+`Intake.handle` reads top to bottom: size cap and parse, target, signature, response topic,
+limits; a payload that fails any of them gets one `rejected` reply and a `command_rejected` Event.
+Then the early start (an idle worker starts the command while this commit stores it), dedupe and
+store (`Inbox.accept`: a known id is answered with its last reply and never run again; a full
+outbox refuses new work with `busy`), and the hand-off to the executor. No inference here: it
+returns once the command is stored, and the link syncs the file and sends the PUBACK. A store
+that cannot write raises, so the command stays unacknowledged and the broker redelivers it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from autoglm_wire import lifecycle
+from autoglm_wire.errors import Busy, InvalidCommand, ProtocolError, Unauthorized
+from autoglm_wire.lifecycle import State
+from autoglm_wire.protocol import (
+    ChatParams,
+    CompleteParams,
+    Event,
+    ParsedCommand,
+    Sampling,
+    format_ts,
+    parse_command,
+    utc_now,
+)
+from autoglm_wire.signing import CommandVerifier
+from autoglm_wire.topics import DeviceTopics
+from edge_agent.config import AgentConfig
+from edge_agent.executor import IMMEDIATE_KINDS, EarlyStart, Executor
+from edge_agent.inbox import Inbox
+from edge_agent.link import InboundMessage
+from edge_agent.outbox import Outbox, ReplyDraft
+
+log = logging.getLogger(__name__)
+
+
+def prompt_chars(params: object) -> int:
+    """Characters of prompt text a command brings: the prompt, or every message and template variable."""
+    if isinstance(params, CompleteParams):
+        return len(params.prompt)
+    if isinstance(params, ChatParams):
+        return sum(len(m.content) for m in params.messages) + sum(len(v) for v in params.variables.values())
+    return 0
+
+
+@dataclass(frozen=True)
+class Intake:
+    """Turns each delivered message into a stored command (handed to the executor) or a rejection."""
+
+    config: AgentConfig
+    topics: DeviceTopics
+    verifier: CommandVerifier
+    inbox: Inbox
+    outbox: Outbox
+    executor: Executor
+    on_stored: Callable[[], None]  # wakes the link's pump
+
+    def handle(self, message: InboundMessage) -> None:
+        """One delivered command, from its bytes to a stored command (or a stored rejection)."""
+        try:
+            parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
+            self._check_target(parsed)
+            self._check_signature(parsed, message)
+            if not self._response_topic_allowed(message.response_topic):
+                raise Unauthorized(f"ResponseTopic {message.response_topic!r} is outside this device's reply tree "
+                                   f"({self.topics.reply}/...) and security.response_topic_prefixes", parsed.id)
+            self._check_limits(parsed)
+        except ProtocolError as exc:
+            self._reject(exc, message)
+            return
+        expires_at = parsed.command.expires_at.timestamp() if parsed.command.expires_at else None
+        if message.message_expiry_s is not None:
+            by_broker = time.time() + message.message_expiry_s
+            expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
+        early = self._start_early(parsed, expires_at)
+        try:
+            accepted = self.inbox.accept(
+                parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
+                message.response_topic, message.correlation_data, claim=early is not None,
+            )
+        except BaseException as exc:
+            if early is not None:
+                early.drop()
+            if not isinstance(exc, Busy):
+                raise
+            self._reject(exc, message)  # the outbox is at its cap: refuse new work rather than lose its reply
+            return
+        if early is not None:  # decided before anything else can raise: the worker waits for it
+            if accepted.command is None:
+                early.drop()
+            else:
+                early.stored(accepted.command)
+        self.on_stored()
+        if accepted.duplicate:
+            log.info("duplicate delivery of command %s (state %s); re-sent its last reply", parsed.id, accepted.state)
+            return
+        assert accepted.command is not None
+        if early is not None:
+            return  # the worker is already running it
+        if parsed.kind in IMMEDIATE_KINDS:
+            self.executor.run(accepted.command, parsed)
+        else:
+            self.executor.submit(accepted.command, parsed)
+
+    def _start_early(self, parsed: ParsedCommand, expires_at: float | None) -> EarlyStart | None:
+        """An idle worker starts the command now, while the intake commit stores it already
+        `running`: the generation does not wait for intake. Nothing of the run leaves the device
+        before the commit (and the fsync before any publish); a command not stored is dropped by
+        the worker. Not for a command that has expired (the worker answers `expired`), nor for a
+        redelivery of a known id (a look-up by primary key: it spares the worker a doomed prompt
+        evaluation)."""
+        if lifecycle.start_decision(expires_at, time.time()) is State.EXPIRED or self.inbox.known(parsed.id):
+            return None
+        return self.executor.start_early(parsed)
+
+    def _check_target(self, parsed: ParsedCommand) -> None:
+        target = parsed.command.target
+        allowed = {self.config.device_id} | {f"group/{g}" for g in self.config.mqtt.groups}
+        if target is not None and target not in allowed:
+            raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
+
+    def _check_signature(self, parsed: ParsedCommand, message: InboundMessage) -> None:
+        """With `[security]` keys: a trusted signature, this device as target, `created_at` in the window."""
+        if self.verifier.enabled:
+            key_id = self.verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
+            log.debug("command %s: signature key %s", parsed.id, key_id)
+
+    def _response_topic_allowed(self, topic: str | None) -> bool:
+        """A command may send its replies to `P/D/reply` or below it, or under a configured prefix."""
+        if topic is None:
+            return True
+        if any(c in topic for c in "+#\0"):
+            return False
+        own = self.topics.reply
+        return topic == own or topic.startswith(own + "/") or any(
+            topic.startswith(prefix) for prefix in self.config.security.response_topic_prefixes)
+
+    def _check_limits(self, parsed: ParsedCommand) -> None:
+        """`[limits]`: prompt length and max_tokens; a command asking for more is rejected, not trimmed."""
+        limits, params = self.config.limits, parsed.params
+        if isinstance(params, Sampling) and params.max_tokens > limits.max_tokens:
+            raise InvalidCommand(f"max_tokens {params.max_tokens} is above this device's limit "
+                                 f"{limits.max_tokens} (limits.max_tokens)", parsed.id)
+        chars = prompt_chars(params)
+        if chars > limits.max_prompt_chars:
+            raise InvalidCommand(f"the prompt is {chars} characters; this device accepts at most "
+                                 f"{limits.max_prompt_chars} (limits.max_prompt_chars)", parsed.id)
+
+    def _reject(self, exc: ProtocolError, message: InboundMessage) -> None:
+        log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
+        event = Event(
+            device_id=self.config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",
+            message=exc.message, data={"error_code": exc.code.value, "command_id": exc.command_id,
+                                       "topic": message.topic, "bytes": len(message.payload)},
+        )
+        response_topic = message.response_topic if self._response_topic_allowed(message.response_topic) else None
+        self.outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
+                            response_topic, message.correlation_data)
+        self.on_stored()
