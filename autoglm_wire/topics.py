@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autoglm_wire.protocol import DEVICE_ID_PATTERN, is_command_id
 
@@ -35,38 +35,24 @@ def check_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class DeviceTopics:
-    """The topics of one device under a prefix."""
+    """The topics of one device under a prefix: `base` is `P/D`, each channel `P/D/<channel>`."""
 
     prefix: str
     device_id: str
+    base: str = field(init=False)
+    cmd: str = field(init=False)
+    reply: str = field(init=False)
+    status: str = field(init=False)
+    telemetry: str = field(init=False)
+    event: str = field(init=False)
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
         check_device_id(self.device_id)
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}/{self.device_id}"
-
-    @property
-    def cmd(self) -> str:
-        return f"{self.base}/cmd"
-
-    @property
-    def reply(self) -> str:
-        return f"{self.base}/reply"
-
-    @property
-    def status(self) -> str:
-        return f"{self.base}/status"
-
-    @property
-    def telemetry(self) -> str:
-        return f"{self.base}/telemetry"
-
-    @property
-    def event(self) -> str:
-        return f"{self.base}/event"
+        base = f"{self.prefix}/{self.device_id}"
+        object.__setattr__(self, "base", base)
+        for channel in ("cmd", *CLOUD_CHANNELS):
+            object.__setattr__(self, channel, f"{base}/{channel}")
 
     def stream(self, command_id: str) -> str:
         if not is_command_id(command_id):

@@ -29,23 +29,26 @@ class RegistryMissing(BridgeError):
         self.path = path
 
 
-class UnknownCommand(BridgeError):
+class CommandIdError(BridgeError):
+    """An error about one command id; `explain` says what is wrong with `{id}` and what to do."""
+
+    explain = "{id}"
+
+    def __init__(self, command_id: str) -> None:
+        super().__init__(self.explain.format(id=repr(command_id)))
+        self.command_id = command_id
+
+
+class UnknownCommand(CommandIdError):
     """No command with this id is in the registry."""
 
-    def __init__(self, command_id: str) -> None:
-        super().__init__(f"no command {command_id!r} in the registry; list them with `cloud-bridge commands`")
-        self.command_id = command_id
+    explain = "no command {id} in the registry; list them with `cloud-bridge commands`"
 
 
-class DuplicateCommand(BridgeError):
+class DuplicateCommand(CommandIdError):
     """A command with this id was already queued; ids are never reused (the device would ignore it)."""
 
-    def __init__(self, command_id: str) -> None:
-        super().__init__(
-            f"command id {command_id!r} is already in the registry; pick another --id or leave it out "
-            "for a fresh one"
-        )
-        self.command_id = command_id
+    explain = "command id {id} is already in the registry; pick another --id or leave it out for a fresh one"
 
 
 class InvalidRequest(BridgeError):

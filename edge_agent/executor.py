@@ -103,14 +103,13 @@ class Executor:
         on_stored: Callable[[], None],
         stream_interval_s: float,
     ) -> None:
-        self._inbox = inbox
-        self._sync_to_disk = sync_to_disk  # the SQLite file's fsync barrier
+        # the ledger, the SQLite file's fsync barrier, and who to wake when a reply is stored
+        self._inbox, self._sync_to_disk, self._on_stored = inbox, sync_to_disk, on_stored
         self._engine = engine
         self._topics = topics
         self._agent_version = agent_version
-        self._publish_volatile = publish_volatile
-        self._on_stored = on_stored
-        self._stream_interval_s = stream_interval_s
+        # stream chunks: QoS 0, not stored, coalesced over this interval
+        self._publish_volatile, self._stream_interval_s = publish_volatile, stream_interval_s
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()

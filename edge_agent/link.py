@@ -95,12 +95,10 @@ class Link:
     ) -> None:
         self._options = options
         self._subscriptions = subscriptions
-        self._outbox = outbox
-        self._sync_to_disk = sync_to_disk  # the SQLite file's fsync barrier
+        self._outbox, self._sync_to_disk = outbox, sync_to_disk  # rows to publish; the file's fsync barrier
         self._on_command = on_command
-        self._status_topic = status_topic
-        self._status_payload = status_payload
-        self._offline_payload = offline_payload
+        # the retained status: its topic, the payload while online, the one the will and a clean stop leave
+        self._status_topic, self._status_payload, self._offline_payload = status_topic, status_payload, offline_payload
         self.stats = LinkStats()
         self._connected = threading.Event()
         self._stopping = threading.Event()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cloud_bridge.store.connection import Connection
-from cloud_bridge.store.rows import EventRow, ReplyRow, StateChange, StreamRow
+from cloud_bridge.store.rows import ChunkRow, EventRow, ReplyRow, StateChange
 
 FEED_TABLES = ("replies", "events", "device_states", "stream_chunks")
 
@@ -24,27 +24,26 @@ class Feeds:
             for table in FEED_TABLES
         }
 
-    def _after(self, table: str, columns: str, make: Callable[[dict[str, Any]], R],
+    def _after(self, table: str, make: Callable[[dict[str, Any]], R],
                after_id: int, device_id: str | None) -> list[R]:
         rows = self._db.query(
-            f"SELECT {columns} FROM {table} WHERE id > ? AND (? IS NULL OR device_id = ?) ORDER BY id",
+            f"SELECT * FROM {table} WHERE id > ? AND (? IS NULL OR device_id = ?) ORDER BY id",
             (after_id, device_id, device_id),
         )
         return [make(row) for row in rows]
 
     def replies(self, after_id: int, device_id: str | None = None) -> list[ReplyRow]:
         """Replies with id > `after_id`, oldest first."""
-        return self._after("replies", "*", ReplyRow.from_row, after_id, device_id)
+        return self._after("replies", ReplyRow.from_row, after_id, device_id)
 
     def events(self, after_id: int, device_id: str | None = None) -> list[EventRow]:
         """Events with id > `after_id`, oldest first."""
-        return self._after("events", "*", EventRow.from_row, after_id, device_id)
+        return self._after("events", EventRow.from_row, after_id, device_id)
 
     def device_states(self, after_id: int, device_id: str | None = None) -> list[StateChange]:
         """Device state changes with id > `after_id`, oldest first."""
-        return self._after("device_states", "*", lambda row: StateChange(**row), after_id, device_id)
+        return self._after("device_states", lambda row: StateChange(**row), after_id, device_id)
 
-    def chunks(self, after_id: int, device_id: str | None = None) -> list[StreamRow]:
+    def chunks(self, after_id: int, device_id: str | None = None) -> list[ChunkRow]:
         """Stream chunks with id > `after_id`, in arrival order."""
-        return self._after("stream_chunks", "id, device_id, command_id, idx, delta, received_at",
-                           lambda row: StreamRow(**row), after_id, device_id)
+        return self._after("stream_chunks", ChunkRow.from_row, after_id, device_id)

@@ -99,8 +99,8 @@ class Chunks(_Answers):
         """Stored chunks of a command with index >= `from_idx`, in index order (gaps possible: QoS 0)."""
         wire_id, device_id = self._commands.on_the_wire(command_id)
         rows = self._db.query(
-            "SELECT idx, delta, done FROM stream_chunks WHERE command_id = ? AND (? IS NULL OR device_id = ?) "
+            "SELECT * FROM stream_chunks WHERE command_id = ? AND (? IS NULL OR device_id = ?) "
             "AND idx >= ? ORDER BY idx",
             (wire_id, device_id, device_id, from_idx),
         )
-        return [ChunkRow(command_id, r["idx"], r["delta"], bool(r["done"])) for r in rows]
+        return [ChunkRow.from_row({**row, "command_id": command_id}) for row in rows]

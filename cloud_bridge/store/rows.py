@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from autoglm_wire.lifecycle import is_terminal
 from autoglm_wire.protocol import format_ts, utc_now
@@ -87,8 +87,21 @@ class CommandRow:
         return CommandView(self.state, self.attempts, parse_ts(self.last_sent_at), parse_ts(self.expires_at))
 
 
+class JsonColumnRow:
+    """A row with one JSON text column (`json_column`), decoded when the row is read."""
+
+    json_column: ClassVar[str]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Self:
+        return cls(**{**row, cls.json_column: json.loads(row[cls.json_column])})
+
+
 @dataclass(frozen=True)
-class ReplyRow:
+class ReplyRow(JsonColumnRow):
+    """A stored reply, unique by (device_id, seq); `payload` is the whole Reply."""
+
+    json_column: ClassVar[str] = "payload"
     id: int
     device_id: str
     seq: int
@@ -97,45 +110,37 @@ class ReplyRow:
     payload: dict[str, Any]
     received_at: str
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ReplyRow:
-        return cls(**{**row, "payload": json.loads(row["payload"])})
-
 
 @dataclass(frozen=True)
-class ChunkRow:
-    command_id: str
-    idx: int
-    delta: str
-    done: bool
+class EventRow(JsonColumnRow):
+    """A stored device Event; `data` is its free-form object."""
 
-
-@dataclass(frozen=True)
-class EventRow:
+    json_column: ClassVar[str] = "data"
     id: int
+    data: dict[str, Any]
     device_id: str
     ts: str
     level: str
     code: str
     message: str
-    data: dict[str, Any]
     received_at: str
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> EventRow:
-        return cls(**{**row, "data": json.loads(row["data"])})
 
 
 @dataclass(frozen=True)
-class StreamRow:
-    """A stored stream chunk as the `watch` feed shows it."""
+class ChunkRow:
+    """A stored stream chunk (for a group member's row, `command_id` is the member row's id)."""
 
     id: int
     device_id: str
     command_id: str
     idx: int
     delta: str
+    done: bool
     received_at: str
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ChunkRow:
+        return cls(**{**row, "done": bool(row["done"])})
 
 
 @dataclass(frozen=True)
