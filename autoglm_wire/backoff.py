@@ -12,7 +12,3 @@ def reconnect_wait(initial_s: float, multiplier: float, max_s: float) -> wait_ba
         raise ValueError("backoff needs initial_s > 0, multiplier >= 1 and max_s > 0")
     return wait_random_exponential(multiplier=initial_s, exp_base=multiplier, max=max_s)
 
-
-def ceiling(initial_s: float, multiplier: float, max_s: float, attempt: int) -> float:
-    """The upper bound of the jittered wait before attempt `attempt` (1-based)."""
-    return min(max_s, initial_s * multiplier ** (attempt - 1))

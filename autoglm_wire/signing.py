@@ -199,11 +199,3 @@ def load_trusted_keys(values: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
             raise ConfigError(f"{where}: not an Ed25519 public key ({exc}); give base64 of the 32 raw bytes "
                               "or the path of a PEM file (`openssl pkey -pubout`)") from exc
     return keys
-
-
-def public_key_base64(key: Ed25519PublicKey) -> str:
-    """The form `trusted_keys` takes inline: base64 of the 32 raw bytes."""
-    from cryptography.hazmat.primitives import serialization
-
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")

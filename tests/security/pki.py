@@ -7,6 +7,7 @@ test owns. The common name of a client certificate is its MQTT identity when the
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
@@ -78,3 +79,9 @@ class TestCA:
         files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, files.key)
         return files
+
+
+def public_key_base64(key: object) -> str:
+    """An Ed25519 public key in the form `trusted_keys` takes inline: base64 of the 32 raw bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
+    return base64.b64encode(raw).decode("ascii")

@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from autoglm_wire.signing import CommandSigner, public_key_base64
+from autoglm_wire.signing import CommandSigner
 from tests.security.conftest import render_acl, tls_env
-from tests.security.pki import CertFiles, TestCA
+from tests.security.pki import CertFiles, TestCA, public_key_base64
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config
 from tests.support.broker import Broker, TlsListener
 from tests.support.cloud import CloudClient, chat

@@ -19,10 +19,10 @@ from autoglm_wire.signing import (
     VerifyPolicy,
     canonical_json,
     load_trusted_keys,
-    public_key_base64,
     sign_payload,
 )
 from cloud_bridge.config import SigningConfig
+from tests.security.pki import public_key_base64
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tenacity import RetryCallState, Retrying
 
-from autoglm_wire.backoff import ceiling, reconnect_wait
+from autoglm_wire.backoff import reconnect_wait
 
 SAMPLES = 400
 
@@ -16,12 +16,9 @@ def state(attempt: int) -> RetryCallState:
     return retry_state
 
 
-def test_the_ceiling_doubles_from_1s_and_stops_at_30s_by_default() -> None:
-    assert [ceiling(1.0, 2.0, 30.0, n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-
-
-def test_the_ceiling_follows_initial_and_multiplier() -> None:
-    assert ceiling(0.5, 3.0, 100.0, 3) == pytest.approx(4.5)
+def ceiling(initial_s: float, multiplier: float, max_s: float, attempt: int) -> float:
+    """The documented upper bound of the jittered wait before attempt `attempt` (1-based)."""
+    return min(max_s, initial_s * multiplier ** (attempt - 1))
 
 
 @pytest.mark.parametrize("initial,multiplier,max_s", [(1.0, 2.0, 30.0), (0.25, 3.0, 5.0), (2.0, 1.0, 10.0)])
