@@ -37,6 +37,17 @@ def test_the_first_delta_is_sent_at_once_and_later_ones_are_coalesced() -> None:
     assert [c["delta"] for c in sent] == ["He", "llo w"]
 
 
+def test_the_first_visible_text_goes_out_at_once_after_tokens_that_show_nothing() -> None:
+    streamer, sent, clock = make()
+    streamer.delta("")  # e.g. the first bytes of a multi-byte character
+    clock.now += 0.001
+    streamer.delta("")
+    assert sent == []
+    clock.now += 0.001
+    streamer.delta("\u00e9t\u00e9")
+    assert [c["delta"] for c in sent] == ["\u00e9t\u00e9"] and sent[0]["index"] == 0
+
+
 def test_an_interval_of_zero_sends_every_delta_as_its_own_chunk() -> None:
     streamer, sent, _ = make(interval_s=0.0)
     for piece in ("He", "l", "l", "o"):
