@@ -12,6 +12,11 @@ same model and generated the same text.
 
   python bench/inference.py                       # bench model (make bench-model), 5 runs each
   python bench/inference.py --model models/tiny-glm4-q4_0.gguf --runs 3 --max-tokens 64
+  python bench/inference.py --chat                # chat path, a fresh user message each run
+
+`--chat` measures what a user compares: raw `create_chat_completion(stream=True)` against a
+streamed `chat` command, a user message neither process has seen before, time to the first
+non-empty text (raw: the first delta with content; full path: the first stream chunk with text).
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ from tests.support.broker import Broker  # noqa: E402
 from tests.support.cloud import CloudClient, command  # noqa: E402
 
 PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+
+
+def fresh_message(run: int) -> str:
+    """A user message no earlier run sent (no prompt cache can serve it)."""
+    return (f"Reading {run}: pump {run % 7} at {100 + 3 * run} kPa, vibration {run % 5} mm/s. "
+            "Summarize for the operator.")
+
+
 # Raw llama-cpp-python, with only the weight-repacking switch the agent decided (engine/repack.py)
 # set the raw way: importing edge_agent here would add its own imports to the baseline's RSS.
 RAW_RSS_SCRIPT = """
@@ -112,6 +125,19 @@ class RawModel:
         """(TTFT ms, decode tokens/s) of one streamed completion."""
         return time_stream(self.llm, self.tokens, self.max_tokens, seed)
 
+    def run_chat(self, seed: int) -> tuple[float, float]:
+        """(ms to the first non-empty text, decode pieces/s) of one streamed chat on a fresh message."""
+        started = time.perf_counter()
+        first = last = 0.0
+        pieces = 0
+        for chunk in self.llm.create_chat_completion(messages=[{"role": "user", "content": fresh_message(seed)}],
+                                                     max_tokens=self.max_tokens, seed=seed, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+                pieces += 1
+        return (first - started) * 1000, (pieces - 1) / (last - first) if pieces > 1 else 0.0
+
     def close(self) -> None:
         self.llm.close()
 
@@ -145,11 +171,27 @@ class AgentPath:
         first = time.perf_counter()
         reply = self.cloud.wait_terminal(cmd["id"], timeout=600)
         done = time.perf_counter()
-        tokens = reply["output"]["usage"]["completion_tokens"]
+        return self._timed(reply, started, first, done)
+
+    def _timed(self, reply: dict, started: float, first: float, done: float) -> tuple[float, float]:
+        """(TTFT ms, decode tokens/s) from the client's clock; the agent's own figures are kept."""
         self.engine_tokens_per_s.append(reply["metrics"]["tokens_per_s"])
         self.engine_ttft_ms.append(reply["metrics"]["ttft_ms"])
         self.queue_ms.append(reply["metrics"]["queue_ms"])
+        tokens = reply["output"]["usage"]["completion_tokens"]
         return (first - started) * 1000, (tokens - 1) / (done - first)
+
+    def run_chat(self, seed: int) -> tuple[float, float]:
+        """(ms publish -> first stream chunk with text, decode tokens/s) of a streamed chat on a fresh message."""
+        cmd = command("chat", {"messages": [{"role": "user", "content": fresh_message(seed)}],
+                               "max_tokens": self.max_tokens, "seed": seed, "stream": True})
+        topic = f"/stream/{cmd['id']}"
+        started = time.perf_counter()
+        self.cloud.send("bench", cmd)
+        self.cloud.wait_for(lambda: any(c["delta"] for c in self.cloud.on(topic)), 300, "first text")
+        first = time.perf_counter()
+        reply = self.cloud.wait_terminal(cmd["id"], timeout=600)
+        return self._timed(reply, started, first, time.perf_counter())
 
     def rss_kib(self) -> int:
         assert self.agent.process is not None
@@ -193,6 +235,8 @@ def main() -> int:
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
                         help="the agent's store.synchronous (full: an fsync per commit, two before the first token)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat path with a fresh user message each run, timed to the first non-empty text")
     args = parser.parse_args()
     if not args.model.exists():
         raise SystemExit(f"{args.model} is missing: run `make bench-model` (or pass --model)")
@@ -212,7 +256,10 @@ def main() -> int:
             echo = RawEcho(path)
             try:
                 for run in range(args.runs + 1):  # run 0 warms both up; runs alternate to share the drift
-                    raw_sample, agent_sample = baseline.run(run), path.run(run)
+                    if args.chat:
+                        raw_sample, agent_sample = baseline.run_chat(run), path.run_chat(run)
+                    else:
+                        raw_sample, agent_sample = baseline.run(run), path.run(run)
                     echo_sample = echo.run()
                     if run:
                         raw_results.append(raw_sample)
