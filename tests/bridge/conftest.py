@@ -28,7 +28,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters"
+PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters"
 
 
 @contextmanager
