@@ -48,7 +48,7 @@ class DeadLetters:
             "SELECT * FROM dead_letters WHERE (? IS NULL OR device_id = ?) ORDER BY id DESC LIMIT ?",
             (device_id, device_id, limit),
         )
-        return [DeadLetterRow.from_row(row) for row in rows]
+        return [DeadLetterRow(**row) for row in rows]
 
     def count(self) -> int:
         """How many dead letters are kept."""

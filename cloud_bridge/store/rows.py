@@ -170,10 +170,6 @@ class DeadLetterRow:
     error: str
     received_at: str
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> DeadLetterRow:
-        return cls(**{**row, "payload": bytes(row["payload"])})
-
     @property
     def preview(self) -> str:
         """The payload's start as text for people: undecodable bytes and control characters escaped."""

@@ -138,8 +138,8 @@ def test_bad_payloads_are_dead_lettered_listed_and_the_bridge_keeps_working(brid
     assert bridge.process.poll() is None
     listing = bridge.cli("dead-letters", "--json")
     assert listing.returncode == 0, listing.stderr
-    letters = {d["topic"]: d for d in json.loads(listing.stdout)}
-    assert letters[device.topics.reply]["preview"] == "{not json" and "not JSON" in letters[device.topics.reply]["error"]
+    letter = {d["topic"]: d for d in json.loads(listing.stdout)}[device.topics.reply]
+    assert letter["preview"] == "{not json" and "not JSON" in letter["error"]
     assert "dead-lettered a message on" in bridge.log() and "Traceback" not in bridge.log()
 
 

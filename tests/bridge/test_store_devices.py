@@ -76,6 +76,6 @@ def test_a_redelivered_event_is_stored_once(registry):
     event = Event(device_id="dev-1", ts=format_ts(T0), level="info", code="tick", message="once", data={"n": 1})
     assert registry.events.record(event, at(1))
     assert not registry.events.record(event, at(2))
-    assert registry.events.record(event.model_copy(update={"data": {"n": 2}}), at(3)), "another payload is another event"
+    assert registry.events.record(event.model_copy(update={"data": {"n": 2}}), at(3)), "another payload, another event"
     assert [e.data for e in registry.feeds.events(0)] == [{"n": 1}, {"n": 2}]
     assert registry.counters.all()["duplicate_events"] == 1

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.protocol import Event, format_ts
 from cloud_bridge.errors import BridgeError, RegistryMissing
 from cloud_bridge.store import schema
 from cloud_bridge.store.backends import Backend, PostgresBackend, SqliteBackend, connect_sqlite
 from cloud_bridge.store.registry import Registry
-
-from autoglm_wire.protocol import Event, format_ts
 
 from .factories import T0, at, chunk, command, online, reply
 
