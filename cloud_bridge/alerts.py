@@ -10,6 +10,10 @@ per device and kind, kept in the registry with raised/cleared times).
   published while it is online (the link or the broker is not draining it).
 - `tokens_per_s_drop`: its latest decode speed is below `1 - tokens_per_s_drop` times the median of
   the `speed_window` generations before it.
+
+One fleet-wide alert, on device `*` (`FLEET`):
+- `dead_letters`: a message was dead-lettered in the last `dead_letter_window_s` (it names the
+  devices that sent the most; `cloud-bridge dead-letters` lists them).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cloud_bridge.config import AlertConfig
 from cloud_bridge.store.registry import Registry
@@ -34,6 +38,8 @@ class Facts:
 
 
 Check = Callable[[Facts, datetime, AlertConfig], "str | None"]
+
+FLEET = "*"  # the device id of fleet-wide alerts
 
 
 def offline(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
@@ -82,20 +88,37 @@ CHECKS: dict[str, Check] = {
 }
 
 
+def dead_letters(counts: dict[str | None, int], config: AlertConfig) -> str | None:
+    """`counts`: dead letters of the window by device (None: a topic naming no device)."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    top = sorted(counts.items(), key=lambda item: (-item[1], item[0] or ""))[:5]
+    senders = ", ".join(f"{device or '(no device)'}: {n}" for device, n in top)
+    return (f"{total} message(s) dead-lettered in the last {config.dead_letter_window_s / 60:g} min ({senders}); "
+            "see `cloud-bridge dead-letters`")
+
+
 def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig) -> Facts:
     return Facts(device, registry.commands.terminal_states(device.device_id, config.error_window),
                  registry.replies.decode_speeds(device.device_id, config.speed_window + 1))
 
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
-    """Run every check on every device; returns (device, kind, raised?) for each alert opened or closed."""
-    changes = []
+    """Run every check on every device, then the fleet-wide one; returns (device, kind, raised?) for
+    each alert opened or closed."""
+    changes: list[tuple[str, str, bool]] = []
+
+    def update(device_id: str, kind: str, message: str | None) -> None:
+        if message is not None and registry.alerts.open(device_id, kind, message, now):
+            changes.append((device_id, kind, True))
+        elif message is None and registry.alerts.clear(device_id, kind, now):
+            changes.append((device_id, kind, False))
+
     for device in registry.devices.all():
         facts = facts_of(registry, device, config)
         for kind, check in CHECKS.items():
-            message = check(facts, now, config)
-            if message is not None and registry.alerts.open(device.device_id, kind, message, now):
-                changes.append((device.device_id, kind, True))
-            elif message is None and registry.alerts.clear(device.device_id, kind, now):
-                changes.append((device.device_id, kind, False))
+            update(device.device_id, kind, check(facts, now, config))
+    window = timedelta(seconds=config.dead_letter_window_s)
+    update(FLEET, "dead_letters", dead_letters(registry.dead_letters.by_device_since(now - window), config))
     return changes

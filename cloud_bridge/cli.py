@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List open alerts (offline too long, error rate, outbox growing, "
                                         "tokens/s dropping); thresholds are the [alerts] keys.")
     alerts.add_argument("--all", action="store_true", help="also the cleared ones")
+    dead = sub.add_parser("dead-letters", parents=[common], help="list messages the bridge could not store",
+                          description="List dead letters, newest first: messages from devices that did not follow "
+                                      "protocol v1 or could not be stored, with the error. --json gives the exact "
+                                      "payload (base64). [retention] dead_letter_days prunes them.")
+    dead.add_argument("--device", metavar="D", help="only this device's")
+    dead.add_argument("--limit", type=int, default=20, metavar="N", help="how many (default 20)")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running command",
                             description="Send a `cancel` for a command to its device (priority 1000). A command "
                                         "the device has not accepted yet is closed at once and no longer resent.")
@@ -186,6 +192,15 @@ def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
             _json(registry.alerts.recent(open_only=not args.all))
         else:
             _out(console.alerts_table(registry, args.all))
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.json:
+            _json([row.as_json() for row in registry.dead_letters.recent(args.device, args.limit)])
+        else:
+            _out(console.dead_letters_table(registry, args.device, args.limit))
     return 0
 
 
@@ -291,6 +306,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "commands": cmd_commands,
     "watch": cmd_watch,
     "alerts": cmd_alerts,
+    "dead-letters": cmd_dead_letters,
     "cancel": cmd_cancel,
     "policy": cmd_policy,
 }

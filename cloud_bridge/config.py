@@ -34,6 +34,7 @@ Example (every key optional)::
     [retention]                 # what the registry forgets, and when (0 keeps it forever)
     days = 30                   # finished commands, their replies, events, cleared alerts, state history
     chunk_days = 1              # stream chunks (the terminal reply holds the whole text)
+    dead_letter_days = 30       # messages the bridge could not store (`cloud-bridge dead-letters`)
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class AlertConfig(settings.Section):
     outbox_depth_max: int = Field(default=100, ge=1)
     tokens_per_s_drop: float = Field(default=0.5, gt=0, lt=1)
     speed_window: int = Field(default=10, ge=2)
+    dead_letter_window_s: float = Field(default=3600.0, gt=0, description="the fleet's `dead_letters` alert "
+                                        "holds while a message was dead-lettered in this many seconds")
     check_interval_s: float = Field(default=5.0, gt=0)
 
 
@@ -110,12 +113,17 @@ class RetentionConfig(settings.Section):
     days: float = Field(default=30.0, ge=0, description="finished commands (and their replies), events, "
                         "cleared alerts and device state history older than this are deleted")
     chunk_days: float = Field(default=1.0, ge=0, description="stream chunks older than this are deleted")
+    dead_letter_days: float = Field(default=30.0, ge=0, description="dead letters (messages the bridge could "
+                                    "not store) older than this are deleted")
     check_interval_s: float = Field(default=3600.0, gt=0, description="how often the bridge deletes them")
 
-    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None]:
-        """(finished rows, stream chunks): what is older is deleted; None keeps that kind forever."""
-        return (now - timedelta(days=self.days) if self.days else None,
-                now - timedelta(days=self.chunk_days) if self.chunk_days else None)
+    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None, datetime | None]:
+        """(finished rows, stream chunks, dead letters): what is older is deleted; None keeps that kind forever."""
+        return _before(now, self.days), _before(now, self.chunk_days), _before(now, self.dead_letter_days)
+
+
+def _before(now: datetime, days: float) -> datetime | None:
+    return now - timedelta(days=days) if days else None
 
 
 class SigningConfig(settings.Section):

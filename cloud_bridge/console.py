@@ -77,6 +77,16 @@ def alerts_table(registry: Registry, include_cleared: bool = False) -> str:
     return render_table(headers, rows)
 
 
+def dead_letters_table(registry: Registry, device_id: str | None = None, limit: int = 20) -> str:
+    """Messages the bridge could not store, newest first: where from, why, and how they start."""
+    headers = ["ID", "RECEIVED", "TOPIC", "BYTES", "ERROR", "PAYLOAD"]
+    rows = [[str(d.id), short_ts(d.received_at), d.topic, str(d.size), d.error[:100], d.preview[:60]]
+            for d in registry.dead_letters.recent(device_id, limit)]
+    if not rows:
+        return "no dead letters" + (f" from {device_id}" if device_id else "") + ": every message was stored"
+    return render_table(headers, rows)
+
+
 def policies_table(registry: Registry) -> str:
     """The policy in force on each device (the output of its last succeeded `config` command)."""
     rows = [[d.device_id, ", ".join(d.groups) or "-",

@@ -1,9 +1,20 @@
-"""Device -> cloud messages into the registry: topic routing and payload validation. No MQTT here.
+"""Device -> cloud messages into the registry: topic routing, payload validation, dead letters. No MQTT here.
 
-Each channel (`status`, `reply`, `event`, `telemetry`, `stream`) has one handler in a table. A
-payload that does not validate against its protocol model, or that names another device than its
-topic, is logged and counted (`bad_payloads`) and never raises: the caller acknowledges it like any
-other message, since redelivering it would not make it valid.
+Every message is stored or dead-lettered; either way the caller acknowledges it:
+
+- A message on a topic under the prefix that is not a device -> cloud topic, or whose payload does
+  not validate against its protocol model, or that names another device (or command) than its
+  topic, is dead-lettered (`registry.dead_letters`, in the batch's own commit): redelivering it
+  would not make it valid.
+- A batch is stored in one commit. When the commit fails for a cause that retrying cannot cure (a
+  value the database refuses, a bug), the batch is split in halves and each half stored on its
+  own, down to the one message at fault, which is dead-lettered with the error: its neighbours
+  are stored, and no single message stalls the fleet's ingest.
+- A transient failure (connection lost, lock timeout, disk full: `Registry.is_transient`) raises
+  RegistryUnavailable with nothing written; the caller retries the batch later, unacknowledged.
+
+Only two messages are ignored: one on a topic outside the prefix (never subscribed), and an empty
+payload on a status topic (someone cleared the retained status).
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -28,13 +39,17 @@ from autoglm_wire.protocol import (
     describe_validation_error,
 )
 from autoglm_wire.topics import CloudTopic, parse_cloud_topic
+from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import wire_ts
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
-M = TypeVar("M", bound=BaseModel)
+MODELS: dict[str, type[BaseModel]] = {
+    "status": Status, "reply": Reply, "event": Event, "telemetry": Telemetry, "stream": StreamChunk,
+}
 
 
 @dataclass(frozen=True)
@@ -49,41 +64,74 @@ class Inbound:
 class Outcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
-    IGNORED = "ignored"  # not a device -> cloud topic, or a cleared retained status
-    BAD = "bad"
+    IGNORED = "ignored"  # a topic outside the prefix, or a cleared retained status
+    DEAD_LETTERED = "dead_lettered"  # kept in `dead_letters`, not stored
+    LOST = "lost"  # could not even be dead-lettered (logged with the error); never expected
 
 
 class BadPayload(ValueError):
     """A payload that does not follow protocol v1; the message says what is wrong."""
 
 
-def _decode(payload: bytes) -> dict:
+class RegistryUnavailable(BridgeError):
+    """The registry failed for a cause that may pass (see Registry.is_transient); nothing was written."""
+
+
+@dataclass(frozen=True)
+class Valid:
+    """A message that follows protocol v1: its topic taken apart and its payload as a model."""
+
+    message: Inbound
+    topic: CloudTopic
+    payload: Any  # the model of the topic's channel (MODELS)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A message to dead-letter, and why."""
+
+    message: Inbound
+    device_id: str | None
+    error: str
+
+
+Parsed = Valid | Invalid | None  # None: ignored
+
+
+def _decode(model: type[BaseModel], payload: bytes) -> Any:
     try:
-        return decode_json_object(payload, MAX_PAYLOAD_BYTES)
+        return model.model_validate(decode_json_object(payload, MAX_PAYLOAD_BYTES))
     except ProtocolError as exc:
         raise BadPayload(str(exc)) from exc
-
-
-def _parse(model: type[M], payload: bytes) -> M:
-    try:
-        return model.model_validate(_decode(payload))
     except ValidationError as exc:
-        details = describe_validation_error(exc, limit=3)
-        raise BadPayload(f"not a valid {model.__name__}: {details}") from exc
+        raise BadPayload(f"not a valid {model.__name__}: {describe_validation_error(exc, limit=3)}") from exc
 
 
-def _same_device(topic: CloudTopic, device_id: str) -> None:
-    if device_id != topic.device_id:
-        raise BadPayload(f"payload names device {device_id!r} but was published on {topic.device_id!r}'s topic")
+def _check(topic: CloudTopic, payload: Any) -> None:
+    """The payload agrees with its topic (and a status's `ts` is a time), or BadPayload."""
+    if isinstance(payload, StreamChunk):
+        if payload.command_id != topic.command_id:
+            raise BadPayload(f"chunk names command {payload.command_id!r} but was published on "
+                             f"{topic.command_id!r}'s topic")
+        return
+    if payload.device_id != topic.device_id:
+        raise BadPayload(f"payload names device {payload.device_id!r} but was published on "
+                         f"{topic.device_id!r}'s topic")
+    if isinstance(payload, Status) and payload.ts is not None:
+        try:
+            wire_ts(payload.ts)
+        except ValueError as exc:
+            raise BadPayload(f"status ts {payload.ts[:40]!r} is not a time with an offset in the years "
+                             "protocol v1 accepts") from exc
 
 
 class Ingestor:
-    """Validates device messages and writes them to the registry."""
+    """Validates device messages and writes them, or their dead letters, to the registry."""
 
     def __init__(self, registry: Registry, prefix: str) -> None:
         self._registry = registry
         self._prefix = prefix
-        self._handlers: dict[str, Callable[[CloudTopic, Inbound, datetime], Outcome]] = {
+        self._store: dict[str, Callable[[Valid, datetime], Outcome]] = {
             "status": self._status,
             "reply": self._reply,
             "event": self._event,
@@ -92,66 +140,111 @@ class Ingestor:
         }
 
     def handle(self, message: Inbound, now: datetime) -> Outcome:
-        """Store one message. Never raises for a bad payload (only for registry errors)."""
-        topic = parse_cloud_topic(self._prefix, message.topic)
-        if topic is None:
-            log.debug("ignoring a message on %s: not a device -> cloud topic", message.topic)
-            return Outcome.IGNORED
-        try:
-            return self._handlers[topic.channel](topic, message, now)
-        except BadPayload as exc:
-            log.warning("bad payload on %s: %s", message.topic, exc)
-            self._registry.counters.bump("bad_payloads")
-            return Outcome.BAD
+        """Store or dead-letter one message (see handle_batch)."""
+        return self.handle_batch([message], now)[0]
 
     def handle_batch(self, messages: list[Inbound], now: datetime) -> list[Outcome]:
-        """Store several messages in one commit; all or none are written.
+        """Store or dead-letter several messages, in one commit unless one of them makes it fail.
 
-        The batch's devices are touched first, in id order: bridge replicas sharing one PostgreSQL
-        then take the device row locks in the same order and never deadlock each other.
+        Raises RegistryUnavailable on a transient failure: then nothing of the batch was written.
         """
-        topics = [t for t in (parse_cloud_topic(self._prefix, m.topic) for m in messages) if t is not None]
+        try:
+            return self._commit([self._parse(m) for m in messages], now)
+        except Exception as exc:
+            if self._registry.is_transient(exc):
+                raise self._unavailable(exc) from exc
+            if len(messages) == 1:
+                return [self._dead_letter_alone(messages[0], exc, now)]
+            half = len(messages) // 2
+            log.info("a batch of %d messages could not be stored (%s: %s); storing it in halves",
+                     len(messages), type(exc).__name__, exc)
+            return self.handle_batch(messages[:half], now) + self.handle_batch(messages[half:], now)
+
+    def _parse(self, message: Inbound) -> Parsed:
+        if not message.topic.startswith(self._prefix + "/"):
+            log.debug("ignoring a message on %s: outside the topic prefix", message.topic)
+            return None
+        topic = parse_cloud_topic(self._prefix, message.topic)
+        if topic is None:
+            return Invalid(message, None, "not a device -> cloud topic of protocol v1")
+        if topic.channel == "status" and not message.payload:
+            return None  # someone cleared the retained status
+        try:
+            payload = _decode(MODELS[topic.channel], message.payload)
+            _check(topic, payload)
+        except BadPayload as exc:
+            return Invalid(message, topic.device_id, str(exc))
+        return Valid(message, topic, payload)
+
+    def _commit(self, parsed: list[Parsed], now: datetime) -> list[Outcome]:
+        """One transaction. The devices are touched first, in id order, then the commands the replies
+        answer are locked in id order: bridge replicas sharing one PostgreSQL (and the dispatch
+        loop) take row locks in the same order and never deadlock each other."""
+        topics = [p.topic for p in parsed if isinstance(p, Valid)]
         devices = sorted({t.device_id for t in topics})
         seen = {t.device_id for t in topics if t.channel != "status"}  # a status may be a replay or a will
+        answered = sorted({(p.payload.device_id, p.payload.command_id) for p in parsed
+                           if isinstance(p, Valid) and isinstance(p.payload, Reply) and p.payload.command_id})
         with self._registry.transaction():
             self._registry.devices.touch(devices, seen, now)
-            return [self.handle(message, now) for message in messages]
+            self._registry.commands.lock_answered(answered)
+            return [self._one(p, now) for p in parsed]
 
-    def _status(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
-        if not message.payload:
-            return Outcome.IGNORED  # someone cleared the retained status
-        status = _parse(Status, message.payload)
-        _same_device(topic, status.device_id)
-        if self._registry.devices.record_status(status, now, retained=message.retained):
+    def _one(self, parsed: Parsed, now: datetime) -> Outcome:
+        if parsed is None:
+            return Outcome.IGNORED
+        if isinstance(parsed, Invalid):
+            log.warning("dead-lettered a message on %s: %s", parsed.message.topic, parsed.error)
+            self._registry.dead_letters.record(parsed.message.topic, parsed.device_id, parsed.message.payload,
+                                               parsed.error, now)
+            return Outcome.DEAD_LETTERED
+        return self._store[parsed.topic.channel](parsed, now)
+
+    def _dead_letter_alone(self, message: Inbound, exc: Exception, now: datetime) -> Outcome:
+        """Dead-letter a message whose storing failed for a cause retrying cannot cure."""
+        topic = parse_cloud_topic(self._prefix, message.topic)
+        device_id = None if topic is None else topic.device_id
+        error = f"could not be stored: {type(exc).__name__}: {exc}".strip()
+        log.warning("dead-lettered a message on %s: %s", message.topic, error)
+        try:
+            self._registry.dead_letters.record(message.topic, device_id, message.payload, error, now)
+        except Exception as again:
+            if self._registry.is_transient(again):
+                raise self._unavailable(again) from again
+            log.error("could not dead-letter a message on %s either (%s: %s); it is dropped", message.topic,
+                      type(again).__name__, again)
+            return Outcome.LOST
+        return Outcome.DEAD_LETTERED
+
+    def _unavailable(self, exc: Exception) -> RegistryUnavailable:
+        return RegistryUnavailable(f"the registry {self._registry.path} is unavailable: "
+                                   f"{type(exc).__name__}: {exc}".strip())
+
+    # --- one valid message per channel --------------------------------------------------------------
+
+    def _status(self, valid: Valid, now: datetime) -> Outcome:
+        status: Status = valid.payload
+        if self._registry.devices.record_status(status, now, retained=valid.message.retained):
             log.info("device %s is %s", status.device_id, status.state)
         return Outcome.STORED
 
-    def _reply(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
-        reply = _parse(Reply, message.payload)
-        _same_device(topic, reply.device_id)
+    def _reply(self, valid: Valid, now: datetime) -> Outcome:
+        reply: Reply = valid.payload
         if not self._registry.replies.record(reply, now):
             log.debug("duplicate reply %s/%d ignored", reply.device_id, reply.seq)
             return Outcome.DUPLICATE
         return Outcome.STORED
 
-    def _event(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
-        event = _parse(Event, message.payload)
-        _same_device(topic, event.device_id)
-        self._registry.events.record(event, now)
+    def _event(self, valid: Valid, now: datetime) -> Outcome:
+        if not self._registry.events.record(valid.payload, now):
+            return Outcome.DUPLICATE
         return Outcome.STORED
 
-    def _telemetry(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
-        telemetry = _parse(Telemetry, message.payload)
-        _same_device(topic, telemetry.device_id)
-        self._registry.devices.record_telemetry(telemetry, now)
+    def _telemetry(self, valid: Valid, now: datetime) -> Outcome:
+        self._registry.devices.record_telemetry(valid.payload, now)
         return Outcome.STORED
 
-    def _stream(self, topic: CloudTopic, message: Inbound, now: datetime) -> Outcome:
-        chunk = _parse(StreamChunk, message.payload)
-        if chunk.command_id != topic.command_id:
-            raise BadPayload(
-                f"chunk names command {chunk.command_id!r} but was published on {topic.command_id!r}'s topic"
-            )
-        if not self._registry.chunks.record(topic.device_id, chunk, now):
+    def _stream(self, valid: Valid, now: datetime) -> Outcome:
+        if not self._registry.chunks.record(valid.topic.device_id, valid.payload, now):
             return Outcome.DUPLICATE
         return Outcome.STORED

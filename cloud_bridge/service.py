@@ -2,11 +2,15 @@
 
 Threads:
 - `bridge-network` (link): paho's network loop and reconnects.
-- `bridge-ingest`: takes deliveries off the link's queue in batches, stores them in one commit,
-  then acknowledges each to the broker in arrival order.
+- `bridge-ingest`: takes deliveries off the link's queue in batches, stores (or dead-letters) them
+  in one commit, then acknowledges each to the broker in arrival order. While the registry fails
+  for a transient cause the batch stays unacknowledged and is retried with backoff (0.5 s doubling
+  to 30 s); after `STORE_ATTEMPTS` failures in a row the bridge stops with an error (exit 3) for
+  its supervisor to restart it, reconnecting to the database; the broker redelivers the batch.
 - `bridge-dispatch`: every `POLL_S` asks the dispatcher what to do with each pending/sent command
   (commands may be queued by another process through the registry file), publishes to
-  `P/<device>/cmd`, expires what the device never accepted, and reads the broker's PUBACKs; every
+  `P/<device>/cmd`, expires what the device never accepted (provisionally: a later report from the
+  device wins), and reads the broker's PUBACKs; every
   `alerts.check_interval_s` it raises and clears abnormal-device alerts; every
   `retention.check_interval_s` it deletes what `[retention]` says the registry may forget.
 - `bridge-http` (when `[http] enabled`): uvicorn serving the API, `/v1` and the console page.
@@ -25,15 +29,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from autoglm_wire.backoff import ceiling
 from autoglm_wire.mqtt_session import BrokerOptions
 from autoglm_wire.protocol import utc_now
 from autoglm_wire.signing import sign_payload
 from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
 from cloud_bridge.alerts import check_fleet
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.dispatcher import Action, decide, message_expiry_s
+from cloud_bridge.dispatcher import Action, Decision, decide, message_expiry_s
 from cloud_bridge.errors import BridgeError
-from cloud_bridge.ingest import Ingestor
+from cloud_bridge.ingest import Ingestor, RegistryUnavailable
 from cloud_bridge.link import BridgeLink, Delivery, PublishResult
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
@@ -44,6 +49,8 @@ POLL_S = 0.1
 HTTP_START_S = 15.0
 PASS_CHUNK = 200  # sends claimed per registry commit; a publish may precede its commit (a crash then resends)
 INGEST_BATCH = 256
+STORE_ATTEMPTS = 10  # tries of one batch while the registry is unavailable (about 2 min in all)
+STORE_RETRY_S = (0.5, 2.0, 30.0)  # backoff before each retry: initial, multiplier, max
 PUBLISH_TRACK_S = 600.0
 
 T = TypeVar("T")
@@ -80,23 +87,29 @@ class Dispatch:
         self._sent: dict[int, tuple[str, float]] = {}  # paho mid -> (command id, monotonic time)
 
     def run_once(self, now: datetime) -> int:
-        """Act on every active command; returns how many were published.
+        """Act on every active command that is due; returns how many were published.
 
         The member rows of one group command share a publish: the first member due sends it on
-        `P/group/G/cmd`, and the others due in the same pass count that send as theirs.
+        `P/group/G/cmd`, and the others due in the same pass count that send as theirs. Each chunk
+        of due rows is one transaction that first locks its rows in id order (the order ingest
+        locks them in), then acts on them by priority.
         """
         published = 0
         device_states = self._registry.devices.states_awaiting_delivery()
         this_pass: set[tuple[str, str | None]] = set()
-        rows = self._registry.commands.active()
-        for start in range(0, len(rows), PASS_CHUNK):
+        due: list[tuple[CommandRow, Decision]] = []
+        for row in self._registry.commands.active():
+            decision = decide(row.view(), device_states.get(row.device_id), now, self._dispatch.resend_interval_s)
+            if decision.action in (Action.SEND, Action.EXPIRE):
+                due.append((row, decision))
+        for start in range(0, len(due), PASS_CHUNK):
+            chunk = due[start:start + PASS_CHUNK]
             with self._registry.transaction():  # one commit per chunk of sends, not one fsync per command
-                for row in rows[start:start + PASS_CHUNK]:
-                    decision = decide(row.view(), device_states.get(row.device_id), now,
-                                      self._dispatch.resend_interval_s)
+                self._registry.commands.lock([row.id for row, _ in chunk])
+                for row, decision in chunk:
                     if decision.action is Action.EXPIRE:
                         self._expire(row, decision.reason, now)
-                    elif decision.action is Action.SEND and self._publisher.connected:
+                    elif self._publisher.connected:
                         published += self._send(row, decision.reason, now, this_pass)
         return published
 
@@ -184,6 +197,7 @@ class BridgeService:
         self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
         self._dispatch = Dispatch(registry, self._link, config, self.stats)
         self._stop = threading.Event()
+        self._failure: str | None = None
         self._threads: list[threading.Thread] = []
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -203,7 +217,7 @@ class BridgeService:
             self._threads.append(thread)
         failure = None if http is None else self._http_failure(http, self._threads[-1])
         while failure is None and not stop.wait(0.5):
-            pass
+            failure = self._failure
         log.info("stopping")
         self._stop.set()
         if http is not None:
@@ -243,28 +257,43 @@ class BridgeService:
     # --- ingest ----------------------------------------------------------------------------------
 
     def _run_ingest(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self._link.deliveries.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = _drain(self._link.deliveries, first, INGEST_BATCH)
-            self._store_until_done(batch)
+        try:
+            while not self._stop.is_set():
+                try:
+                    first = self._link.deliveries.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self._store_until_done(_drain(self._link.deliveries, first, INGEST_BATCH))
+        except Exception as exc:  # a bug: stop rather than leave the fleet's messages unacknowledged for ever
+            log.exception("the ingest loop failed")
+            self._fail(f"the ingest loop failed: {type(exc).__name__}: {exc}")
 
     def _store_until_done(self, batch: list[Delivery]) -> None:
-        """Store a batch and ack it; on a registry error retry (unacked, so nothing is lost)."""
-        while not self._stop.is_set():
+        """Store a batch and ack it; while the registry is unavailable, retry it (unacked, so nothing
+        is lost) with backoff, and after STORE_ATTEMPTS failures in a row stop the bridge."""
+        for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
                 outcomes = self._ingestor.handle_batch([d.message for d in batch], self._clock())
-            except Exception:
-                log.exception("could not store %d message(s) in the registry %s; retrying in 1 s",
-                              len(batch), self._registry.path)
-                self._stop.wait(1.0)
+            except RegistryUnavailable as exc:
+                if attempt == STORE_ATTEMPTS:
+                    break
+                delay = ceiling(*STORE_RETRY_S, attempt)
+                log.warning("%s; %d message(s) stay unacknowledged; retry %d of %d in %g s", exc, len(batch),
+                            attempt, STORE_ATTEMPTS - 1, delay)
+                if self._stop.wait(delay):
+                    return
                 continue
             for delivery, outcome in zip(batch, outcomes, strict=True):
                 self._link.ack(delivery)
                 self.stats.received[outcome] = self.stats.received.get(outcome, 0) + 1
             return
+        self._fail(f"the registry {self._registry.path} failed {STORE_ATTEMPTS} times in a row; stopping so that "
+                   "the supervisor restarts the bridge (the broker redelivers what was not acknowledged)")
+
+    def _fail(self, reason: str) -> None:
+        """Stop the service from one of its threads; `run` raises BridgeError(reason)."""
+        self._failure = reason
+        self._stop.set()
 
     # --- dispatch --------------------------------------------------------------------------------
 

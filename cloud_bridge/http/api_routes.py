@@ -1,5 +1,5 @@
 """`/api`: devices, commands (one device, a group or a filter; cancel; priorities), replies, events,
-alerts. Mounted by `app.create_app` behind the bearer token. A command created here is queued by
+alerts, dead letters. Mounted by `app.create_app` behind the bearer token. A command created here is queued by
 `commands` exactly as `cloud-bridge send` queues it, and the dispatch loop publishes it."""
 
 from __future__ import annotations
@@ -101,3 +101,9 @@ def list_events(device: str | None = None, limit: int = Query(default=50, ge=1, 
 def list_alerts(all: bool = False, limit: int = Query(default=100, ge=1, le=1000),  # noqa: A002
                 registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(a) for a in registry.alerts.recent(open_only=not all, limit=limit)]
+
+
+@router.get("/dead-letters", summary="messages the bridge could not store, newest first (exact payload in base64)")
+def list_dead_letters(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
+                      registry: Registry = REG) -> list[dict[str, Any]]:
+    return [d.as_json() for d in registry.dead_letters.recent(device, limit)]

@@ -1,8 +1,9 @@
 """The two databases the registry runs on, behind one small interface: SQLite (one file, one host)
 and PostgreSQL (shared by several bridge replicas). The registry writes one SQL dialect, the common
 part of both (`?` placeholders, `ON CONFLICT`, `IS DISTINCT FROM`); what differs lives here: how to
-connect, where the schema version is kept, how the schema is locked while it changes, and how to
-read a number out of a JSON column.
+connect, where the schema version is kept, how the schema is locked while it changes, how to lock
+rows for the rest of a transaction, how to read a number out of a JSON column, and which errors are
+transient (worth retrying) rather than caused by what was written.
 
 Each backend holds one connection; `store.connection.Connection` serialises its use across threads.
 """
@@ -24,6 +25,14 @@ from cloud_bridge.errors import BridgeError
 Dialect = Literal["sqlite", "postgresql"]
 
 BUSY_TIMEOUT_MS = 10_000
+# SQLite primary result codes of a failure that may pass: busy, locked, out of memory, I/O error, disk
+# full, cannot open the file, lock protocol error.
+SQLITE_TRANSIENT = frozenset({5, 6, 7, 10, 13, 14, 15})
+# PostgreSQL SQLSTATE classes (first two characters) and codes of a failure that may pass: connection
+# exception, transaction rollback (deadlock, serialization), insufficient resources (disk full, out of
+# memory, too many connections), operator intervention (shutdown, cancel), system I/O error, lock
+# not available (lock_timeout).
+POSTGRES_TRANSIENT = frozenset({"08", "40", "53", "57", "58", "55P03"})
 SCHEMA_LOCK = 0x6175746F676C6D  # pg_advisory_xact_lock key: one replica changes the schema at a time
 
 
@@ -48,6 +57,10 @@ class Backend(Protocol):
     def set_schema_version(self, version: int) -> None: ...
 
     def json_number(self, column: str, *path: str) -> str: ...
+
+    def lock(self, select: str, params: Any = ()) -> None: ...
+
+    def is_transient(self, error: BaseException) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -109,7 +122,19 @@ class SqliteBackend:
         self.db.execute(f"PRAGMA user_version = {int(version)}")
 
     def json_number(self, column: str, *path: str) -> str:
-        return f"json_extract({column}, '$.{'.'.join(path)}')"
+        """The number at `path` in a JSON text column; NULL when it is absent or not a number."""
+        where = f"'$.{'.'.join(path)}'"
+        value = f"json_extract({column}, {where})"
+        return f"(CASE WHEN json_type({column}, {where}) IN ('integer', 'real') THEN {value} END)"
+
+    def lock(self, select: str, params: Any = ()) -> None:
+        """Nothing to do: a writing SQLite transaction holds the whole database."""
+
+    def is_transient(self, error: BaseException) -> bool:
+        """Busy/locked, I/O error, disk full and the like; not a value SQLite cannot take."""
+        if isinstance(error, sqlite3.Error):
+            return getattr(error, "sqlite_errorcode", 0) & 0xFF in SQLITE_TRANSIENT
+        return isinstance(error, OSError)
 
     def close(self) -> None:
         self.db.close()
@@ -192,7 +217,25 @@ class PostgresBackend:
                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
 
     def json_number(self, column: str, *path: str) -> str:
-        return f"(({column})::jsonb #>> '{{{','.join(path)}}}')::float"
+        """The number at `path` in a JSON text column; NULL when it is absent, not a number or past a float."""
+        where = f"'{{{','.join(path)}}}'"
+        text = f"(({column})::jsonb #>> {where})"
+        return (f"(CASE WHEN jsonb_typeof(({column})::jsonb #> {where}) = 'number' AND abs({text}::numeric) < 1e300 "
+                f"THEN {text}::float END)")
+
+    def lock(self, select: str, params: Any = ()) -> None:
+        """Lock the rows `select` returns until the transaction ends, in the order it returns them."""
+        self.query(f"{select} FOR UPDATE", params)
+
+    def is_transient(self, error: BaseException) -> bool:
+        """A lost connection, a deadlock, a lock timeout, a full disk; not a value PostgreSQL refuses."""
+        psycopg = self._psycopg
+        if isinstance(error, psycopg.Error):
+            state = error.sqlstate
+            if state is None:  # raised by the driver itself: the connection is gone or unusable
+                return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+            return state[:2] in POSTGRES_TRANSIENT or state in POSTGRES_TRANSIENT
+        return isinstance(error, OSError)
 
     def close(self) -> None:
         self.conn.close()

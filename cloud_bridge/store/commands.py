@@ -2,7 +2,14 @@
 
 Command states only move forward (`autoglm_wire.lifecycle.rank`); every state change is one
 conditional UPDATE, so the serve process and a console process (or several bridge replicas) never
-race each other into a regression.
+race each other into a regression. One exception: the bridge's own expiry of a command the device
+never accepted (`expired` with no reply from the device) is provisional. The device may have received
+a copy and run it anyway; its own reports (`accepted`, `running`, a terminal reply) then replace the
+bridge's verdict, so the record never says `expired` for work that ran.
+
+Lock order: a transaction that changes several command rows locks them first in id order (`lock`,
+`lock_answered`), so the ingest of a batch of replies and the dispatch loop, on two replicas of one
+PostgreSQL, never deadlock each other.
 """
 
 from __future__ import annotations
@@ -109,15 +116,29 @@ class Commands:
         ) == 1
 
     def advance(self, reply: Reply, payload: str, ts: str) -> None:
-        """Move the reply's command forward to the reply's status (never backward); a terminal reply is kept."""
+        """Move the reply's command forward to the reply's status (never backward, except from the
+        bridge's provisional expiry); a terminal reply is kept, with its error."""
         terminal = reply.is_terminal
         error = reply.error.model_dump_json() if reply.error else None
         self._db.execute(
-            f"UPDATE commands SET state = ?, updated_at = ?, "
-            f"reply = CASE WHEN ? THEN ? ELSE reply END, error = CASE WHEN ? THEN ? ELSE error END "
-            f"WHERE wire_id = ? AND device_id = ? AND {_rank_sql('state')} < {_rank_sql('?')}",
+            "UPDATE commands SET state = ?, updated_at = ?, reply = CASE WHEN ? THEN ? ELSE reply END, "
+            "error = CASE WHEN ? THEN ? END WHERE wire_id = ? AND device_id = ? "
+            f"AND ({_rank_sql('state')} < {_rank_sql('?')} OR (state = 'expired' AND reply IS NULL))",
             (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status),
         )
+
+    def lock(self, command_ids: list[str]) -> None:
+        """Lock these commands' rows until the transaction ends, in id order."""
+        if command_ids:
+            self._db.lock(f"SELECT id FROM commands WHERE id IN ({placeholders(command_ids)}) ORDER BY id",
+                          command_ids)
+
+    def lock_answered(self, answered: list[tuple[str, str]]) -> None:
+        """Lock the rows of the commands these (device id, command id on the wire) pairs answer, in id order."""
+        if answered:
+            pairs = ", ".join("(?, ?)" for _ in answered)
+            self._db.lock(f"SELECT id FROM commands WHERE (device_id, wire_id) IN (VALUES {pairs}) ORDER BY id",
+                          [value for pair in answered for value in pair])
 
     def on_the_wire(self, command_id: str) -> tuple[str, str | None]:
         """(id the device uses, device) of a queued command; (command_id, None) for one never queued here."""

@@ -64,6 +64,11 @@ class Connection:
         with self._lock:
             return self.backend.query(sql, params)
 
+    def lock(self, select: str, params: Any = ()) -> None:
+        """Lock the rows `select` returns until the transaction ends (see Backend.lock)."""
+        with self._lock:
+            self.backend.lock(select, params)
+
     def close(self) -> None:
         with self._lock:
             self.backend.close()

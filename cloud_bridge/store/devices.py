@@ -7,7 +7,7 @@ from datetime import datetime
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
 from cloud_bridge.store.connection import Connection
-from cloud_bridge.store.rows import DeviceRow, stamp
+from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
 
 
 class Devices:
@@ -39,15 +39,26 @@ class Devices:
     def record_status(self, status: Status, now: datetime | None = None, retained: bool = False) -> bool:
         """Store a status or a last will. Returns True when the device's state changed.
 
+        Statuses are ordered by their own `ts`: one older than the newest applied is a replay (from a
+        lagging or restarted replica's queue) and changes nothing. A status without `ts` (the last
+        will, which the broker publishes) cannot be ordered and is applied as it comes. Raises
+        ValueError for a `ts` that is not a time with an offset (`rows.wire_ts`).
+
         A `retained` status is a replay from the broker's store (at subscribe), not news: it does not
         count as the device being seen, and a state change it brings dates from the status's own `ts`.
         A last will (`offline`) is published by the broker, so it does not count as seen either.
         """
         ts = stamp(now)
+        status_ts = None if status.ts is None else wire_ts(status.ts)
         seen = None if retained or status.state == "offline" else ts
-        since = status.ts if retained and status.ts else ts
+        since = status_ts if retained and status_ts else ts
         with self._db.transaction():
             self.ensure(status.device_id, seen)
+            if status_ts is not None and self._db.execute(
+                "UPDATE devices SET status_ts = ? WHERE device_id = ? AND (status_ts IS NULL OR status_ts <= ?)",
+                (status_ts, status.device_id, status_ts),
+            ) == 0:
+                return False
             changed = self._db.execute(
                 "UPDATE devices SET state = ?, since = ? WHERE device_id = ? AND state IS DISTINCT FROM ?",
                 (status.state, since, status.device_id, status.state),

@@ -1,31 +1,48 @@
-"""Events the devices report, and the alerts the bridge raises about abnormal devices (one open
-alert per device and kind, with raised/cleared times)."""
+"""Events the devices report, stored once each, and the alerts the bridge raises about abnormal
+devices (one open alert per device and kind, with raised/cleared times).
+
+An event is unique by its dedupe key, the SHA-256 of the whole Event (device, `ts`, level, code,
+message, data): a redelivery is counted in `duplicate_events`, not stored twice.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 
 from autoglm_wire.protocol import Event
 from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.rows import AlertRow, EventRow, stamp
 
 
+def dedupe_key(event: Event) -> str:
+    """What makes two events the same event."""
+    return hashlib.sha256(event.model_dump_json().encode("utf-8")).hexdigest()
+
+
 class Events:
-    def __init__(self, connection: Connection, devices: Devices) -> None:
+    def __init__(self, connection: Connection, devices: Devices, counters: Counters) -> None:
         self._db = connection
         self._devices = devices
+        self._counters = counters
 
-    def record(self, event: Event, now: datetime | None = None) -> None:
+    def record(self, event: Event, now: datetime | None = None) -> bool:
+        """Store an event. Returns False for a redelivery of one already stored."""
         ts = stamp(now)
         with self._db.transaction():
-            self._db.execute(
-                "INSERT INTO events (device_id, ts, level, code, message, data, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (event.device_id, event.ts, event.level, event.code, event.message, json.dumps(event.data), ts),
-            )
+            inserted = self._db.execute(
+                "INSERT INTO events (device_id, ts, level, code, message, data, received_at, dedupe_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
+                (event.device_id, event.ts, event.level, event.code, event.message, json.dumps(event.data), ts,
+                 dedupe_key(event)),
+            ) == 1
             self._devices.ensure(event.device_id, ts)
+            if not inserted:
+                self._counters.bump("duplicate_events")
+        return inserted
 
     def recent(self, device_id: str | None = None, limit: int = 50) -> list[EventRow]:
         """Most recent events first."""

@@ -19,6 +19,7 @@ from cloud_bridge.store.backends import Backend, PostgresBackend, SqliteBackend,
 from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
 from cloud_bridge.store.counters import Counters
+from cloud_bridge.store.dead_letters import DeadLetters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
@@ -64,10 +65,11 @@ class Registry:
         self.commands = Commands(self._connection)
         self.replies = Replies(self._connection, self.devices, self.commands, self.counters)
         self.chunks = Chunks(self._connection, self.devices, self.commands, self.counters)
-        self.events = Events(self._connection, self.devices)
+        self.events = Events(self._connection, self.devices, self.counters)
         self.alerts = Alerts(self._connection)
         self.feeds = Feeds(self._connection)
         self.retention = Retention(self._connection)
+        self.dead_letters = DeadLetters(self._connection, self.counters)
 
     @classmethod
     def connect(cls, url: str) -> Registry:
@@ -109,6 +111,11 @@ class Registry:
         """Group several writes, of any concern, into one commit (see Connection.transaction)."""
         with self._connection.transaction():
             yield self
+
+    def is_transient(self, error: BaseException) -> bool:
+        """Whether a failed write may succeed if retried (connection lost, lock timeout, disk full),
+        as opposed to failing again for what was written."""
+        return self._connection.backend.is_transient(error)
 
     def close(self) -> None:
         self._connection.close()

@@ -17,11 +17,12 @@ class Retention:
         self._db = connection
 
     def prune(self, before: datetime | None, chunks_before: datetime | None,
-              batch: int = PRUNE_BATCH) -> dict[str, int]:
+              dead_letters_before: datetime | None = None, batch: int = PRUNE_BATCH) -> dict[str, int]:
         """Delete what is finished and older than `before` (commands in a terminal state and
-        replies of commands no longer active, events, cleared alerts, device state history) and
-        stream chunks older than `chunks_before`; None keeps that kind. Works in transactions of
-        at most `batch` rows, so ingest is never held up for long. Returns the rows deleted, by table."""
+        replies of commands no longer active, events, cleared alerts, device state history), stream
+        chunks older than `chunks_before` and dead letters older than `dead_letters_before`; None
+        keeps that kind. Works in transactions of at most `batch` rows, so ingest is never held up
+        for long. Returns the rows deleted, by table."""
         terminal = placeholders(TERMINAL_STATES)
         plans: list[tuple[str, str, datetime | None, tuple[Any, ...]]] = [
             ("stream_chunks", "SELECT id FROM stream_chunks WHERE received_at < ?", chunks_before, ()),
@@ -33,6 +34,7 @@ class Retention:
             ("events", "SELECT id FROM events WHERE received_at < ?", before, ()),
             ("alerts", "SELECT id FROM alerts WHERE cleared_at < ?", before, ()),
             ("device_states", "SELECT id FROM device_states WHERE ts < ?", before, ()),
+            ("dead_letters", "SELECT id FROM dead_letters WHERE received_at < ?", dead_letters_before, ()),
         ]
         deleted: dict[str, int] = {}
         for table, select, cutoff, params in plans:

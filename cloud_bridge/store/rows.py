@@ -3,19 +3,31 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Self
 
+from pydantic import TypeAdapter
+
 from autoglm_wire.lifecycle import is_terminal
-from autoglm_wire.protocol import format_ts, utc_now
+from autoglm_wire.protocol import Timestamp, format_ts, utc_now
 from cloud_bridge.dispatcher import CommandView
 
 
 def stamp(moment: datetime | None) -> str:
     """`moment` (default: now) as stored."""
     return format_ts(moment or utc_now())
+
+
+_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+
+
+def wire_ts(value: str) -> str:
+    """A device's own `ts` as stored. Raises ValueError (a pydantic ValidationError) unless it is an
+    ISO 8601 time with an offset in the years protocol v1 accepts."""
+    return format_ts(_TIMESTAMP.validate_python(value))
 
 
 def parse_ts(value: str | None) -> datetime | None:
@@ -40,6 +52,7 @@ class DeviceRow:
     kinds: list[str]
     last_telemetry: dict[str, Any] | None
     policy: dict[str, Any] | None = None
+    status_ts: str | None = None  # `ts` of the newest timestamped Status applied
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> DeviceRow:
@@ -124,6 +137,7 @@ class EventRow(JsonColumnRow):
     code: str
     message: str
     received_at: str
+    dedupe_key: str | None = None  # None for events stored before schema version 3
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,32 @@ class ChunkRow:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ChunkRow:
         return cls(**{**row, "done": bool(row["done"])})
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A message the bridge received but could not store: its raw payload, where it came from and why."""
+
+    PREVIEW_CHARS: ClassVar[int] = 200
+    id: int
+    device_id: str | None
+    topic: str
+    payload: bytes = field(repr=False)
+    size: int
+    error: str
+    received_at: str
+
+    @property
+    def preview(self) -> str:
+        """The payload's start as text for people: undecodable bytes and control characters escaped."""
+        text = self.payload[: self.PREVIEW_CHARS].decode("utf-8", "backslashreplace")
+        return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+    def as_json(self) -> dict[str, Any]:
+        """The row for JSON: the exact payload in base64, and its start as text."""
+        return {"id": self.id, "device_id": self.device_id, "topic": self.topic, "size": self.size,
+                "error": self.error, "received_at": self.received_at, "preview": self.preview,
+                "payload_base64": base64.b64encode(self.payload).decode("ascii")}
 
 
 @dataclass(frozen=True)

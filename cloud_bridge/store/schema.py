@@ -1,12 +1,13 @@
 """The registry's tables, declared once for both dialects, their version and the migrations to it.
 
-`SCHEMA` and the migrations are portable SQL with four dialect words that `render` replaces:
+`SCHEMA` and the migrations are portable SQL with five dialect words that `render` replaces:
 
 | word | SQLite | PostgreSQL |
 |---|---|---|
 | `SERIAL_ID` | `INTEGER PRIMARY KEY` (the rowid) | `BIGSERIAL PRIMARY KEY` |
 | `BIGINT` | `INTEGER` | `BIGINT` |
 | `BOOL` | `INTEGER` | `BOOLEAN` |
+| `BYTES` | `BLOB` | `BYTEA` |
 | `INSERTION_ORDER` | nothing (every table has a rowid) | `, rowid BIGSERIAL` |
 
 A migration step that only one dialect needs is an `Only`. The version itself is kept by the
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 WORDS: dict[Dialect, dict[str, str]] = {
-    "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "INSERTION_ORDER": ""},
-    "postgresql": {"SERIAL_ID": "BIGSERIAL PRIMARY KEY", "BIGINT": "BIGINT", "BOOL": "BOOLEAN",
+    "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
+               "INSERTION_ORDER": ""},
+    "postgresql": {"SERIAL_ID": "BIGSERIAL PRIMARY KEY", "BIGINT": "BIGINT", "BOOL": "BOOLEAN", "BYTES": "BYTEA",
                    "INSERTION_ORDER": ", rowid BIGSERIAL"},
 }
 _WORD = re.compile(r"\b(" + "|".join(WORDS["sqlite"]) + r")\b")
@@ -40,11 +42,12 @@ CREATE TABLE IF NOT EXISTS devices (
     agent_version TEXT,
     model_name TEXT,
     model_sha256 TEXT,
-    n_gpu_layers INTEGER,
+    n_gpu_layers BIGINT,
     groups TEXT,                -- JSON list
     kinds TEXT,                 -- JSON list
     last_telemetry TEXT,        -- JSON object
-    policy TEXT                 -- JSON object: the policy in force (output of the last `config` command)
+    policy TEXT,                -- JSON object: the policy in force (output of the last `config` command)
+    status_ts TEXT              -- `ts` of the newest timestamped Status applied (older ones are replays)
 );
 CREATE TABLE IF NOT EXISTS device_states (
     id SERIAL_ID,
@@ -87,7 +90,7 @@ CREATE TABLE IF NOT EXISTS stream_chunks (
     id SERIAL_ID,
     device_id TEXT NOT NULL,
     command_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
+    idx BIGINT NOT NULL,
     delta TEXT NOT NULL,
     done BOOL NOT NULL,
     received_at TEXT NOT NULL,
@@ -101,14 +104,16 @@ CREATE TABLE IF NOT EXISTS events (
     code TEXT NOT NULL,
     message TEXT NOT NULL,
     data TEXT NOT NULL,
-    received_at TEXT NOT NULL
+    received_at TEXT NOT NULL,
+    dedupe_key TEXT             -- sha256 of the Event: a redelivered event is stored once
 );
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events (dedupe_key);
 CREATE INDEX IF NOT EXISTS commands_by_batch ON commands (batch);
 CREATE INDEX IF NOT EXISTS commands_by_wire_id ON commands (wire_id, device_id);
 CREATE TABLE IF NOT EXISTS alerts (
     id SERIAL_ID,
     device_id TEXT NOT NULL,
-    kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop
+    kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop | dead_letters (device '*')
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
     cleared_at TEXT             -- NULL while the condition holds
@@ -118,6 +123,16 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id SERIAL_ID,
+    device_id TEXT,             -- the device of the topic, NULL when the topic names none
+    topic TEXT NOT NULL,
+    payload BYTES NOT NULL,     -- the payload as received (its first MAX_PAYLOAD_BYTES)
+    size BIGINT NOT NULL,       -- the payload's whole size in bytes
+    error TEXT NOT NULL,        -- why it was not stored
+    received_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (received_at);
 """
 
 
@@ -145,6 +160,12 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         "INSERT INTO stream_chunks SELECT * FROM stream_chunks_v1",
         Only("postgresql", "SELECT setval(pg_get_serial_sequence('stream_chunks', 'id'), max(id)) FROM stream_chunks"),
         "DROP TABLE stream_chunks_v1",
+    ),
+    3: (  # the `dead_letters` table and the `events_dedupe` index come from SCHEMA (create() runs after)
+        "ALTER TABLE devices ADD COLUMN status_ts TEXT",
+        "ALTER TABLE events ADD COLUMN dedupe_key TEXT",
+        Only("postgresql", "ALTER TABLE stream_chunks ALTER COLUMN idx TYPE BIGINT"),
+        Only("postgresql", "ALTER TABLE devices ALTER COLUMN n_gpu_layers TYPE BIGINT"),
     ),
 }
 

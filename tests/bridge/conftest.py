@@ -22,13 +22,24 @@ import httpx
 import pytest
 
 from cloud_bridge.store.registry import Registry
+from tests.faults.harness import slow_enabled
 
 MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
 VENV_BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long variants (`slow`) run only with -m slow or EDGE_AGENT_SLOW_TESTS=1, as in tests/faults."""
+    if slow_enabled(config):
+        return
+    skip = pytest.mark.skip(reason="long variant: run with -m slow or EDGE_AGENT_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords and "tests/bridge/" in str(item.fspath):
+            item.add_marker(skip)
+
+
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters"
+PG_TABLES = "devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters"
 
 
 @contextmanager

@@ -128,14 +128,19 @@ def test_watch_prints_replies_events_and_status_changes(bridge, device, open_reg
         assert stop_process(watch) == 0
 
 
-def test_bad_payloads_are_counted_and_the_bridge_keeps_working(bridge, device, open_registry):
+def test_bad_payloads_are_dead_lettered_listed_and_the_bridge_keeps_working(bridge, device, open_registry):
     wait_until(lambda: _device_online(open_registry, "dev-1"), what="dev-1 online")
     device.publish(device.topics.reply, b"{not json")
     device.publish(device.topics.telemetry, b'{"v": 1}', qos=0)
-    wait_until(lambda: open_registry.counters.all().get("bad_payloads", 0) >= 1, what="a bad payload counted")
+    wait_until(lambda: open_registry.counters.all().get("dead_letters", 0) >= 1, what="a bad payload dead-lettered")
     out = bridge.cli("send", "dev-1", "ping", "--timeout", "15")
     assert out.returncode == 0, out.stderr
     assert bridge.process.poll() is None
+    listing = bridge.cli("dead-letters", "--json")
+    assert listing.returncode == 0, listing.stderr
+    letter = {d["topic"]: d for d in json.loads(listing.stdout)}[device.topics.reply]
+    assert letter["preview"] == "{not json" and "not JSON" in letter["error"]
+    assert "dead-lettered a message on" in bridge.log() and "Traceback" not in bridge.log()
 
 
 def test_the_console_explains_a_missing_registry(tmp_path):

@@ -54,19 +54,21 @@ def test_stream_chunks_come_from_the_stream_topic(ingestor, registry):
         (f"{P}/dev-1/telemetry", b"{}"),
     ],
 )
-def test_a_bad_payload_is_counted_and_never_raises(ingestor, registry, topic, payload):
-    assert ingestor.handle(Inbound(topic, payload), at(1)) is Outcome.BAD
-    assert registry.counters.all()["bad_payloads"] == 1
+def test_a_bad_payload_is_dead_lettered_as_received_and_counted(ingestor, registry, topic, payload):
+    assert ingestor.handle(Inbound(topic, payload), at(1)) is Outcome.DEAD_LETTERED
+    assert registry.counters.all()["dead_letters"] == 1
+    (letter,) = registry.dead_letters.recent()
+    assert (letter.topic, letter.device_id, letter.payload, letter.size) == (topic, "dev-1", payload, len(payload))
 
 
 def test_a_payload_naming_another_device_than_its_topic_is_bad(ingestor, registry):
     message = Inbound(f"{P}/dev-2/reply", to_bytes(reply(1, "accepted", device_id="dev-1")))
-    assert ingestor.handle(message, at(1)) is Outcome.BAD
+    assert ingestor.handle(message, at(1)) is Outcome.DEAD_LETTERED
     assert registry.feeds.replies(0) == []
 
 
 def test_a_chunk_naming_another_command_than_its_topic_is_bad(ingestor):
-    assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c2", to_bytes(chunk(0, "x"))), at(1)) is Outcome.BAD
+    assert ingestor.handle(Inbound(f"{P}/dev-1/stream/c2", to_bytes(chunk(0, "x"))), at(1)) is Outcome.DEAD_LETTERED
 
 
 def test_a_cleared_retained_status_is_ignored(ingestor, registry):
@@ -74,9 +76,11 @@ def test_a_cleared_retained_status_is_ignored(ingestor, registry):
     assert registry.devices.all() == []
 
 
-def test_topics_outside_the_protocol_are_ignored(ingestor):
-    assert ingestor.handle(Inbound(f"{P}/dev-1/cmd", b"{}"), at(1)) is Outcome.IGNORED
+def test_topics_outside_the_prefix_are_ignored_and_others_under_it_dead_lettered(ingestor, registry):
     assert ingestor.handle(Inbound("other/dev-1/reply", b"{}"), at(1)) is Outcome.IGNORED
+    assert ingestor.handle(Inbound(f"{P}/dev-1/cmd", b"{}"), at(1)) is Outcome.DEAD_LETTERED
+    assert ingestor.handle(Inbound(f"{P}/group/reply", b"{}"), at(1)) is Outcome.DEAD_LETTERED
+    assert [d.device_id for d in registry.dead_letters.recent()] == [None, None]
 
 
 def test_a_batch_is_stored_in_one_go(ingestor, registry):
@@ -87,5 +91,5 @@ def test_a_batch_is_stored_in_one_go(ingestor, registry):
         Inbound(f"{P}/dev-1/reply", b"garbage"),
         Inbound(f"{P}/dev-1/reply", to_bytes(reply(2, "succeeded", output={"pong": True}))),
     ], at(1))
-    assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.BAD, Outcome.STORED]
+    assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.DEAD_LETTERED, Outcome.STORED]
     assert registry.commands.get("c1").state == "succeeded"

@@ -76,3 +76,26 @@ def test_of_two_replicas_claiming_the_same_send_exactly_one_wins(registry):
     assert registry.commands.mark_sent(row.id, at(1), claim=row) is True
     assert registry.commands.mark_sent(row.id, at(1), claim=row) is False  # the other replica read the same row
     assert registry.commands.get(row.id).attempts == 1
+
+
+@pytest.mark.parametrize("reports", [["accepted"], ["running"], ["succeeded"], ["accepted", "running", "failed"]])
+def test_the_bridge_expiry_is_provisional_and_the_device_reports_win(registry, reports):
+    """Issue #13: the device may have run a copy sent before the bridge gave up; the record must not
+    say `expired` for work that ran."""
+    registry.commands.add(command(), "dev-1", T0)
+    registry.commands.mark_sent("c1", at(1))
+    assert registry.commands.mark_expired("c1", "no `accepted` before expires_at", at(3601))
+    for seq, status in enumerate(reports, start=1):
+        error = {"code": "model_error", "message": "boom"} if status == "failed" else None
+        registry.replies.record(reply(seq, status, error=error), at(3601 + seq))
+    row = registry.commands.get("c1")
+    assert row.state == reports[-1]
+    assert row.error == (None if reports[-1] != "failed" else {"code": "model_error", "message": "boom"})
+    assert not registry.commands.mark_sent("c1", at(3700)), "a command the device reported on is not resent"
+
+
+def test_the_device_own_expired_reply_is_final(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "expired", error={"code": "expired", "message": "too late"}), at(1))
+    registry.replies.record(reply(2, "running"), at(2))
+    assert registry.commands.get("c1").state == "expired"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoglm_wire.protocol import Event, Telemetry, format_ts
+from autoglm_wire.protocol import Event, Status, Telemetry, format_ts
 
 from .factories import T0, at, offline, online
 
@@ -44,3 +44,38 @@ def test_telemetry_and_events_are_kept(registry):
                                 message="5% free", data={"free": 5}), at(1))
     assert registry.devices.get("dev-1").last_telemetry["tokens_per_s_ewma"] == 12.5
     assert [(e.code, e.data) for e in registry.feeds.events(0)] == [("disk_low", {"free": 5})]
+
+
+def _status(state: str, seconds: float, model_name: str = "glm-4-tiny") -> Status:
+    status = online() if state == "online" else offline()
+    return status.model_copy(update={"ts": format_ts(at(seconds)),
+                                     "model": status.model and status.model.model_copy(update={"name": model_name})})
+
+
+def test_a_status_older_than_the_one_applied_is_a_replay_and_changes_nothing(registry):
+    """Issue #13: a lagging or restarted replica replays old statuses; they must not flap the device."""
+    assert registry.devices.record_status(_status("online", 10, "glm-new"), at(10))
+    assert not registry.devices.record_status(_status("offline", 5), at(11))
+    assert not registry.devices.record_status(_status("online", 1, "glm-old"), at(12), retained=True)
+    device = registry.devices.get("dev-1")
+    assert (device.state, device.model_name, device.status_ts) == ("online", "glm-new", format_ts(at(10)))
+    assert [c.state for c in registry.feeds.device_states(0)] == ["online"]
+    assert registry.devices.record_status(_status("offline", 20), at(21)), "a newer status still applies"
+    assert registry.devices.get("dev-1").state == "offline"
+
+
+def test_a_status_without_ts_cannot_be_ordered_and_applies_as_it_comes(registry):
+    registry.devices.record_status(_status("online", 10), at(10))
+    assert registry.devices.record_status(offline(), at(11))  # the last will carries no ts
+    assert registry.devices.record_status(_status("online", 12), at(12))
+    assert [c.state for c in registry.feeds.device_states(0)] == ["online", "offline", "online"]
+
+
+def test_a_redelivered_event_is_stored_once(registry):
+    """Issue #13: events get a dedupe key; a broker redelivery (or a second replica) stores it once."""
+    event = Event(device_id="dev-1", ts=format_ts(T0), level="info", code="tick", message="once", data={"n": 1})
+    assert registry.events.record(event, at(1))
+    assert not registry.events.record(event, at(2))
+    assert registry.events.record(event.model_copy(update={"data": {"n": 2}}), at(3)), "another payload, another event"
+    assert [e.data for e in registry.feeds.events(0)] == [{"n": 1}, {"n": 2}]
+    assert registry.counters.all()["duplicate_events"] == 1

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from autoglm_wire.protocol import Event, format_ts
 from cloud_bridge.errors import BridgeError, RegistryMissing
 from cloud_bridge.store import schema
 from cloud_bridge.store.backends import Backend, PostgresBackend, SqliteBackend, connect_sqlite
 from cloud_bridge.store.registry import Registry
 
-from .factories import T0, at, chunk, command, reply
+from .factories import T0, at, chunk, command, online, reply
 
 
 def test_the_console_does_not_create_a_missing_registry(tmp_path):
@@ -65,7 +66,7 @@ def test_another_programs_database_is_refused(tmp_path):
 
 
 # Version 1, in the portable words of cloud_bridge/store/schema.py: no policy, priority, batch or
-# wire_id yet, and stream chunks unique by (command_id, idx) alone.
+# wire_id yet, and stream chunks unique by (command_id, idx) alone (its tables that later versions change).
 V1_SCHEMA = """
 CREATE TABLE devices (device_id TEXT PRIMARY KEY, state TEXT, since TEXT, last_seen TEXT, agent_version TEXT,
     model_name TEXT, model_sha256 TEXT, n_gpu_layers INTEGER, groups TEXT, kinds TEXT, last_telemetry TEXT);
@@ -74,7 +75,11 @@ CREATE TABLE commands (id TEXT PRIMARY KEY, device_id TEXT NOT NULL, kind TEXT N
     expires_at TEXT, last_sent_at TEXT, updated_at TEXT NOT NULL, reply TEXT, error TEXT INSERTION_ORDER);
 CREATE TABLE stream_chunks (id SERIAL_ID, device_id TEXT NOT NULL, command_id TEXT NOT NULL,
     idx INTEGER NOT NULL, delta TEXT NOT NULL, done BOOL NOT NULL, received_at TEXT NOT NULL, UNIQUE (command_id, idx));
+CREATE TABLE events (id SERIAL_ID, device_id TEXT NOT NULL, ts TEXT NOT NULL, level TEXT NOT NULL,
+    code TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL, received_at TEXT NOT NULL);
 INSERT INTO stream_chunks VALUES (1, 'old-gw', 'c0', 0, 'hi', TRUE, '2026-11-21T10:00:00.000Z');
+INSERT INTO events (device_id, ts, level, code, message, data, received_at) VALUES ('old-gw',
+    '2026-11-21T10:00:00.000Z', 'info', 'tick', 'old', '{}', '2026-11-21T10:00:00.000Z');
 INSERT INTO devices (device_id, state) VALUES ('old-gw', 'online');
 """
 
@@ -114,6 +119,14 @@ def test_a_version_1_registry_is_upgraded_in_place_and_keeps_its_rows(empty_stor
         assert registry._connection.backend.schema_version() == schema.SCHEMA_VERSION
         assert registry.chunks.record("new-gw", chunk(0, "again", "c0"), at(1)), "one command id on two devices"
         assert [c.id for c in registry.feeds.chunks(0)] == [1, 2]
+        assert registry.chunks.record("new-gw", chunk(2**63 - 1, "last", "c0"), at(1)), "idx holds 64 bits"
+        new = Event(device_id="old-gw", ts=format_ts(T0), level="info", code="tick", message="new", data={})
+        assert registry.events.record(new, at(2)) and not registry.events.record(new, at(3))
+        assert [(e.message, e.dedupe_key is None) for e in registry.feeds.events(0)] == [("old", True), ("new", False)]
+        registry.devices.record_status(online("old-gw"), at(4))
+        assert registry.devices.get("old-gw").status_ts == format_ts(T0)
+        registry.dead_letters.record("autoglm/old-gw/reply", "old-gw", b"\x00\xff", "not JSON", at(5))
+        assert registry.dead_letters.recent()[0].payload == b"\x00\xff"
     finally:
         registry.close()
 
