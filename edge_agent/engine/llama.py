@@ -27,6 +27,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from autoglm_wire.errors import InvalidCommand, ModelError, Timeout
 from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
 from edge_agent.engine import FinishReason, Generation, OnDelta
+from edge_agent.engine.batch import BatchDecoder, Job
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
 from edge_agent.engine.prefix import PrefixStates
 from edge_agent.engine.repack import RepackChoice, choose_repack
@@ -79,23 +80,33 @@ def decide_repack(setting: Literal["auto"] | bool) -> RepackChoice:
     return choose_repack(setting, llama_cpp.llama_print_system_info().decode(errors="replace"))
 
 
-def load_llama(settings: Mapping[str, Any], repack: bool) -> llama_cpp.Llama:
-    """`llama_cpp.Llama(**settings)` with `use_extra_bufts = repack` (engine/repack.py), a model
-    parameter `Llama` has no argument for: it is set on the defaults `Llama` starts from, for the
-    duration of this load. Raises ModelError if llama-cpp-python stopped honouring it."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
+def load_llama(settings: Mapping[str, Any], repack: bool, n_seq: int = 1) -> llama_cpp.Llama:
+    """`llama_cpp.Llama(**settings)` with `use_extra_bufts = repack` (engine/repack.py) and, for
+    `n_seq` > 1, a context for that many sequences sharing one (unified) KV cache: parameters
+    `Llama` has no argument for. They are set on the defaults `Llama` starts from, for the
+    duration of this load. Raises ModelError if llama-cpp-python stopped honouring repack."""
+    model_defaults = llama_cpp.llama_cpp.llama_model_default_params
+    context_defaults = llama_cpp.llama_cpp.llama_context_default_params
 
     def with_repack() -> llama_cpp.llama_model_params:
-        params = defaults()
+        params = model_defaults()
         params.use_extra_bufts = repack
+        return params
+
+    def with_sequences() -> llama_cpp.llama_context_params:
+        params = context_defaults()
+        if n_seq > 1:
+            params.n_seq_max, params.kv_unified = n_seq, True
         return params
 
     with _LOAD_LOCK:
         llama_cpp.llama_cpp.llama_model_default_params = with_repack
+        llama_cpp.llama_cpp.llama_context_default_params = with_sequences
         try:
             llm = llama_cpp.Llama(**settings)
         finally:
-            llama_cpp.llama_cpp.llama_model_default_params = defaults
+            llama_cpp.llama_cpp.llama_model_default_params = model_defaults
+            llama_cpp.llama_cpp.llama_context_default_params = context_defaults
     if llm.model_params.use_extra_bufts != repack:
         llm.close()
         raise ModelError(f"this llama-cpp-python ignores use_extra_bufts (wanted {repack}); pin "
@@ -104,9 +115,10 @@ def load_llama(settings: Mapping[str, Any], repack: bool) -> llama_cpp.Llama:
 
 
 def llama_settings(config: ModelConfig, n_gpu_layers: int) -> dict[str, Any]:
-    """Keyword arguments of `llama_cpp.Llama` for a model config (shared with the tuner)."""
+    """Keyword arguments of `llama_cpp.Llama` for a model config (shared with the tuner); with
+    `parallel` sequences the context holds `n_ctx` tokens for each."""
     settings: dict[str, Any] = {
-        "model_path": str(config.path), "n_gpu_layers": n_gpu_layers, "n_ctx": config.n_ctx,
+        "model_path": str(config.path), "n_gpu_layers": n_gpu_layers, "n_ctx": config.n_ctx * config.parallel,
         "n_batch": config.n_batch, "n_threads": config.n_threads, "flash_attn": config.flash_attn,
         "verbose": False,
     }
@@ -139,12 +151,15 @@ class LlamaEngine:
         repack = decide_repack(config.repack)
         log.info("weight repacking: %s", repack.reason)
         try:
-            self._llm = load_llama(llama_settings(config, gpu.n_gpu_layers), repack.enabled)
+            self._llm = load_llama(llama_settings(config, gpu.n_gpu_layers), repack.enabled, config.parallel)
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {config.path}: {exc}") from exc
-        self._prefixes = PrefixStates(config.prefix_cache_mb * 1024 * 1024) if config.prefix_cache_mb else None
+        # parallel > 1: the batched decoder, whose finished sequences' KV cells are its prefix cache
+        self._decoder = BatchDecoder(self._llm, config.parallel) if config.parallel > 1 else None
+        self._prefixes = PrefixStates(config.prefix_cache_mb * 1024 * 1024) \
+            if config.prefix_cache_mb and self._decoder is None else None
         meta = self._llm.metadata
-        self._n_ctx = self._llm.n_ctx()
+        self._n_ctx = self._llm.n_ctx() // config.parallel
         self._formatter = self._make_formatter(meta)
         self.info = self._model_info(config, meta, gpu)
         self._watchdog.start()
@@ -176,6 +191,8 @@ class LlamaEngine:
 
     def close(self) -> None:
         self._watchdog.close()
+        if self._decoder is not None:
+            self._decoder.close()
         self._llm.close()
 
     def chat(self, params: ChatParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation:
@@ -205,30 +222,20 @@ class LlamaEngine:
         schema = params.response_format.schema_ if params.response_format is not None else None
         grammar = _compile_grammar(schema) if schema is not None else None
 
-        def should_stop(input_ids: object, logits: object) -> bool:
-            return cancel.is_set()
-
         started = time.perf_counter()
-        if self._prefixes is not None:
-            self._prefixes.restore(self._llm, tokens)
-        stream: Iterator[Any] | None = None
-        with self._watchdog.watching(cancel, self._max_generation_s) as watchdog:
-            try:
-                stream = self._llm.create_completion(
-                    prompt=tokens, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                    stop=params.stop or None, seed=seed, grammar=grammar, stream=True,
-                    stopping_criteria=llama_cpp.StoppingCriteriaList([should_stop]),
-                )
-                text, finish, first_token_at = _consume(stream, on_delta, watchdog)
-            except (RuntimeError, ValueError) as exc:
-                raise ModelError(f"llama.cpp failed while generating: {exc}") from exc
-            finally:
-                if stream is not None:
-                    stream.close()  # a no-op once drained; ends it first if _consume raised
-                _free_sampler(self._llm)
+        if self._decoder is None:
+            text, finish, first_token_at = self._generate_alone(tokens, max_tokens, seed, grammar, params,
+                                                                on_delta, cancel)
+            completion_tokens = self._completion_tokens(len(tokens), max_tokens, finish, bool(params.stop))
+            watchdog = self._watchdog
+        else:
+            watchdog = StallWatchdog(self._stall_timeout_s)  # one per generation, checked by its caller
+            job = Job(tokens, max_tokens, params.temperature, params.top_p, seed, params.stop, grammar, cancel)
+            with watchdog.watching(cancel, self._max_generation_s):
+                outcome = self._decoder.generate(job, on_delta, watchdog)
+            text, finish, first_token_at = outcome.text, outcome.finish_reason, outcome.first_token_at
+            completion_tokens = outcome.completion_tokens
         ended = time.perf_counter()
-        if self._prefixes is not None:
-            self._prefixes.save(self._llm, len(tokens))
         if watchdog.stalled:
             raise Timeout(f"no token for {self._stall_timeout_s} s (model.stall_timeout_s); the generation was "
                           "stopped. Raise the key if long prompts legitimately take that long on this device")
@@ -240,10 +247,38 @@ class LlamaEngine:
         if schema is not None and finish == "stop":
             _check_schema(text, schema)
         return Generation(
-            text=text, finish_reason=finish, prompt_tokens=len(tokens),
-            completion_tokens=self._completion_tokens(len(tokens), max_tokens, finish, bool(params.stop)),
+            text=text, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=completion_tokens,
             ttft_ms=((first_token_at or ended) - started) * 1000.0, total_ms=(ended - started) * 1000.0, seed=seed,
         )
+
+    def _generate_alone(self, tokens: list[int], max_tokens: int, seed: int, grammar: llama_cpp.LlamaGrammar | None,
+                        params: Sampling, on_delta: OnDelta | None,
+                        cancel: threading.Event) -> tuple[str, FinishReason, float | None]:
+        """One generation on llama-cpp-python's high-level API (`model.parallel` = 1)."""
+
+        def should_stop(input_ids: object, logits: object) -> bool:
+            return cancel.is_set()
+
+        if self._prefixes is not None:
+            self._prefixes.restore(self._llm, tokens)
+        stream: Iterator[Any] | None = None
+        with self._watchdog.watching(cancel, self._max_generation_s) as watchdog:
+            try:
+                stream = self._llm.create_completion(
+                    prompt=tokens, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                    stop=params.stop or None, seed=seed, grammar=grammar, stream=True,
+                    stopping_criteria=llama_cpp.StoppingCriteriaList([should_stop]),
+                )
+                result = _consume(stream, on_delta, watchdog)
+            except (RuntimeError, ValueError) as exc:
+                raise ModelError(f"llama.cpp failed while generating: {exc}") from exc
+            finally:
+                if stream is not None:
+                    stream.close()  # a no-op once drained; ends it first if _consume raised
+                _free_sampler(self._llm)
+        if self._prefixes is not None:
+            self._prefixes.save(self._llm, len(tokens))
+        return result
 
     def _completion_tokens(self, prompt_tokens: int, max_tokens: int, finish: FinishReason, has_stop: bool) -> int:
         """Tokens evaluated after the prompt; the last sampled token is never evaluated, and it counts

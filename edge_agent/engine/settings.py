@@ -28,6 +28,9 @@ class ModelConfig(Section):
     type_k: KvCacheType | None = None
     type_v: KvCacheType | None = None
     prefix_cache_mb: int = Field(default=0, ge=0)
+    # Commands decoded together in one llama.cpp context (engine/batch.py). 1: one at a time, today's
+    # path and memory. N > 1 costs N times the KV cache of `n_ctx` (each sequence gets its own window).
+    parallel: int = Field(default=1, ge=1, le=64)
     stall_timeout_s: float = Field(default=120.0, gt=0.0)
     profile: Path | None = None
     name: str | None = None
