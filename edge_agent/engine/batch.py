@@ -109,6 +109,7 @@ class BatchDecoder:
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.prompt_tokens_evaluated = 0  # prompt tokens that went through llama_decode (shared ones did not)
         self._thread = threading.Thread(target=self._run, name="batch-decoder", daemon=True)
         self._thread.start()
 
@@ -261,6 +262,7 @@ class BatchDecoder:
             assert slot.job is not None
             slot.cached.extend(chunk)
             del slot.job.pending[:len(chunk)]
+            self.prompt_tokens_evaluated += len(chunk)
         for slot, row in rows:
             assert slot.job is not None and slot.job.chain is not None
             self._accept(slot, slot.job.chain.sample(self._ctx, row))
