@@ -314,10 +314,7 @@ class Link:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             try:
-                self._settle_acks()
-                if self._connected.is_set():
-                    self._fill_window()
-                    self._reconnect_for_redelivery()
+                self._pump_once()
             except StoreFull as exc:  # expected while the disk is full: one line, not a traceback
                 log.error("outbox pump: %s; retrying in 1 s", exc)
                 self._stopping.wait(1.0)
@@ -329,6 +326,13 @@ class Link:
         except Exception as exc:  # noqa: BLE001 - stopping: the rows are re-published next start
             log.warning("could not delete %d acked outbox rows before stopping (%s); they will be published "
                         "again after the restart", len(self._unsettled), exc)
+
+    def _pump_once(self) -> None:
+        if self._connected.is_set():
+            self._reconnect_for_redelivery()  # first: deletes failing on a full disk must not hold it back
+        self._settle_acks()
+        if self._connected.is_set():
+            self._fill_window()
 
     def _settle_acks(self) -> None:
         """Free the window slots of acked rows; delete a batch of them (all, when nothing is in flight)."""

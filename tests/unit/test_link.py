@@ -187,6 +187,25 @@ def test_redelivery_reconnects_back_off_to_the_cap_then_recovery_is_announced(
     assert link.redelivery.failing_since is None and link.redelivery.due is None
 
 
+def test_the_redelivery_reconnect_is_not_held_back_by_deletes_failing_on_the_same_full_disk() -> None:
+    calls: list[str] = []
+    link = make_link(calls)
+    client = FakeClient(calls)
+    link._client = client  # type: ignore[assignment]
+    connect(link, client)
+
+    def delete(ids: list[int]) -> None:
+        raise StoreFull("the disk holding edge.db is full")
+
+    link._outbox.delete = delete  # type: ignore[method-assign]
+    link._unsettled = [1]  # acked rows waiting for their delete
+    link._on_message(client, None, Delivery(payload=b"unstorable", mid=1))  # type: ignore[arg-type]
+    link.redelivery.due = time.monotonic()
+    with pytest.raises(StoreFull):
+        link._pump_once()
+    assert calls[-1] == "disconnect"
+
+
 # --- after a reconnect, the rows paho re-sends go first ---------------------------------------------
 
 
