@@ -367,6 +367,7 @@ class Telemetry(_Tolerant):
     gpu_layers: Int64
     uptime_s: float
     dropped: dict[str, Count] = Field(default_factory=dict)
+    redelivery: dict[str, Count] = Field(default_factory=dict)
 
 
 class Event(_Tolerant):

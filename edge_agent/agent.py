@@ -77,6 +77,8 @@ class Agent:
             status_topic=self.topics.status,
             status_payload=self._status_payload,
             offline_payload=to_bytes(Status(device_id=config.device_id, state="offline")),
+            event_topic=self.topics.event,
+            event_payload=lambda level, code, message, data: to_bytes(self._new_event(level, code, message, data)),
         )
         self.executor = Executor(
             inbox=self.inbox,
@@ -129,12 +131,15 @@ class Agent:
             queue_depth=self.inbox.count_in_state("accepted"), outbox_depth=rows, outbox_bytes=size,
             tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_mb=round(rss_mb(), 1),
             gpu_layers=self.engine.info.n_gpu_layers, uptime_s=round(time.monotonic() - self.started_at, 1),
-            dropped=self.outbox.dropped,
+            dropped=self.outbox.dropped, redelivery=self.link.redelivery.counters(),
         )
 
+    def _new_event(self, level: str, code: str, message: str, data: dict[str, object]) -> Event:
+        return Event(device_id=self.config.device_id, ts=format_ts(utc_now()), level=level,  # type: ignore[arg-type]
+                     code=code, message=message, data=data)
+
     def _event(self, level: str, code: str, message: str, **data: object) -> None:
-        self.outbox.enqueue_event(Event(device_id=self.config.device_id, ts=format_ts(utc_now()),
-                                       level=level, code=code, message=message, data=data))  # type: ignore[arg-type]
+        self.outbox.enqueue_event(self._new_event(level, code, message, data))
 
     # --- main loop -------------------------------------------------------------------------------
 

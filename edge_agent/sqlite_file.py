@@ -172,17 +172,22 @@ class SqliteFile:
     def sync(self) -> None:
         """Make every commit so far durable against power loss: an fsync of the WAL, only if an
         unsynced commit that must survive one happened since. Cheap when there is nothing to do;
-        any thread."""
+        any thread. A failed fsync raises and leaves the flag set: the next `sync()` tries again."""
         with self._sync_lock:
             with self.lock:
                 unsynced, self._wal_unsynced = self._wal_unsynced, False
             if not unsynced:
                 return
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                with self.lock:
+                    self._wal_unsynced = True  # not durable yet (a commit since then set it anyway)
+                raise
 
     def sync_later(self) -> None:
         """The commit in progress holds a row that must be durable before it is published, though

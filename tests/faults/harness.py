@@ -181,9 +181,12 @@ class Audit:
 
 
 def audit(cloud: CloudClient, device_id: str, command_ids: list[str]) -> Audit:
-    """Each command: exactly one terminal reply (distinct seqs) and at most one `running` reply (a
-    `running` reply is stored in the same transaction as the claim, so it counts executions).
-    Order: the first arrival of each seq is increasing (re-sent copies may come later)."""
+    """Each command: exactly one terminal reply (distinct seqs) and at most one execution.
+    Executions are counted as distinct `running` replies by (seq, ts), over every copy received: a
+    `running` reply is stored in the claim's transaction, a copy re-sent from the outbox or the
+    ledger repeats its bytes, but a re-run after a claim lost to a power cut takes the same seq
+    again (the counter rolled back with the claim) with a new `ts`, so counting seqs alone would
+    hide it. Order: the first arrival of each seq is increasing (re-sent copies may come later)."""
     mine = [r for r in cloud.replies() if r.get("device_id") == device_id]
     first_seen: dict[int, dict[str, Any]] = {}
     for reply in mine:
@@ -191,23 +194,22 @@ def audit(cloud: CloudClient, device_id: str, command_ids: list[str]) -> Audit:
     order = list(first_seen)
     late = [(a, b) for a, b in zip(order, order[1:], strict=False) if b <= a]
     terminal: dict[str, set[int]] = {cid: set() for cid in command_ids}
-    running: dict[str, set[int]] = {cid: set() for cid in command_ids}
+    executions: dict[str, set[tuple[int, str]]] = {cid: set() for cid in command_ids}
     outcomes: Counter[str] = Counter()
     for seq, reply in first_seen.items():
         cid = reply.get("command_id")
-        if cid not in terminal:
-            continue
-        if reply["status"] in TERMINAL_STATUSES:
+        if cid in terminal and reply["status"] in TERMINAL_STATUSES:
             terminal[cid].add(seq)
             outcomes[reply["status"] + (f":{reply['error']['code']}" if reply.get("error") else "")] += 1
-        elif reply["status"] == "running":
-            running[cid].add(seq)
+    for reply in mine:
+        if reply["status"] == "running" and reply.get("command_id") in executions:
+            executions[reply["command_id"]].add((reply["seq"], reply["ts"]))
     return Audit(
         commands=len(command_ids),
         with_one_terminal=sum(1 for s in terminal.values() if len(s) == 1),
         lost=[c for c, s in terminal.items() if not s],
         multiple_terminals=[c for c, s in terminal.items() if len(s) > 1],
-        executed_twice=[c for c, s in running.items() if len(s) > 1],
+        executed_twice=[c for c, s in executions.items() if len(s) > 1],
         seq_out_of_order=len(late),
         late_pairs=late[:20],
         duplicates_received=len(mine) - len(first_seen),

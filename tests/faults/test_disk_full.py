@@ -1,9 +1,10 @@
 """Scenario 4b: the disk holding the store fills up (a 4 MiB tmpfs), then space returns.
 
 While full: the agent keeps running, says why in its log, leaves new commands unacknowledged (so
-the broker keeps them) and holds a finished command's terminal reply in memory, retrying. When
-space returns: the link reconnects, the broker redelivers, everything ends exactly once, and a
-`store_recovered` Event reports how many writes failed.
+the broker keeps them; `redelivery_backoff` Event, Telemetry `redelivery`) and holds a finished
+command's terminal reply in memory, retrying. When space returns: the link's next redelivery
+reconnect (backed off) has the broker redeliver, everything ends exactly once, and a
+`store_recovered` Event reports how many writes failed, `redelivery_recovered` the reconnects.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def test_a_full_disk_loses_nothing_crashes_nothing_and_recovers_when_space_retur
     assert ledger[long_chat["id"]] == "running" and not any(p["id"] in ledger for p in pings)
     rig.cloud.wait_for(lambda: any(t["dropped"].get("store_full_writes", 0) > 0 for t in rig.cloud.on("/telemetry")),
                        30, "telemetry counting failed writes")
+    rig.cloud.wait_for(lambda: any(t["redelivery"]["unacked"] > 0 for t in rig.cloud.on("/telemetry")),
+                       30, "telemetry counting the commands left unacknowledged")
+    assert [e["code"] for e in rig.cloud.on("/event") if e["code"].startswith("redelivery")] == ["redelivery_backoff"]
 
     filler.unlink()
     ids = [long_chat["id"]] + [p["id"] for p in pings]
@@ -65,6 +69,10 @@ def test_a_full_disk_loses_nothing_crashes_nothing_and_recovers_when_space_retur
     assert result.outcomes["succeeded"] == 4
     rig.cloud.wait_for(lambda: any(e["code"] == "store_recovered" for e in rig.cloud.on("/event")), 30,
                        "store_recovered event")
+    rig.cloud.wait_for(lambda: any(e["code"] == "redelivery_recovered" for e in rig.cloud.on("/event")), 30,
+                       "redelivery_recovered event")
+    recovered = next(e for e in rig.cloud.on("/event") if e["code"] == "redelivery_recovered")
+    assert recovered["data"]["attempts"] >= 1 and recovered["data"]["failed_deliveries"] >= 3, recovered
     # rows acked while the disk was full (their delete failed) are deleted once it can write again
     rig.cloud.wait_for(lambda: outbox_depth(rig.agent.store)[0] == 0, 60, "outbox drained")
     assert rig.agent.alive

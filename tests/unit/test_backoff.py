@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tenacity import RetryCallState, Retrying
 
-from autoglm_wire.backoff import reconnect_wait
+from autoglm_wire.backoff import ceiling, reconnect_wait
 
 SAMPLES = 400
 
@@ -14,11 +14,6 @@ def state(attempt: int) -> RetryCallState:
     retry_state = RetryCallState(Retrying(), None, (), {})
     retry_state.attempt_number = attempt
     return retry_state
-
-
-def ceiling(initial_s: float, multiplier: float, max_s: float, attempt: int) -> float:
-    """The documented upper bound of the jittered wait before attempt `attempt` (1-based)."""
-    return min(max_s, initial_s * multiplier ** (attempt - 1))
 
 
 @pytest.mark.parametrize("initial,multiplier,max_s", [(1.0, 2.0, 30.0), (0.25, 3.0, 5.0), (2.0, 1.0, 10.0)])

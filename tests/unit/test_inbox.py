@@ -4,7 +4,6 @@ only the SQLite inbox does (unsynced commits, forgetting finished commands)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from edge_agent.agent import Agent
 from edge_agent.inbox import Inbox, MemoryInbox
 from edge_agent.outbox import MemoryOutbox, Outbox, OutboxRow, ReplyDraft
 from edge_agent.sqlite_file import StoreError, StoreFull
+from tests.support.sqlite_syncs import count_sqlite_syncs, record_os_fsyncs
 from tests.support.store import OpenStore, open_store
 
 TOPICS = DeviceTopics("autoglm", "d1")
@@ -221,14 +221,19 @@ def test_count_in_state_counts_the_ledger(store: OpenStore) -> None:
 
 
 def test_an_accept_with_claim_is_one_unsynced_commit_that_one_sync_makes_durable(
-        store: OpenStore, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    accept(store.inbox, "c1", claim=True)
-    assert synced == [], "the intake commit skips its fsync"
-    store.file.sync()
-    assert synced == [f"{path}-wal"], "one fsync makes both durable"
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = f"{path}-wal"
+    with count_sqlite_syncs() as sqlite_syncs:  # SQLite's own syncs; the barrier's are os.fsync
+        store = open_store(path, TOPICS)
+        try:
+            barrier = record_os_fsyncs(monkeypatch)
+            before = sqlite_syncs[wal]
+            accept(store.inbox, "c1", claim=True)
+            assert (sqlite_syncs[wal], barrier) == (before, []), "the intake commit skips its fsync"
+            store.file.sync()
+            assert (sqlite_syncs[wal], barrier) == (before, [wal]), "one fsync makes both durable"
+        finally:
+            store.close()
 
 
 # --- forgetting finished commands ----------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from autoglm_wire.errors import BadJson
 from autoglm_wire.protocol import ErrorInfo, Event, format_ts, utc_now
 from autoglm_wire.topics import DeviceTopics
 from edge_agent.outbox import OutboxRow, ReplyDraft, SqliteOutbox
+from tests.support.sqlite_syncs import count_sqlite_syncs, record_os_fsyncs
 from tests.support.store import OpenStore, open_store
 
 TOPICS = DeviceTopics("autoglm", "d1")
@@ -116,20 +116,23 @@ def test_delete_removes_only_the_given_ids(store: OpenStore) -> None:
 
 
 def test_deleting_acked_rows_commits_without_fsync_and_leaves_nothing_for_the_next_sync(
-        store: OpenStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    accept(store, "c1")
-    store.file.sync()
-    synced: list[int] = []
-    monkeypatch.setattr(os, "fsync", synced.append)
-    statements: list[str] = []
-    store.file.db.conn.set_trace_callback(statements.append)
-    store.outbox.delete([row.id for row in rows(store.outbox)])
-    store.file.db.conn.set_trace_callback(None)
-    store.file.sync()
-    assert synced == [] and rows(store.outbox) == []
-    deletes = [i for i, s in enumerate(statements) if s.startswith("DELETE FROM outbox")]
-    assert deletes and statements.index("PRAGMA synchronous=NORMAL") < deletes[0] < \
-        statements.index("PRAGMA synchronous=FULL"), statements
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = f"{path}-wal"
+    with count_sqlite_syncs() as sqlite_syncs:  # SQLite's own syncs; the barrier's are os.fsync
+        store = open_store(path, TOPICS)
+        try:
+            accept(store, "c1")
+            store.file.sync()
+            barrier = record_os_fsyncs(monkeypatch)
+            before = sqlite_syncs[wal]
+            store.outbox.delete([row.id for row in rows(store.outbox)])
+            store.file.sync()
+            assert (sqlite_syncs[wal], barrier) == (before, []) and rows(store.outbox) == []
+            store.outbox.enqueue_event(Event(device_id="d1", ts=format_ts(utc_now()), level="info", code="x",
+                                             message="an Event's commit is synced by SQLite itself"))
+            assert sqlite_syncs[wal] == before + 1
+        finally:
+            store.close()
 
 
 def test_depth_counts_rows_and_payload_bytes(store: OpenStore) -> None:

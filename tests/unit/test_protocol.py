@@ -471,6 +471,7 @@ def test_telemetry_serializes_with_v1_and_every_contract_field() -> None:
         "gpu_layers",
         "uptime_s",
         "dropped",
+        "redelivery",
     }
 
 

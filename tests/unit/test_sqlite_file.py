@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from autoglm_wire.lifecycle import State
 from autoglm_wire.topics import DeviceTopics
 from edge_agent.outbox import ReplyDraft
 from edge_agent.sqlite_file import SqliteFile
+from tests.support.sqlite_syncs import count_sqlite_syncs, record_os_fsyncs
 from tests.support.store import OpenStore, open_store
 
 TOPICS = DeviceTopics("autoglm", "d1")
@@ -33,43 +35,75 @@ def reply_statuses(store: OpenStore) -> list[str]:
 
 
 # --- the fsync barrier ---------------------------------------------------------------------------
+# SQLite's commits are observed through its VFS (`count_sqlite_syncs`: xSync per file), the barrier
+# through `os.fsync`, which `SqliteFile.sync` calls itself (`record_os_fsyncs`).
 
 
 def test_intake_and_claim_commit_without_fsync_and_sync_fsyncs_the_wal_once_each(
         path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = f"{path}-wal"
+    with count_sqlite_syncs() as sqlite_syncs:
+        store = open_store(path, TOPICS)
+        barrier = record_os_fsyncs(monkeypatch)
+        try:
+            store.file.sync()
+            assert barrier == [], "nothing to sync in a fresh store"
+            before = sqlite_syncs[wal]
+            accept(store, "c1")
+            assert sqlite_syncs[wal] == before, "SQLite did not sync the intake commit"
+            store.file.sync()
+            store.file.sync()
+            assert barrier == [wal], "the barrier synced the accept, once"
+            store.inbox.claim("c1")
+            assert sqlite_syncs[wal] == before, "nor the claim"
+            store.file.sync()
+            assert barrier == [wal] * 2
+            store.inbox.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+            assert sqlite_syncs[wal] == before + 1, "a terminal reply's commit is synced by SQLite itself"
+            store.file.sync()
+            assert len(barrier) == 2, "so the barrier has nothing left to do"
+        finally:
+            store.close()
+
+
+def test_with_synchronous_normal_no_commit_is_synced_and_sync_has_nothing_to_do(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wal = f"{path}-wal"
+    with count_sqlite_syncs() as sqlite_syncs:
+        normal = open_store(path, TOPICS, synchronous="normal")
+        barrier = record_os_fsyncs(monkeypatch)
+        try:
+            before = sqlite_syncs[wal]
+            accept(normal, "c1")
+            assert normal.inbox.claim("c1") is True
+            normal.inbox.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
+            normal.file.sync()
+            assert (sqlite_syncs[wal], barrier) == (before, [])
+            assert normal.file.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+        finally:
+            normal.close()
+
+
+def test_a_failed_fsync_raises_and_the_next_sync_tries_again(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(path, TOPICS)
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     try:
-        store.file.sync()
-        assert synced == [], "nothing to sync in a fresh store"
         accept(store, "c1")
+        real_fsync = os.fsync
+
+        def failing_fsync(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="Input/output error"):
+            store.file.sync()
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        barrier = record_os_fsyncs(monkeypatch)
         store.file.sync()
+        assert barrier == [f"{path}-wal"], "the accept is still not durable: this sync must fsync it"
         store.file.sync()
-        assert synced == [f"{path}-wal"], "the accept is synced once"
-        store.inbox.claim("c1")
-        assert store.file.db.execute("PRAGMA synchronous").fetchone()[0] == 2, "back to FULL after the claim"
-        store.file.sync()
-        assert synced == [f"{path}-wal"] * 2
-        store.inbox.transition("c1", State.SUCCEEDED, ReplyDraft(status="succeeded"))
-        store.file.sync()
-        assert len(synced) == 2, "a terminal reply is fsynced by its own commit"
+        assert len(barrier) == 1
     finally:
         store.close()
-
-
-def test_with_synchronous_normal_a_claim_leaves_nothing_for_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[int] = []
-    monkeypatch.setattr(os, "fsync", synced.append)
-    normal = open_store(path, TOPICS, synchronous="normal")
-    try:
-        accept(normal, "c1")
-        assert normal.inbox.claim("c1") is True
-        normal.file.sync()
-        assert synced == [] and normal.file.db.execute("PRAGMA synchronous").fetchone()[0] == 1
-    finally:
-        normal.close()
 
 
 # --- across close and reopen ---------------------------------------------------------------------
