@@ -89,6 +89,7 @@ class Agent:
             publish_volatile=self.link.publish_volatile,
             on_stored=self.link.kick,
             stream_interval_s=config.mqtt.stream_interval_ms / 1000,
+            workers=config.model.parallel,
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
         self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s)

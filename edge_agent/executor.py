@@ -1,5 +1,5 @@
-"""The executor: one worker thread that runs stored commands, one at a time, through a table of
-handlers by kind. Every state change goes through the inbox with the reply announcing it;
+"""The executor: worker threads (one, or `model.parallel` to feed the batched engine) that run stored
+commands through a table of handlers by kind. Every state change goes through the inbox with the reply announcing it;
 `lifecycle` says which changes are legal, so two threads never run or finish one command twice.
 """
 
@@ -102,6 +102,7 @@ class Executor:
         publish_volatile: Callable[[str, bytes], None],
         on_stored: Callable[[], None],
         stream_interval_s: float,
+        workers: int = 1,
     ) -> None:
         # the ledger, the SQLite file's fsync barrier, and who to wake when a reply is stored
         self._inbox, self._sync_to_disk, self._on_stored = inbox, sync_to_disk, on_stored
@@ -113,12 +114,16 @@ class Executor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._running: tuple[str, threading.Event] | None = None
-        self._idle = False  # the worker found nothing to run and waits: `submit` may hand it a command
+        self._changed = threading.Condition(self._lock)  # a worker's run ended, or an engine swap did
+        self._workers = workers  # each runs one command at a time; the engine decodes them together
+        self._running: dict[str, threading.Event] = {}  # the workers' commands a `cancel` can stop
+        self._idle: set[str] = set()  # workers that found nothing to run and wait: `submit` may hand one a command
         self._handoff: tuple[StoredCommand, ParsedCommand] | EarlyStart | None = None
-        self._early: EarlyStart | None = None  # the worker's current run, when it was started early
+        self._local = threading.local()  # `early`: the worker's current run, when it was started early
+        self._busy = 0  # workers running a command
         self._reload: EngineReload | None = None
-        self._thread: threading.Thread | None = None
+        self._swapping = False
+        self._threads: list[threading.Thread] = []
         self.tokens_per_s_ewma: float | None = None
         self.policy: Callable[[], Policy] = Policy  # the agent points this at the policy in force
         self.handlers: dict[str, Handler] = {
@@ -145,8 +150,10 @@ class Executor:
         return len(interrupted)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_worker, name="executor", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run_worker, name=f"executor-{i}", daemon=True)
+                         for i in range(self._workers)]
+        for thread in self._threads:
+            thread.start()
 
     def start_early(self, parsed: ParsedCommand) -> EarlyStart | None:
         """Before intake stores a command of EARLY_KINDS: if the worker is idle, it starts running
@@ -160,7 +167,7 @@ class Executor:
                 return None
             early = EarlyStart(parsed)
             self._handoff = early
-            self._idle = False
+            self._idle.pop()
         self._wake.set()
         return early
 
@@ -171,38 +178,49 @@ class Executor:
         with self._lock:
             if self._idle and self._handoff is None:
                 self._handoff = (command, parsed)
-                self._idle = False
+                self._idle.pop()
         self._wake.set()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def stop(self, timeout_s: float) -> None:
-        """Finish the running command (cancel it after `timeout_s`); queued ones stay stored."""
+        """Finish the running commands (cancel them after `timeout_s`); queued ones stay stored."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is None:
-            return
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
             self._cancel_running("the agent is shutting down")
-            self._thread.join(10.0)
+            for thread in self._threads:
+                thread.join(10.0)
 
     @property
     def engine(self) -> TextEngine:
         return self._engine
 
     def reload_engine(self, reload: EngineReload) -> None:
-        """Swap the text engine between commands, on the worker thread (the only one that uses it)."""
+        """Swap the text engine between commands, on a worker thread once no worker runs one."""
         with self._lock:
             self._reload = reload
         self._wake.set()
 
     def _reload_if_requested(self) -> None:
-        with self._lock:
+        """Wait while a reload waits for running commands or another worker swaps; then swap if asked."""
+        with self._changed:
+            while self._swapping or (self._reload is not None and self._busy):
+                self._changed.wait()
             reload, self._reload = self._reload, None
-        if reload is not None:
+            self._swapping = reload is not None
+        if reload is None:
+            return
+        try:
             self._engine = reload.swap(self._engine)
+        finally:
+            with self._changed:
+                self._swapping = False
+                self._changed.notify_all()
 
     def _run_worker(self) -> None:
         while not self._stopping.is_set() or isinstance(self._handoff, EarlyStart):  # it is claimed: finish it
@@ -221,19 +239,31 @@ class Executor:
                 log.exception("executor failed on command %s; the worker goes on in 1 s",
                               work.parsed.id if isinstance(work, EarlyStart) else work[0].id)
                 self._stopping.wait(1.0)  # a store that cannot write (disk full) must not spin the worker
+            finally:
+                with self._changed:
+                    self._busy -= 1
+                    self._changed.notify_all()
 
     def _next_command(self) -> tuple[StoredCommand, ParsedCommand | None] | EarlyStart | None:
         """What `start_early` or `submit` handed over, else the ledger's next runnable command;
-        when there is none the worker is marked idle (unless a wake-up is already pending)."""
+        when there is none the worker is marked idle (unless a wake-up is already pending). Nothing
+        new starts while a reload waits for the running commands to end."""
+        me = threading.current_thread().name
         with self._lock:
+            self._idle.discard(me)
+            if self._reload is not None:
+                return None
             handoff, self._handoff = self._handoff, None
-            self._idle = False
+            self._busy += 1
         if handoff is not None:
             return handoff
         command = self._inbox.next_runnable()
         if command is None:
-            with self._lock:
-                self._idle = self._handoff is None and not self._wake.is_set()
+            with self._changed:
+                self._busy -= 1
+                self._changed.notify_all()
+                if self._handoff is None and not self._wake.is_set():
+                    self._idle.add(me)
             return None
         return command, None
 
@@ -269,11 +299,11 @@ class Executor:
     def _run_early(self, early: EarlyStart) -> None:
         """Run a command intake is still storing; finish it once intake says it was stored, drop
         it if not. Its `queue_ms` is 0: it started before it was stored."""
-        self._early = early
+        self._local.early = early
         try:
             outcome = self._execute(early.parsed, early.cancel, tracked=True)
         finally:
-            self._early = None
+            self._local.early = None
         command = early.wait()
         if command is None:
             log.info("dropped the early start of command %s: intake did not store it (a duplicate delivery, a "
@@ -287,7 +317,7 @@ class Executor:
         worker's running command, the one a `cancel` command can stop."""
         if tracked:
             with self._lock:
-                self._running = (parsed.id, cancel)
+                self._running[parsed.id] = cancel
         try:
             if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
                 parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
@@ -302,7 +332,7 @@ class Executor:
         finally:
             if tracked:
                 with self._lock:
-                    self._running = None
+                    self._running.pop(parsed.id, None)
 
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
@@ -331,12 +361,14 @@ class Executor:
                 delay = min(delay * 2, 30.0)
 
     def _cancel_running(self, reason: str, target: str | None = None) -> bool:
+        """Cancel the running command `target` (every running one if None); False if none was running."""
         with self._lock:
-            if self._running is None or (target is not None and self._running[0] != target):
-                return False
-            log.info("cancelling running command %s: %s", self._running[0], reason)
-            self._running[1].set()
-            return True
+            targets = [target] if target is not None and target in self._running else (
+                list(self._running) if target is None else [])
+            for command_id in targets:
+                log.info("cancelling running command %s: %s", command_id, reason)
+                self._running[command_id].set()
+            return bool(targets)
 
     # --- handlers --------------------------------------------------------------------------------
 
@@ -389,7 +421,7 @@ class Executor:
         """Stream chunks show that a command ran: its claim must be on disk first (Inbox.claim);
         a run started early waits for intake's commit (long done by the first token, normally)
         and publishes nothing if the command was not stored."""
-        early = self._early
+        early = getattr(self._local, "early", None)
         if early is not None and early.wait() is None:
             return
         self._sync_to_disk()

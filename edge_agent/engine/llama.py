@@ -156,6 +156,7 @@ class LlamaEngine:
             raise ModelError(f"llama.cpp could not load {config.path}: {exc}") from exc
         # parallel > 1: the batched decoder, whose finished sequences' KV cells are its prefix cache
         self._decoder = BatchDecoder(self._llm, config.parallel) if config.parallel > 1 else None
+        self._alone = threading.Lock()  # the high-level path is one context: one generation at a time
         self._prefixes = PrefixStates(config.prefix_cache_mb * 1024 * 1024) \
             if config.prefix_cache_mb and self._decoder is None else None
         meta = self._llm.metadata
@@ -224,9 +225,10 @@ class LlamaEngine:
 
         started = time.perf_counter()
         if self._decoder is None:
-            text, finish, first_token_at = self._generate_alone(tokens, max_tokens, seed, grammar, params,
-                                                                on_delta, cancel)
-            completion_tokens = self._completion_tokens(len(tokens), max_tokens, finish, bool(params.stop))
+            with self._alone:  # several executor workers (a reload from model.parallel > 1) take turns
+                text, finish, first_token_at = self._generate_alone(tokens, max_tokens, seed, grammar, params,
+                                                                    on_delta, cancel)
+                completion_tokens = self._completion_tokens(len(tokens), max_tokens, finish, bool(params.stop))
             watchdog = self._watchdog
         else:
             watchdog = StallWatchdog(self._stall_timeout_s)  # one per generation, checked by its caller

@@ -243,3 +243,76 @@ def test_the_claim_is_synced_to_disk_before_the_first_stream_chunk(rig: Rig) -> 
     assert rig.events[0] == "sync" and "publish" in rig.events
     chunks = [json.loads(p) for t, p in rig.published if t == TOPICS.stream("c1")]
     assert "".join(c["delta"] for c in chunks) == "onetwothree" and chunks[-1]["done"] is True
+
+
+class GatedEngine(ScriptedEngine):
+    """Each prompt waits for its own gate (or its cancel): several run at once, as with `model.parallel`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, threading.Event] = {}
+
+    def complete(self, params: CompleteParams, on_delta: OnDelta | None, cancel: threading.Event) -> Generation:
+        self.calls.append(params.prompt)
+        gate = self.gates.setdefault(params.prompt, threading.Event())
+        while not gate.wait(0.01):
+            if cancel.is_set():
+                return Generation(text="", finish_reason="cancelled", prompt_tokens=1, completion_tokens=0,
+                                  ttft_ms=1.0, total_ms=2.0, seed=1)
+        return Generation(text=params.prompt, finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                          ttft_ms=1.0, total_ms=2.0, seed=1)
+
+
+@pytest.fixture
+def parallel_rig() -> Iterator[Rig]:
+    made = Rig()
+    made.engine = GatedEngine()
+    made.executor = Executor(made.inbox, lambda: None, made.engine, TOPICS, "test", made._publish,
+                             on_stored=lambda: None, stream_interval_s=0.05, workers=2)
+    made.executor.start()
+    yield made
+    for gate in made.engine.gates.values():  # type: ignore[attr-defined]
+        gate.set()
+    made.executor.stop(5.0)
+
+
+def test_two_workers_run_two_commands_at_once_and_a_freed_slot_takes_the_highest_priority(
+        parallel_rig: Rig) -> None:
+    rig, engine = parallel_rig, parallel_rig.engine
+    assert isinstance(engine, GatedEngine)
+    rig.send("first", "c1")
+    rig.send("second", "c2")
+    wait_until(lambda: len(engine.calls) == 2, "both commands to run at once")
+    rig.send("low", "c3", priority=0)
+    rig.send("high", "c4", priority=5)
+    time.sleep(0.05)
+    assert engine.calls == ["first", "second"], "no third slot"
+    engine.gates["first"].set()
+    wait_until(lambda: len(engine.calls) == 3, "the freed worker to take the next command")
+    assert engine.calls[2] == "high"
+    for prompt in ("second", "high", "low"):
+        engine.gates.setdefault(prompt, threading.Event()).set()
+    for command_id in ("c1", "c2", "c3", "c4"):
+        rig.wait_state(command_id, "succeeded")
+    for command_id in ("c1", "c2", "c3", "c4"):
+        sequence = [(s, q) for c, s, q in rig.statuses() if c == command_id]
+        assert [s for s, _ in sequence] == ["accepted", "running", "succeeded"]
+        assert [q for _, q in sequence] == sorted(q for _, q in sequence)
+
+
+def test_cancelling_one_of_two_running_commands_leaves_the_other_running(parallel_rig: Rig) -> None:
+    rig, engine = parallel_rig, parallel_rig.engine
+    assert isinstance(engine, GatedEngine)
+    rig.send("first", "c1")
+    rig.send("second", "c2")
+    wait_until(lambda: len(engine.calls) == 2, "both commands to run at once")
+    raw = json.dumps({"v": 1, "id": "x1", "kind": "cancel", "created_at": "2026-11-21T10:00:00Z",
+                      "params": {"target": "c1"}})
+    cancel = parse_command(raw.encode(), 1 << 20, KINDS)
+    stored = rig.inbox.accept("x1", "cancel", cancel.command.model_dump_json(), 0, None).command
+    assert stored is not None
+    rig.executor.run(stored, cancel)
+    rig.wait_state("c1", "cancelled")
+    assert rig.inbox.get("c2").state == "running"  # type: ignore[union-attr]
+    engine.gates["second"].set()
+    rig.wait_state("c2", "succeeded")
