@@ -78,6 +78,43 @@ def test_a_sigkilled_agent_loses_no_accepted_command_and_no_stored_reply(
     cloud.close()
 
 
+def test_a_sigkilled_agent_with_4_generations_running_resolves_each_exactly_once(
+        own_broker: Broker, start_agent) -> None:
+    """`model.parallel = 4`: kill -9 while four generations decode together; on restart each of the
+    four fails as `internal` (not run again), the two queued ones run, every reply's seq in order."""
+    cloud = CloudClient(own_broker.port, client_id="cloud-agent-kill-parallel")
+    agent, device_id, store = start_agent(own_broker, tail="parallel = 4\n")
+    cloud.wait_online(device_id)
+    jobs = _long_chats(6, tokens=2500)
+    for job in jobs:
+        cloud.send(device_id, job)
+    cloud.wait_for(lambda: all(cloud.replies(j["id"]) for j in jobs), 30, "all commands accepted")
+    cloud.wait_for(lambda: list(read_ledger(store).values()).count("running") == 4, 60, "four commands running")
+    agent.kill()
+    ledger = read_ledger(store)
+    assert set(ledger) == {j["id"] for j in jobs}
+    killed_while_running = {cid for cid, state in ledger.items() if state == "running"}
+    assert len(killed_while_running) == 4
+    assert sorted(ledger.values()) == ["accepted"] * 2 + ["running"] * 4
+
+    agent, _, _ = start_agent(own_broker, device_id=device_id, tail="parallel = 4\n")
+    cloud.wait_for(lambda: all(cloud.terminal(j["id"]) for j in jobs), 180, "every command terminal")
+    for job in jobs:
+        (reply,) = cloud.terminal(job["id"])
+        if job["id"] in killed_while_running:
+            assert reply["status"] == "failed" and reply["error"]["code"] == "internal"
+        else:
+            assert reply["status"] == "succeeded"
+        statuses = sorted(cloud.replies(job["id"]), key=lambda r: r["seq"])
+        assert len({r["seq"] for r in statuses if r["status"] == "running"}) <= 1, "nothing ran twice"
+        order = [r["status"] for r in statuses]
+        assert order.index("accepted") < order.index(reply["status"]), "seq order intact"
+    seqs = sorted(r["seq"] for r in cloud.unique_replies().values())
+    assert len(seqs) == len(set(seqs))
+    assert agent.terminate() == 0
+    cloud.close()
+
+
 def test_an_agent_started_while_the_broker_is_down_connects_when_it_comes_up(
         tmp_path, start_agent) -> None:
     broker = Broker(tmp_path / "late-broker")  # configured, not started
