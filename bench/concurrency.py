@@ -1,0 +1,156 @@
+"""Concurrent chats: aggregate decode tokens/s with 1, 2, 4 and 8 chats in flight through the full
+MQTT path (mosquitto -> `edge-agent run` with `model.parallel` = the largest count -> stream
+chunks and replies), against
+  (a) raw llama-cpp-python single-stream (`create_completion(stream=True)` in this process), and
+  (b) raw llama.cpp batched decode of the same number of sequences through the low-level API in
+      this process (greedy, one `llama_decode` per step: the limit).
+Full path: each chat's tokens after its first over (last terminal reply - first stream chunk seen);
+the aggregate is their sum over (last terminal reply - earliest first chunk). Per-stream time to
+first token (publish -> first chunk with text) as P50/P95. Runs alternate: agent, then raw.
+
+  python bench/concurrency.py                              # bench model, 2 threads, 128 tokens
+  python bench/concurrency.py --counts 1,4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+from llama_timing import model_parser, time_stream  # noqa: E402
+
+from edge_agent.engine.llama import decide_repack, load_llama  # noqa: E402
+from tests.support.agent_proc import AgentProcess  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+from tests.support.cloud import CloudClient, chat, command  # noqa: E402
+
+PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+
+
+def raw_batched(llm: llama_cpp.Llama, prompt: list[int], n: int, steps: int) -> float:
+    """(b): aggregate tokens/s of `n` sequences decoded together, greedy, after their prompts."""
+    ctx, mem = llm._ctx.ctx, llama_cpp.llama_get_memory(llm._ctx.ctx)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llm._model.vocab)
+    llama_cpp.llama_memory_clear(mem, True)
+    batch = llama_cpp.llama_batch_init(max(llm.n_batch, n * len(prompt)), 0, 1)
+
+    def put(row: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[row], batch.pos[row], batch.n_seq_id[row], batch.logits[row] = token, pos, 1, logits
+        batch.seq_id[row][0] = seq
+
+    def argmax(row: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(n_vocab,))))
+
+    try:
+        rows = 0
+        for seq in range(n):
+            for pos, token in enumerate(prompt):
+                put(rows, token, pos, seq, pos == len(prompt) - 1)
+                rows += 1
+        batch.n_tokens = rows
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        tokens = [argmax((seq + 1) * len(prompt) - 1) for seq in range(n)]
+        started = time.perf_counter()
+        for step in range(steps):
+            for seq in range(n):
+                put(seq, tokens[seq], len(prompt) + step, seq, True)
+            batch.n_tokens = n
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+            tokens = [argmax(seq) for seq in range(n)]
+        return n * steps / (time.perf_counter() - started)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+class Agent:
+    def __init__(self, work: Path, model: Path, threads: int, parallel: int, repack: bool) -> None:
+        self.broker = Broker(work / "broker").start()
+        config = work / "agent.toml"
+        config.write_text(
+            f'device_id = "bench"\ntelemetry_interval_s = 3600\n[mqtt]\nport = {self.broker.port}\n'
+            f'[store]\npath = "{work / "agent.db"}"\n'
+            f'[model]\npath = "{model.resolve()}"\nn_ctx = 1024\nn_batch = 512\nn_threads = {threads}\n'
+            f"repack = {str(repack).lower()}\nparallel = {parallel}\n")
+        self.agent = AgentProcess(config, work / "agent.log").start()
+        self.cloud = CloudClient(self.broker.port)
+        self.cloud.wait_online("bench", timeout=300)
+
+    def run(self, n: int, max_tokens: int, round_: int) -> tuple[float, list[float]]:
+        """(aggregate decode tokens/s, per-stream ms to first text) of `n` chats sent at once."""
+        jobs = [command("chat", chat(f"Round {round_}, pump {i}: {PROMPT}", max_tokens=max_tokens, seed=i,
+                                     temperature=0.0, stream=True)) for i in range(n)]
+        sent: dict[str, float] = {}
+        for job in jobs:
+            sent[job["id"]] = time.perf_counter()
+            self.cloud.send("bench", job)
+        first: dict[str, float] = {}
+        done: dict[str, float] = {}
+        tokens = 0
+        while len(done) < n:
+            now = time.perf_counter()
+            for job in jobs:
+                cid = job["id"]
+                if cid not in first and any(c["delta"] for c in self.cloud.on(f"/stream/{cid}")):
+                    first[cid] = now
+                if cid not in done and self.cloud.terminal(cid):
+                    done[cid] = now
+                    tokens += self.cloud.terminal(cid)[0]["output"]["usage"]["completion_tokens"] - 1
+            time.sleep(0.001)
+        aggregate = tokens / (max(done.values()) - min(first.values()))
+        return aggregate, [(first[cid] - sent[cid]) * 1000 for cid in first]
+
+    def close(self) -> None:
+        self.cloud.close()
+        self.agent.terminate()
+        self.broker.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = model_parser(__doc__, threads=2, max_tokens=128)
+    parser.add_argument("--counts", default="1,2,4,8")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per count after a warm-up round")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    repack = decide_repack("auto").enabled
+    print(f"model {args.model.name}, {args.threads} threads, {args.max_tokens} tokens, repack {repack}")
+    llm = load_llama(dict(model_path=str(args.model), n_ctx=1024 * max(counts), n_batch=512, n_threads=args.threads,
+                          n_gpu_layers=0, verbose=False), repack, max(counts))
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
+        agent = Agent(Path(tmp), args.model, args.threads, max(counts), repack)
+        try:
+            single = statistics.median(time_stream(llm, prompt, args.max_tokens, seed)[1] for seed in range(3))
+            print(f"(a) raw single-stream: {single:.1f} tokens/s")
+            print("chats | agent aggregate tok/s | (b) raw batched tok/s | agent/(b) | agent/(a) | TTFT P50 / P95 ms")
+            for n in counts:
+                agent.run(n, 8, -n)  # warm-up
+                rates, limits, ttfts = [], [], []
+                for round_ in range(args.rounds):
+                    rate, first = agent.run(n, args.max_tokens, round_)
+                    rates.append(rate)
+                    ttfts += first
+                    limits.append(raw_batched(llm, prompt, n, args.max_tokens))
+                rate, limit = statistics.median(rates), statistics.median(limits)
+                print(f"{n:5d} | {rate:21.1f} | {limit:21.1f} | {rate / limit:8.2f} | {rate / single:8.2f} | "
+                      f"{percentile(ttfts, 0.5):.0f} / {percentile(ttfts, 0.95):.0f}")
+        finally:
+            agent.close()
+            llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
