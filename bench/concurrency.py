@@ -88,22 +88,31 @@ class Agent:
         jobs = [command("chat", chat(f"Round {round_}, pump {i}: {PROMPT}", max_tokens=max_tokens, seed=i,
                                      temperature=0.0, stream=True)) for i in range(n)]
         sent: dict[str, float] = {}
-        for job in jobs:
-            sent[job["id"]] = time.perf_counter()
-            self.cloud.send("bench", job)
         first: dict[str, float] = {}
         done: dict[str, float] = {}
         tokens = 0
-        while len(done) < n:
+        seen = len(self.cloud.messages)
+        for job in jobs:
+            sent[job["id"]] = time.perf_counter()
+            self.cloud.send("bench", job)
+
+        def progress() -> bool:
+            """Read only the messages that arrived since the last call (scanning all would steal a core)."""
+            nonlocal seen, tokens
             now = time.perf_counter()
-            for job in jobs:
-                cid = job["id"]
-                if cid not in first and any(c["delta"] for c in self.cloud.on(f"/stream/{cid}")):
+            for topic, body in self.cloud.messages[seen:]:
+                if not isinstance(body, dict):
+                    continue
+                cid = body.get("command_id", "")
+                if "/stream/" in topic and body.get("delta") and cid not in first:
                     first[cid] = now
-                if cid not in done and self.cloud.terminal(cid):
-                    done[cid] = now
-                    tokens += self.cloud.terminal(cid)[0]["output"]["usage"]["completion_tokens"] - 1
-            time.sleep(0.001)
+                elif topic.endswith("/reply") and body.get("status") == "succeeded" and cid in sent:
+                    done.setdefault(cid, now)
+                    tokens += body["output"]["usage"]["completion_tokens"] - 1
+            seen = len(self.cloud.messages)
+            return len(done) == n
+
+        self.cloud.wait_for(progress, 600, "every chat's reply")
         aggregate = tokens / (max(done.values()) - min(first.values()))
         return aggregate, [(first[cid] - sent[cid]) * 1000 for cid in first]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -32,6 +33,29 @@ class Generation:
         if self.completion_tokens <= 1 or decode_ms <= 0:
             return 0.0
         return (self.completion_tokens - 1) * 1000.0 / decode_ms
+
+
+class TextSink:
+    """The text of one generation as its tokens arrive: the time of the first token, the pieces,
+    and `on_delta` for each piece with text. `tick` hears every token (the stall watchdog)."""
+
+    def __init__(self, on_delta: OnDelta | None, tick: Callable[[], None]) -> None:
+        self._on_delta, self._tick = on_delta, tick
+        self.first_token_at: float | None = None
+        self._pieces: list[str] = []
+
+    def token(self, delta: str) -> None:
+        self._tick()
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if delta:
+            self._pieces.append(delta)
+            if self._on_delta is not None:
+                self._on_delta(delta)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
 
 
 class TextEngine(Protocol):

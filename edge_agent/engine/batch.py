@@ -28,14 +28,14 @@ import ctypes
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import llama_cpp
 
 from autoglm_wire.errors import ModelError
-from edge_agent.engine import FinishReason, OnDelta
+from edge_agent.engine import FinishReason, OnDelta, TextSink
 from edge_agent.engine.prefix import MIN_GAIN_TOKENS, common_prefix
 from edge_agent.engine.sampling import SamplerChain
 from edge_agent.engine.stops import StopScan
@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 WATCH_S = 0.05  # how often a waiting caller checks its stall watchdog
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):
     reason: FinishReason
     completion_tokens: int
 
@@ -123,8 +122,7 @@ class BatchDecoder:
                 raise ModelError("the engine is closed")
             self._waiting.append(job)
             self._cond.notify()
-        pieces: list[str] = []
-        first_token_at: float | None = None
+        sink = TextSink(on_delta, watchdog.tick)
         try:
             while True:
                 try:
@@ -133,16 +131,10 @@ class BatchDecoder:
                     watchdog.check()
                     continue
                 if isinstance(event, Finished):
-                    return Outcome("".join(pieces), event.reason, first_token_at, event.completion_tokens)
+                    return Outcome(sink.text, event.reason, sink.first_token_at, event.completion_tokens)
                 if isinstance(event, Exception):
                     raise event
-                watchdog.tick()
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if event:
-                    pieces.append(event)
-                    if on_delta is not None:
-                        on_delta(event)
+                sink.token(event)
         except BaseException:
             job.abandoned = True
             self._wait_ended(job)

@@ -26,7 +26,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from autoglm_wire.errors import InvalidCommand, ModelError, Timeout
 from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, Sampling
-from edge_agent.engine import FinishReason, Generation, OnDelta
+from edge_agent.engine import FinishReason, Generation, OnDelta, TextSink
 from edge_agent.engine.batch import BatchDecoder, Job
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
 from edge_agent.engine.prefix import PrefixStates
@@ -304,22 +304,14 @@ def _free_sampler(llm: llama_cpp.Llama) -> None:
 def _consume(stream: Iterable[Any], on_delta: OnDelta | None,
              watchdog: StallWatchdog) -> tuple[str, FinishReason, float | None]:
     """Drain a llama.cpp completion stream: (text, finish reason, time of the first token)."""
-    first_token_at: float | None = None
-    pieces: list[str] = []
+    sink = TextSink(on_delta, watchdog.tick)
     finish: FinishReason = "stop"
     for chunk in stream:
-        watchdog.tick()
         choice = chunk["choices"][0]
-        delta = choice["text"]
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        if delta:
-            pieces.append(delta)
-            if on_delta is not None:
-                on_delta(delta)
+        sink.token(choice["text"])
         if choice.get("finish_reason"):
             finish = "length" if choice["finish_reason"] == "length" else "stop"
-    return "".join(pieces), finish, first_token_at
+    return sink.text, finish, sink.first_token_at
 
 
 def _compile_grammar(schema: dict[str, Any]) -> llama_cpp.LlamaGrammar:
