@@ -2,7 +2,9 @@
 cancel, follow) and `console` (what to print).
 
 Exit codes: 0 success; for `send` 1 when the command ended in another terminal state and 2 when
-no terminal reply came before --timeout; 3 for usage, configuration and registry errors.
+no terminal reply came before --timeout; 3 for usage, configuration and registry errors (a file the
+config names that cannot be opened included; the unit's RestartPreventExitStatus=3); 1 also for an
+unexpected failure of `serve` (a lost database), which systemd restarts.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from autoglm_wire import __version__
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
+from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -32,8 +36,10 @@ EXIT_USAGE = 3
 DESCRIPTION = """\
 Fleet registry, command dispatcher and console of autoglm-edge.
 
-`serve` runs the bridge (MQTT <-> SQLite registry); the other subcommands read and write the same
-registry file, so run them with the same --config while `serve` is running."""
+`serve` runs the bridge (MQTT <-> SQLite registry); `check-config` opens every file the config
+names as `serve` would, without starting anything; the other subcommands read and write the same
+registry file, so run them with the same --config while `serve` is running, as the service user
+(`sudo -u cloud-bridge cloud-bridge devices --config /etc/cloud-bridge/cloud-bridge.toml`)."""
 
 SEND_EPILOG = """\
 examples:
@@ -68,12 +74,16 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cloud-bridge", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = _Parser(add_help=False)
     common.add_argument("--config", required=True, type=Path, metavar="FILE", help="the bridge's TOML config")
 
     sub.add_parser("serve", parents=[common], help="run the bridge until SIGTERM/SIGINT",
                    description="Run the bridge: keep the registry, dispatch queued commands, collect replies.")
+    sub.add_parser("check-config", parents=[common], help="validate the config and open every file it names",
+                   description="Validate the config, open every file it names (TLS, signing key, token, "
+                                "credential:NAME) and the registry as `serve` would; print the effective config.")
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     sub.add_parser("devices", parents=[common], help="list devices and their state",
                    description="List every device that reported to this bridge.")
@@ -150,7 +160,21 @@ def cmd_serve(args: argparse.Namespace, config: BridgeConfig) -> int:
 
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in check_bridge(config):
+        logging.getLogger(__name__).info("config check: %s", line)
     return serve(config)
+
+
+def cmd_check_config(args: argparse.Namespace, config: BridgeConfig) -> int:
+    lines = check_bridge(config)
+    if config.store.url is not None:
+        lines.append(check_database(config.store))
+    effective = config.model_dump(mode="json")
+    effective["mqtt"]["tls"] = config.mqtt.uses_tls  # on with a CA file or client certificate too
+    _json(effective)
+    for line in lines:
+        _err(f"ok: {line}")
+    return 0
 
 
 def _json(value: object) -> None:
@@ -277,6 +301,7 @@ def _progress(row: CommandRow) -> dict:
 @contextmanager
 def _registry(config: BridgeConfig) -> Iterator[Registry]:
     """Open the registry read/write without creating it (a console never creates an orphan file)."""
+    check_registry_access(config.store)
     registry = Registry.from_config(config.store, create=False)
     try:
         yield registry
@@ -286,6 +311,7 @@ def _registry(config: BridgeConfig) -> Iterator[Registry]:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "serve": cmd_serve,
+    "check-config": cmd_check_config,
     "devices": cmd_devices,
     "send": cmd_send,
     "commands": cmd_commands,

@@ -1,6 +1,7 @@
 """Stream chunks for one command, coalesced: the first visible text goes out at once (what a user
 sees as time to first token; a token that shows nothing yet, such as part of a UTF-8 sequence or a
-special token, gives an empty delta, which is skipped and does not start the interval), later ones are gathered and sent at most every `interval_s` (`mqtt.stream_interval_ms`),
+special token, gives an empty delta, which is skipped and does not start the interval), later ones
+are gathered and sent at most every `interval_s` (`mqtt.stream_interval_ms`),
 checked as tokens arrive, so a fast model publishes a few chunks per second, not one per token;
 0 sends every token as its own chunk. Chunks are serialized by hand (the StreamChunk layout, same
 key order) because this runs on the token path.
