@@ -106,13 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the device has not accepted yet is closed at once and no longer resent.")
     cancel.add_argument("command_id", metavar="COMMAND_ID")
     policy = sub.add_parser("policy", parents=[common], help="show or push the agent policy",
-                            description="Without --set: the policy in force on each device. With --set: send a "
-                                        "`config` command to TARGET (a device or group/G).",
+                            description="Without --set: the policy in force on each device (as its last `config` "
+                                        "answer said; `(agent defaults)` until then). With --set: send a `config` "
+                                        "command to TARGET (a device or group/G) and wait for each device's answer "
+                                        "(the policy now in force). Keys: max_tokens (1-32768, at most the device's "
+                                        "limits.max_tokens), temperature (0-5), top_p (0-1], telemetry_interval_s "
+                                        "(1-86400); the first three are defaults a command may override.",
                             epilog="example:\n  cloud-bridge policy --config bridge.toml group/site-a "
                                    "--set '{\"temperature\": 0.2, \"max_tokens\": 128}'",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     policy.add_argument("target", nargs="?", metavar="TARGET", help="a device id or group/G")
     policy.add_argument("--set", dest="policy", type=_json_object, metavar="JSON", help="the partial policy to push")
+    policy.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
+    policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
     return parser
 
 
@@ -232,8 +239,20 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
         request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
         queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
-        _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
-    return 0
+        if args.no_wait:
+            _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
+            return 0
+        finals = [commands.Follower(registry, row.id).wait(args.timeout) for row in queued.rows]
+    for row in finals:
+        if args.json:
+            continue
+        if row.state == "succeeded":
+            _out(f"{row.device_id}: policy in force {json.dumps((row.reply or {}).get('output'), sort_keys=True)}")
+        else:
+            _err(console.describe_failure(row))
+    if args.json:
+        _json([console.final_json(row) for row in finals])
+    return max(exit_code(row) for row in finals)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -25,7 +25,7 @@ from cloud_bridge.store.registry import Registry
 
 def create_app(registry: Registry, config: BridgeConfig, token: str) -> FastAPI:
     """The FastAPI application serving one registry."""
-    app = FastAPI(title="autoglm-edge cloud bridge", version="1",
+    app = FastAPI(title="autoglm-edge cloud bridge", version="1", docs_url=None, redoc_url=None,
                   description="Fleet API of autoglm-edge. Every /api and /v1 call needs " + TOKEN_HINT + ".")
     app.state.registry = registry
     app.state.config = config

@@ -141,3 +141,11 @@ def test_the_token_file_must_exist_and_hold_a_long_token(tmp_path: Path):
     short.write_text("abc\n")
     with pytest.raises(ConfigError, match="at least 16"):
         read_token(short)
+
+
+def test_docs_are_served_without_a_cdn(registry):
+    with TestClient(create_app(registry, BridgeConfig(), TOKEN)) as anonymous:
+        page = anonymous.get("/docs")
+        assert page.status_code == 200 and "/openapi.json" in page.text
+        assert "<script src=" not in page.text and "https://" not in page.text and "<link" not in page.text
+        assert anonymous.get("/redoc").status_code == 404
