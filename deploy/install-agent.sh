@@ -30,7 +30,8 @@ CONFIG="" DEVICE_ID="" BROKER="" CA="" CERT="" KEY="" TRUSTED="" MODEL=""
 while [ $# -gt 0 ]; do
   used=0; parse_common_option "$@" || used=$?
   if [ "$used" -gt 0 ]; then shift "$used"; continue; fi
-  [ $# -ge 2 ] || { [ "$1" = -h ] || [ "$1" = --help ] || echo "error: unknown or incomplete option $1" >&2; usage; exit 1; }
+  case "$1" in -h|--help) usage; exit 0 ;; esac
+  [ $# -ge 2 ] || { echo "error: unknown or incomplete option $1" >&2; usage; exit 1; }
   case "$1" in
     --config) CONFIG=$2 ;; --device-id) DEVICE_ID=$2 ;; --broker) BROKER=$2 ;; --ca) CA=$2 ;;
     --cert) CERT=$2 ;; --key) KEY=$2 ;; --trusted-key) TRUSTED=$2 ;; --model) MODEL=$2 ;;

@@ -33,7 +33,8 @@ while [ $# -gt 0 ]; do
   used=0; parse_common_option "$@" || used=$?
   if [ "$used" -gt 0 ]; then shift "$used"; continue; fi
   if [ "$1" = --postgres ]; then EXTRA=bridge,postgres; shift; continue; fi
-  [ $# -ge 2 ] || { [ "$1" = -h ] || [ "$1" = --help ] || echo "error: unknown or incomplete option $1" >&2; usage; exit 1; }
+  case "$1" in -h|--help) usage; exit 0 ;; esac
+  [ $# -ge 2 ] || { echo "error: unknown or incomplete option $1" >&2; usage; exit 1; }
   case "$1" in
     --config) CONFIG=$2 ;; --broker) BROKER=$2 ;; --ca) CA=$2 ;; --cert) CERT=$2 ;; --key) KEY=$2 ;;
     --signing-key) SIGNING=$2 ;;
