@@ -162,6 +162,7 @@ class SqliteFile:
         version = int(self.meta("schema_version") or 0)
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema version {version}; this agent knows {SCHEMA_VERSION}")
+        self.seq_mark.cover(int(self.meta("reply_seq") or 0) + 1)  # a new store's mark is written at once
 
     def _first_seq(self) -> int:
         """Where a new store's seq starts: at the mark, above every seq handed out before (a new

@@ -60,9 +60,9 @@ def test_intake_and_claim_commit_without_fsync_and_sync_fsyncs_the_wal_once_each
 
 
 def test_with_synchronous_normal_a_claim_leaves_nothing_for_sync(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    normal = open_store(path, TOPICS, synchronous="normal")  # writes the seq mark (fsynced) once
     synced: list[int] = []
     monkeypatch.setattr(os, "fsync", synced.append)
-    normal = open_store(path, TOPICS, synchronous="normal")
     try:
         accept(normal, "c1")
         assert normal.inbox.claim("c1") is True
