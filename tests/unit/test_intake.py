@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from autoglm_wire.lifecycle import TERMINAL, State
 from autoglm_wire.protocol import ModelInfo
 from autoglm_wire.signing import CommandVerifier, VerifyPolicy
 from autoglm_wire.topics import DeviceTopics
@@ -52,6 +56,20 @@ class FailingOutbox(MemoryOutbox):
         raise self.error
 
 
+class DiskFullForTerminalReplies(MemoryInbox):
+    """The in-memory ledger on a disk that is full when a terminal reply is stored (until `full` is cleared)."""
+
+    def __init__(self, outbox: MemoryOutbox) -> None:
+        super().__init__(outbox)
+        self.full = threading.Event()
+        self.full.set()
+
+    def transition(self, command_id: str, new_state: State, draft: ReplyDraft, only_from: Any = None) -> bool:
+        if new_state in TERMINAL and self.full.is_set():
+            raise StoreFull("the disk holding edge.db is full")
+        return super().transition(command_id, new_state, draft, only_from)
+
+
 class NaiveClockVerifier:
     """A signature check that trips over its input, as signing did on a naive `created_at`."""
 
@@ -63,17 +81,17 @@ class NaiveClockVerifier:
 
 class Rig:
     def __init__(self, tmp_path: Path, accept_error: Exception | None = None, reject_error: Exception | None = None,
-                 verifier: Any = None) -> None:
+                 verifier: Any = None, make_inbox: Callable[[MemoryOutbox], MemoryInbox] = MemoryInbox) -> None:
         config = AgentConfig(device_id="d1", model={"path": tmp_path / "model.gguf"},
                              limits={"max_prompt_chars": 20})
         self.outbox = MemoryOutbox(TOPICS) if reject_error is None else FailingOutbox(reject_error)
-        self.inbox = MemoryInbox(self.outbox) if accept_error is None else FailingInbox(self.outbox, accept_error)
+        self.inbox = make_inbox(self.outbox) if accept_error is None else FailingInbox(self.outbox, accept_error)
         self.kicks = 0
-        executor = Executor(self.inbox, lambda: None, IdleEngine(), TOPICS, "test",  # type: ignore[arg-type]
-                            lambda topic, payload: None, on_stored=lambda: None, stream_interval_s=0.05)
+        self.executor = Executor(self.inbox, lambda: None, IdleEngine(), TOPICS, "test",  # type: ignore[arg-type]
+                                 lambda topic, payload: None, on_stored=lambda: None, stream_interval_s=0.05)
         verifier = verifier or CommandVerifier(VerifyPolicy(required=False, trusted={}, max_clock_skew_s=60,
                                                             replay_window_s=600))
-        self.intake = Intake(config, TOPICS, verifier, self.inbox, self.outbox, executor, on_stored=self.kick)
+        self.intake = Intake(config, TOPICS, verifier, self.inbox, self.outbox, self.executor, on_stored=self.kick)
 
     def kick(self) -> None:
         self.kicks += 1
@@ -197,3 +215,31 @@ def test_a_rejection_that_a_bug_keeps_from_being_stored_is_logged_and_acknowledg
     with caplog.at_level(logging.ERROR, logger="edge_agent.intake"):
         rig.deliver(b"{not json")  # does not raise
     assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [rig.outbox.error]  # type: ignore[index]
+
+
+def wait_state(inbox: MemoryInbox, command_id: str, state: str) -> None:
+    for _ in range(200):
+        stored = inbox.get(command_id)
+        if stored is not None and stored.state == state:
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"{command_id} never reached {state}")
+
+
+def test_a_cancel_does_not_block_the_network_thread_while_the_disk_is_full(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, make_inbox=DiskFullForTerminalReplies)
+    inbox = rig.inbox
+    assert isinstance(inbox, DiskFullForTerminalReplies)
+    rig.executor.start()
+    try:
+        cancel = ping("x1", kind="cancel", params={"target": "c0"})
+        network_thread = threading.Thread(target=rig.deliver, args=(cancel,))
+        network_thread.start()
+        network_thread.join(2.0)
+        assert not network_thread.is_alive(), "intake returned while the cancel's reply waits for disk space"
+        wait_state(inbox, "x1", "running")  # its `failed` reply (no such target) waits for space, retried
+        inbox.full.clear()
+        wait_state(inbox, "x1", "failed")
+    finally:
+        inbox.full.clear()
+        rig.executor.stop(5.0)
