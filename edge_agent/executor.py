@@ -284,29 +284,32 @@ class Executor:
             with self._lock:
                 self._running = (command.id, cancel)
         try:
-            outcome = self._claim_and_execute(command, parsed, cancel)
+            ran = self._claim_and_execute(command, parsed, cancel)
         finally:
             if tracked:
                 with self._lock:
                     self._running = None
-        if outcome is not None:
-            self._finish(command.id, outcome, {"queue_ms": round((time.time() - command.received_at) * 1000.0, 3)})
+        if ran is not None:
+            outcome, queue_ms = ran
+            self._finish(command.id, outcome, {"queue_ms": queue_ms})
 
     def _claim_and_execute(self, command: StoredCommand, parsed: ParsedCommand | None,
-                           cancel: threading.Event) -> Outcome | None:
-        """Claim the command and run its handler; None if it was no longer `accepted`."""
+                           cancel: threading.Event) -> tuple[Outcome, float] | None:
+        """Claim the command and run its handler: its outcome and how long it queued (ms); None if
+        it was no longer `accepted`."""
         claimed = self._inbox.claim(command.id)
         self._on_stored()
         if not claimed:
             return None
         checkpoints.reached("command_running")
+        queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
         if parsed is None:
             try:
                 parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
             except ProtocolError as exc:
                 exc.command_id = command.id
-                return Outcome(State.FAILED, None, {}, exc)
-        return self._execute(parsed, cancel)
+                return Outcome(State.FAILED, None, {}, exc), queue_ms
+        return self._execute(parsed, cancel), queue_ms
 
     def _run_early(self, early: EarlyStart) -> None:
         """Run a command intake is still storing; finish it once intake says it was stored, drop
