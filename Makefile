@@ -5,7 +5,7 @@ MODEL  := models/tiny-glm4-q4_0.gguf
 BENCH_MODEL := models/bench-glm4-q4_0.gguf
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup model bench-model demo test test-fast lint bench clean
+.PHONY: setup model bench-model demo test test-fast lint bench clean dist
 
 setup: $(STAMP)
 
@@ -32,8 +32,12 @@ test: setup model
 test-fast: setup model
 	$(BIN)/python -m pytest -q tests/unit
 
+# The wheelhouse of a production install (deploy/install-agent.sh, deploy/install-bridge.sh).
+dist: setup
+	PYTHON=$(BIN)/python bash deploy/dist.sh
+
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache models/*.gguf
+	rm -rf $(VENV) .pytest_cache models/*.gguf dist build

@@ -45,16 +45,16 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     **{state: frozenset() for state in TERMINAL},
 }
 
-RANKS: dict[State, int] = {State.PENDING: 0, State.SENT: 1, State.ACCEPTED: 2, State.RUNNING: 3}
-TERMINAL_RANK = 4
+_RANKS: dict[State, int] = {State.PENDING: 0, State.SENT: 1, State.ACCEPTED: 2, State.RUNNING: 3}
+_TERMINAL_RANK = 4
 
 
 def rank(state: str) -> int:
     """Position of a state in the lifecycle; every terminal state shares the last rank."""
     if state in TERMINAL:
-        return TERMINAL_RANK
+        return _TERMINAL_RANK
     try:
-        return RANKS[State(state)]
+        return _RANKS[State(state)]
     except ValueError:
         raise ValueError(f"unknown command state {state!r}; expected one of {[s.value for s in State]}") from None
 

@@ -86,6 +86,7 @@ class TomlSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     env_prefix: ClassVar[str] = ""
+    service_user: ClassVar[str] = ""  # the system user the program runs as (named in permission errors)
 
 
 S = TypeVar("S", bound=TomlSettings)
@@ -99,7 +100,7 @@ def load_toml_settings(cls: type[S], path: Path, hint: str, env_example: str | N
     `hint` completes the message of a missing file (where to find an example); `env_example` is the
     JSON override shown when an environment variable cannot be parsed.
     """
-    data = _read_toml(path, hint)
+    data = _read_toml(path, hint, cls.service_user)
     example = env_example or f"{cls.env_prefix}MQTT='{{\"host\": \"broker.lan\"}}'"
     overlay = env_overlay(cls, cls.env_prefix, os.environ if environ is None else environ, example)
     try:
@@ -200,12 +201,15 @@ def _decode(name: str, value: str, annotation: Any, example: str) -> Any:
                           f"must be JSON, e.g. {example}") from exc
 
 
-def _read_toml(path: Path, hint: str) -> dict[str, Any]:
+def _read_toml(path: Path, hint: str, service_user: str) -> dict[str, Any]:
     """The parsed file; every way it can be unreadable is a ConfigError naming it."""
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist; {hint}") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"config file {path}: permission denied for this user (uid {os.geteuid()}); run the "
+                          f"command as the service user, e.g. `sudo -u {service_user} {service_user} ...`") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except (OSError, UnicodeDecodeError) as exc:

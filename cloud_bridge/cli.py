@@ -2,7 +2,9 @@
 cancel, follow) and `console` (what to print).
 
 Exit codes: 0 success; for `send` 1 when the command ended in another terminal state and 2 when
-no terminal reply came before --timeout; 3 for usage, configuration and registry errors.
+no terminal reply came before --timeout; 3 for usage, configuration and registry errors (a file the
+config names that cannot be opened included; the unit's RestartPreventExitStatus=3); 1 also for an
+unexpected failure of `serve` (a lost database), which systemd restarts.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from autoglm_wire import __version__
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
+from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -32,8 +36,10 @@ EXIT_USAGE = 3
 DESCRIPTION = """\
 Fleet registry, command dispatcher and console of autoglm-edge.
 
-`serve` runs the bridge (MQTT <-> SQLite registry); the other subcommands read and write the same
-registry file, so run them with the same --config while `serve` is running."""
+`serve` runs the bridge (MQTT <-> SQLite registry); `check-config` opens every file the config
+names as `serve` would, without starting anything; the other subcommands read and write the same
+registry file, so run them with the same --config while `serve` is running, as the service user
+(`sudo -u cloud-bridge cloud-bridge devices --config /etc/cloud-bridge/cloud-bridge.toml`)."""
 
 SEND_EPILOG = """\
 examples:
@@ -68,12 +74,16 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cloud-bridge", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = _Parser(add_help=False)
     common.add_argument("--config", required=True, type=Path, metavar="FILE", help="the bridge's TOML config")
 
     sub.add_parser("serve", parents=[common], help="run the bridge until SIGTERM/SIGINT",
                    description="Run the bridge: keep the registry, dispatch queued commands, collect replies.")
+    sub.add_parser("check-config", parents=[common], help="validate the config and open every file it names",
+                   description="Validate the config, open every file it names (TLS, signing key, token, "
+                                "credential:NAME) and the registry as `serve` would; print the effective config.")
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     sub.add_parser("devices", parents=[common], help="list devices and their state",
                    description="List every device that reported to this bridge.")
@@ -102,13 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the device has not accepted yet is closed at once and no longer resent.")
     cancel.add_argument("command_id", metavar="COMMAND_ID")
     policy = sub.add_parser("policy", parents=[common], help="show or push the agent policy",
-                            description="Without --set: the policy in force on each device. With --set: send a "
-                                        "`config` command to TARGET (a device or group/G).",
+                            description="Without --set: the policy in force on each device (as its last `config` "
+                                        "answer said; `(agent defaults)` until then). With --set: send a `config` "
+                                        "command to TARGET (a device or group/G) and wait for each device's answer "
+                                        "(the policy now in force). Keys: max_tokens (1-32768, at most the device's "
+                                        "limits.max_tokens), temperature (0-5), top_p (0-1], telemetry_interval_s "
+                                        "(1-86400); the first three are defaults a command may override.",
                             epilog="example:\n  cloud-bridge policy --config bridge.toml group/site-a "
                                    "--set '{\"temperature\": 0.2, \"max_tokens\": 128}'",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     policy.add_argument("target", nargs="?", metavar="TARGET", help="a device id or group/G")
     policy.add_argument("--set", dest="policy", type=_json_object, metavar="JSON", help="the partial policy to push")
+    policy.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
+    policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
     return parser
 
 
@@ -156,7 +173,21 @@ def cmd_serve(args: argparse.Namespace, config: BridgeConfig) -> int:
 
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in check_bridge(config):
+        logging.getLogger(__name__).info("config check: %s", line)
     return serve(config)
+
+
+def cmd_check_config(args: argparse.Namespace, config: BridgeConfig) -> int:
+    lines = check_bridge(config)
+    if config.store.url is not None:
+        lines.append(check_database(config.store))
+    effective = config.model_dump(mode="json")
+    effective["mqtt"]["tls"] = config.mqtt.uses_tls  # on with a CA file or client certificate too
+    _json(effective)
+    for line in lines:
+        _err(f"ok: {line}")
+    return 0
 
 
 def _json(value: object) -> None:
@@ -223,8 +254,20 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
         request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
         queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
-        _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
-    return 0
+        if args.no_wait:
+            _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
+            return 0
+        finals = [commands.Follower(registry, row.id).wait(args.timeout) for row in queued.rows]
+    for row in finals:
+        if args.json:
+            continue
+        if row.state == "succeeded":
+            _out(f"{row.device_id}: policy in force {json.dumps((row.reply or {}).get('output'), sort_keys=True)}")
+        else:
+            _err(console.describe_failure(row))
+    if args.json:
+        _json([console.final_json(row) for row in finals])
+    return max(exit_code(row) for row in finals)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -292,6 +335,7 @@ def _progress(row: CommandRow) -> dict:
 @contextmanager
 def _registry(config: BridgeConfig) -> Iterator[Registry]:
     """Open the registry read/write without creating it (a console never creates an orphan file)."""
+    check_registry_access(config.store)
     registry = Registry.from_config(config.store, create=False)
     try:
         yield registry
@@ -301,6 +345,7 @@ def _registry(config: BridgeConfig) -> Iterator[Registry]:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "serve": cmd_serve,
+    "check-config": cmd_check_config,
     "devices": cmd_devices,
     "send": cmd_send,
     "commands": cmd_commands,

@@ -153,6 +153,7 @@ class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
     env_prefix = ENV_PREFIX
+    service_user = "cloud-bridge"
 
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     reconnect: settings.ReconnectConfig = Field(default_factory=settings.ReconnectConfig)

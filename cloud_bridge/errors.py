@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import os
+
 from autoglm_wire.errors import ConfigError
 
 __all__ = [
     "BadTarget", "BridgeError", "ConfigError", "DuplicateCommand", "InvalidRequest", "RegistryMissing",
-    "UnknownCommand",
+    "RegistryPermission", "UnknownCommand",
 ]
 
 
@@ -25,6 +27,18 @@ class RegistryMissing(BridgeError):
         super().__init__(
             f"no registry at {path}: is `cloud-bridge serve` running with this config? "
             "(it creates the file when it starts)"
+        )
+        self.path = path
+
+
+class RegistryPermission(BridgeError):
+    """The registry file is there but this user may not open it (it belongs to the service user)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"permission denied opening the registry {path} as uid {os.geteuid()}: it belongs to the bridge's "
+            "service user; run the console as that user, e.g. "
+            "`sudo -u cloud-bridge cloud-bridge devices --config /etc/cloud-bridge/cloud-bridge.toml`"
         )
         self.path = path
 

@@ -15,6 +15,9 @@ Threads:
   `retention.check_interval_s` it deletes what `[retention]` says the registry may forget.
 - `bridge-http` (when `[http] enabled`): uvicorn serving the API, `/v1` and the console page.
 Signal handlers only set the stop event; the main thread then shuts everything down.
+
+Under systemd (`Type=notify`) the main thread sends READY=1 once the loops run and the HTTP server
+listens, then WATCHDOG=1 every WatchdogSec/2 while every loop thread is alive, and STOPPING=1.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from autoglm_wire.backoff import ceiling
 from autoglm_wire.mqtt_session import BrokerOptions
+from autoglm_wire.notify import sd_notify, watchdog_interval_s
 from autoglm_wire.protocol import utc_now
 from autoglm_wire.signing import sign_payload
 from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
@@ -216,9 +220,11 @@ class BridgeService:
             thread.start()
             self._threads.append(thread)
         failure = None if http is None else self._http_failure(http, self._threads[-1])
-        while failure is None and not stop.wait(0.5):
-            failure = self._failure
+        if failure is None:
+            sd_notify(f"READY=1\nSTATUS=serving the registry {self._registry.path}")
+            failure = self._serve_until(stop)
         log.info("stopping")
+        sd_notify("STOPPING=1")
         self._stop.set()
         if http is not None:
             http.should_exit = True
@@ -227,6 +233,23 @@ class BridgeService:
         self._link.stop()
         if failure is not None:
             raise BridgeError(failure)
+
+    def _serve_until(self, stop: threading.Event) -> str | None:
+        """Until `stop` or a loop's failure (returned): WATCHDOG=1 every WatchdogSec/2 while the link and
+        every loop thread are alive."""
+        interval = watchdog_interval_s()
+        next_watchdog = time.monotonic()
+        while not stop.wait(0.5):
+            if self._failure is not None:
+                return self._failure
+            if interval is not None and time.monotonic() >= next_watchdog and self.healthy():
+                sd_notify("WATCHDOG=1")
+                next_watchdog = time.monotonic() + interval
+        return None
+
+    def healthy(self) -> bool:
+        """Every loop thread (ingest, dispatch, HTTP) and the link's network thread are running."""
+        return all(thread.is_alive() for thread in self._threads) and self._link.alive()
 
     def _http_failure(self, server: Any, thread: threading.Thread) -> str | None:
         """None once uvicorn listens; else why it could not (it ends its thread on a bind error)."""

@@ -17,6 +17,7 @@ from autoglm_wire import __version__
 from autoglm_wire.errors import ConfigError, InvalidCommand
 from autoglm_wire.lifecycle import State
 from autoglm_wire.mqtt_session import BrokerOptions
+from autoglm_wire.notify import sd_notify, watchdog_interval_s
 from autoglm_wire.protocol import ConfigParams, Event, ParsedCommand, Status, Telemetry, format_ts, to_bytes, utc_now
 from autoglm_wire.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
 from autoglm_wire.topics import DeviceTopics, group_cmd
@@ -27,7 +28,6 @@ from edge_agent.executor import Executor, Outcome, onnx_handlers
 from edge_agent.inbox import SqliteInbox
 from edge_agent.intake import Intake
 from edge_agent.link import Link, LinkOptions
-from edge_agent.notify import sd_notify, watchdog_interval_s
 from edge_agent.outbox import OutboxLimits, SqliteOutbox
 from edge_agent.policy_store import PolicyStore
 from edge_agent.sqlite_file import SqliteFile, StoreError

@@ -5,11 +5,18 @@ Examples:
   edge-agent check-config /etc/edge-agent/edge-agent.toml
   edge-agent tune --model glm.gguf --target tokens_per_s --max-latency-ms 500 --budget-s 300 --out profile.toml
   EDGE_AGENT_MQTT__HOST=broker.lan edge-agent check-config edge-agent.toml
+
+`run` and `check-config` open every file the config names (TLS files, trusted keys, password,
+`credential:NAME`, the model, the store's folder) as this user before anything heavy.
+
+exit codes: 0 success (a clean stop after SIGTERM); 1 a protocol error; 2 the config or a file it
+names is wrong (the unit's RestartPreventExitStatus=2: systemd does not restart a broken config)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +24,10 @@ from pathlib import Path
 from autoglm_wire import __version__
 from autoglm_wire.errors import ConfigError, ProtocolError
 from edge_agent.config import AgentConfig, load_config
+from edge_agent.preflight import check_agent
+
+EXIT_PROTOCOL = 1
+EXIT_CONFIG = 2
 
 
 def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama.cpp is heavy
@@ -30,14 +41,19 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.config))
     logging.getLogger().setLevel(config.log_level.upper())
+    for line in check_agent(config):  # before the model is loaded: a bad file fails in a second
+        logging.getLogger(__name__).info("config check: %s", line)
     return Agent(config, _llama_engine, reload_config=lambda: load_config(Path(args.config))).run()
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(Path(args.file))
-    print(config.model_dump_json(indent=2))
-    if not config.model.path.is_file():
-        print(f"warning: model file {config.model.path} does not exist yet", file=sys.stderr)
+    lines = check_agent(config)
+    effective = config.model_dump(mode="json")
+    effective["mqtt"]["tls"] = config.mqtt.uses_tls  # on with a CA file or client certificate too
+    print(json.dumps(effective, indent=2))
+    for line in lines:
+        print(f"ok: {line}", file=sys.stderr)
     return 0
 
 
@@ -57,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve commands over MQTT until SIGTERM")
     run.add_argument("--config", required=True, help="TOML config file (see systemd/edge-agent.toml)")
     run.set_defaults(func=_run)
-    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check = sub.add_parser("check-config",
+                           help="validate a config, open every file it names, print the effective config")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
     tune = sub.add_parser("tune", help="benchmark llama.cpp settings for a model and write the best as a profile")
@@ -81,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except ProtocolError as exc:
         print(f"edge-agent: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_PROTOCOL
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ class AgentConfig(TomlSettings):
     """The whole agent configuration (see docs/architecture.md for every key)."""
 
     env_prefix = ENV_PREFIX
+    service_user = "edge-agent"
 
     device_id: Annotated[str, AfterValidator(check_device_id)]
     mqtt: MqttConfig = Field(default_factory=MqttConfig)

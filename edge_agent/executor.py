@@ -1,11 +1,13 @@
 """The executor: worker threads (one, or `model.parallel` to feed the batched engine) that run stored
-commands through a table of handlers by kind. Every state change goes through the inbox with the reply announcing it;
+commands through a table of handlers by kind, and one thread for the commands that must not wait
+behind them (`cancel`). Every state change goes through the inbox with the reply announcing it;
 `lifecycle` says which changes are legal, so two threads never run or finish one command twice.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,11 +36,13 @@ from edge_agent.engine.stream import ChunkStreamer
 from edge_agent.inbox import Inbox, StoredCommand
 from edge_agent.outbox import ReplyDraft
 from edge_agent.policy import Policy, apply_defaults
-from edge_agent.sqlite_file import StoreFull
+from edge_agent.sqlite_file import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-IMMEDIATE_KINDS = frozenset({"cancel"})  # run at intake, not behind a running generation
+# Run at once on the executor's `immediate` thread, not behind a running generation; never on the
+# link's network thread, which a store that cannot write (disk full) would then block.
+IMMEDIATE_KINDS = frozenset({"cancel"})
 # Kinds whose handlers do nothing but compute their output: an idle worker may start them while
 # intake is still storing them (`Executor.start_early`). Not `config` (it writes the policy).
 EARLY_KINDS = frozenset({"ping", "chat", "complete", "onnx"})
@@ -116,7 +120,10 @@ class Executor:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a worker's run ended, or an engine swap did
         self._workers = workers  # each runs one command at a time; the engine decodes them together
-        self._running: dict[str, threading.Event] = {}  # the workers' commands a `cancel` can stop
+        # The workers' commands and their cancel events, set before their claim (or, started early,
+        # before intake stores them): a cancel that finds one `running` in the ledger finds it here.
+        self._running: dict[str, threading.Event] = {}
+        self._immediate: queue.SimpleQueue[tuple[StoredCommand, ParsedCommand]] = queue.SimpleQueue()
         self._idle: set[str] = set()  # workers that found nothing to run and wait: `submit` may hand one a command
         self._handoff: tuple[StoredCommand, ParsedCommand] | EarlyStart | None = None
         self._local = threading.local()  # `early`: the worker's current run, when it was started early
@@ -150,10 +157,11 @@ class Executor:
         return len(interrupted)
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._run_worker, name=f"executor-{i}", daemon=True)
-                         for i in range(self._workers)]
-        for thread in self._threads:
+        workers = [(f"executor-{i}", self._run_worker) for i in range(self._workers)]
+        for name, target in [*workers, ("executor-immediate", self._run_immediate_worker)]:
+            thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
+            self._threads.append(thread)
 
     def start_early(self, parsed: ParsedCommand) -> EarlyStart | None:
         """Before intake stores a command of EARLY_KINDS: if the worker is idle, it starts running
@@ -167,6 +175,7 @@ class Executor:
                 return None
             early = EarlyStart(parsed)
             self._handoff = early
+            self._running[parsed.id] = early.cancel
             self._idle.pop()
         self._wake.set()
         return early
@@ -181,6 +190,11 @@ class Executor:
                 self._idle.pop()
         self._wake.set()
 
+    def run_immediate(self, command: StoredCommand, parsed: ParsedCommand) -> None:
+        """A command of IMMEDIATE_KINDS was just accepted: run it now on the immediate thread (the
+        caller, the link's network thread, returns at once)."""
+        self._immediate.put((command, parsed))
+
     def alive(self) -> bool:
         return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
@@ -188,13 +202,17 @@ class Executor:
         """Finish the running commands (cancel them after `timeout_s`); queued ones stay stored."""
         self._stopping.set()
         self._wake.set()
+        if not self._threads:
+            return
+        *workers, immediate = self._threads
         deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(thread.is_alive() for thread in self._threads):
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if any(worker.is_alive() for worker in workers):
             self._cancel_running("the agent is shutting down")
-            for thread in self._threads:
-                thread.join(10.0)
+            for worker in workers:
+                worker.join(10.0)
+        immediate.join(10.0)
 
     @property
     def engine(self) -> TextEngine:
@@ -244,6 +262,17 @@ class Executor:
                     self._busy -= 1
                     self._changed.notify_all()
 
+    def _run_immediate_worker(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                command, parsed = self._immediate.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            try:
+                self.run(command, parsed)
+            except Exception:
+                log.exception("executor failed on command %s", command.id)
+
     def _next_command(self) -> tuple[StoredCommand, ParsedCommand | None] | EarlyStart | None:
         """What `start_early` or `submit` handed over, else the ledger's next runnable command;
         when there is none the worker is marked idle (unless a wake-up is already pending). Nothing
@@ -272,7 +301,7 @@ class Executor:
     def run(self, command: StoredCommand, parsed: ParsedCommand | None = None) -> None:
         """Run one accepted command to its terminal state (no-op if another thread claimed it).
 
-        Commands of IMMEDIATE_KINDS may run on the intake thread while the worker is busy; only the
+        Commands of IMMEDIATE_KINDS run on the immediate thread while the worker is busy; only the
         worker's command is the `running` one that a cancel can stop. `parsed` saves re-parsing
         the stored payload when the caller has just parsed it.
         """
@@ -280,10 +309,29 @@ class Executor:
             error = Expired("the command expired before the device could run it", command.id)
             self._finish(command.id, Outcome(State.EXPIRED, None, {}, error))
             return
+        tracked = command.kind not in IMMEDIATE_KINDS
+        cancel = threading.Event()
+        if tracked:
+            with self._lock:
+                self._running[command.id] = cancel
+        try:
+            ran = self._claim_and_execute(command, parsed, cancel)
+        finally:
+            if tracked:
+                with self._lock:
+                    self._running.pop(command.id, None)
+        if ran is not None:
+            outcome, queue_ms = ran
+            self._finish(command.id, outcome, {"queue_ms": queue_ms})
+
+    def _claim_and_execute(self, command: StoredCommand, parsed: ParsedCommand | None,
+                           cancel: threading.Event) -> tuple[Outcome, float] | None:
+        """Claim the command and run its handler: its outcome and how long it queued (ms); None if
+        it was no longer `accepted`."""
         claimed = self._inbox.claim(command.id)
         self._on_stored()
         if not claimed:
-            return
+            return None
         checkpoints.reached("command_running")
         queue_ms = round((time.time() - command.received_at) * 1000.0, 3)
         if parsed is None:
@@ -291,19 +339,19 @@ class Executor:
                 parsed = parse_command(command.payload.encode("utf-8"), max_bytes=1 << 30, kinds=self.kinds)
             except ProtocolError as exc:
                 exc.command_id = command.id
-                self._finish(command.id, Outcome(State.FAILED, None, {}, exc), {"queue_ms": queue_ms})
-                return
-        outcome = self._execute(parsed, threading.Event(), tracked=command.kind not in IMMEDIATE_KINDS)
-        self._finish(command.id, outcome, {"queue_ms": queue_ms})
+                return Outcome(State.FAILED, None, {}, exc), queue_ms
+        return self._execute(parsed, cancel), queue_ms
 
     def _run_early(self, early: EarlyStart) -> None:
         """Run a command intake is still storing; finish it once intake says it was stored, drop
         it if not. Its `queue_ms` is 0: it started before it was stored."""
         self._local.early = early
         try:
-            outcome = self._execute(early.parsed, early.cancel, tracked=True)
+            outcome = self._execute(early.parsed, early.cancel)
         finally:
             self._local.early = None
+            with self._lock:
+                self._running.pop(early.parsed.id, None)
         command = early.wait()
         if command is None:
             log.info("dropped the early start of command %s: intake did not store it (a duplicate delivery, a "
@@ -312,12 +360,11 @@ class Executor:
         checkpoints.reached("command_running")
         self._finish(command.id, outcome, {"queue_ms": 0.0})
 
-    def _execute(self, parsed: ParsedCommand, cancel: threading.Event, tracked: bool) -> Outcome:
-        """The handler's outcome; errors become failed/cancelled outcomes. `tracked`: this is the
-        worker's running command, the one a `cancel` command can stop."""
-        if tracked:
-            with self._lock:
-                self._running[parsed.id] = cancel
+    def _execute(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
+        """The handler's outcome; errors become failed/cancelled outcomes. A cancel that came
+        between the claim and now stops it before the handler starts."""
+        if cancel.is_set():
+            return Outcome(State.CANCELLED, None, {}, Cancelled("cancelled before it started", parsed.id))
         try:
             if isinstance(parsed.params, Sampling):  # sampling fields left out take the device policy
                 parsed = parsed.model_copy(update={"params": apply_defaults(parsed.params, self.policy())})
@@ -329,10 +376,6 @@ class Executor:
         except Exception as exc:
             log.exception("command %s failed unexpectedly", parsed.id)
             return Outcome(State.FAILED, None, {}, Internal(f"unexpected error: {exc!r}", parsed.id))
-        finally:
-            if tracked:
-                with self._lock:
-                    self._running.pop(parsed.id, None)
 
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
@@ -354,7 +397,7 @@ class Executor:
             try:
                 self._inbox.transition(command_id, state, draft)
                 return
-            except StoreFull as exc:
+            except StoreUnavailable as exc:
                 log.error("cannot store the %s reply of %s: %s; retrying in %.0f s", state, command_id, exc, delay)
                 if self._stopping.wait(delay):
                     raise
@@ -434,14 +477,15 @@ class Executor:
         if target is None:
             raise InvalidCommand(f"no command {params.target!r} on this device to cancel")
         before = target.state
-        if before == State.ACCEPTED:
-            error = ErrorInfo(code=Cancelled.code, message=f"cancelled by command {parsed.id} before it ran")
-            done = self._inbox.transition(params.target, State.CANCELLED,
-                                          ReplyDraft(status="cancelled", error=error), only_from={State.ACCEPTED})
+        error = ErrorInfo(code=Cancelled.code, message=f"cancelled by command {parsed.id} before it ran")
+        draft = ReplyDraft(status="cancelled", error=error)
+        if before == State.ACCEPTED and self._inbox.transition(params.target, State.CANCELLED, draft,
+                                                               only_from={State.ACCEPTED}):
             self._on_stored()
-            after = State.CANCELLED if done else self._state_of(params.target)
-        elif before == State.RUNNING and self._cancel_running(f"cancel command {parsed.id}", params.target):
-            after = "cancelling"
+            after = State.CANCELLED
+        elif before in (State.ACCEPTED, State.RUNNING) and self._cancel_running(f"cancel command {parsed.id}",
+                                                                                 params.target):
+            after = "cancelling"  # running, or claimed by the worker since `before` was read
         else:
             after = self._state_of(params.target)
         output = {"target": params.target, "previous_state": str(before), "state": str(after)}

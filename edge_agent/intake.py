@@ -5,8 +5,14 @@ limits; a payload that fails any of them gets one `rejected` reply and a `comman
 Then the early start (an idle worker starts the command while this commit stores it), dedupe and
 store (`Inbox.accept`: a known id is answered with its last reply and never run again; a full
 outbox refuses new work with `busy`), and the hand-off to the executor. No inference here: it
-returns once the command is stored, and the link syncs the file and sends the PUBACK. A store
-that cannot write raises, so the command stays unacknowledged and the broker redelivers it.
+returns once the command is stored, and the link syncs the file and sends the PUBACK.
+
+The invariant: every delivered command gets exactly one terminal reply (or, at the outbox's cap,
+a counted drop) and is acknowledged, whatever it holds. `handle` raises only StoreUnavailable (the
+store cannot write now: disk full, I/O error), so the command stays unacknowledged and the broker
+redelivers it. Any other exception becomes a `rejected` reply: `invalid_command` when it comes from
+interpreting the payload (a ValueError, TypeError or OverflowError in the checks), `internal`
+otherwise (a bug: logged once with the command id and the traceback; the device keeps serving).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from autoglm_wire import lifecycle
-from autoglm_wire.errors import Busy, InvalidCommand, ProtocolError, Unauthorized
+from autoglm_wire.errors import Internal, InvalidCommand, ProtocolError, Unauthorized
 from autoglm_wire.lifecycle import State
 from autoglm_wire.protocol import (
     ChatParams,
@@ -26,7 +32,9 @@ from autoglm_wire.protocol import (
     Event,
     ParsedCommand,
     Sampling,
+    decode_json_object,
     format_ts,
+    is_command_id,
     parse_command,
     utc_now,
 )
@@ -37,8 +45,13 @@ from edge_agent.executor import IMMEDIATE_KINDS, EarlyStart, Executor
 from edge_agent.inbox import Inbox
 from edge_agent.link import InboundMessage
 from edge_agent.outbox import Outbox, ReplyDraft
+from edge_agent.sqlite_file import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# What interpreting a payload raises when a value is out of what the code can take (pydantic's
+# ValidationError is a ValueError): the payload is invalid, not the code.
+INTERPRETING_ERRORS = (ValueError, TypeError, OverflowError)
 
 
 def prompt_chars(params: object) -> int:
@@ -63,36 +76,39 @@ class Intake:
     on_stored: Callable[[], None]  # wakes the link's pump
 
     def handle(self, message: InboundMessage) -> None:
-        """One delivered command, from its bytes to a stored command (or a stored rejection)."""
+        """One delivered command, from its bytes to a stored command (or a stored rejection).
+        Raises only StoreUnavailable: the command is then left unacknowledged."""
         try:
-            parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
-            self._check_target(parsed)
-            self._check_signature(parsed, message)
-            if not self._response_topic_allowed(message.response_topic):
-                raise Unauthorized(f"ResponseTopic {message.response_topic!r} is outside this device's reply tree "
-                                   f"({self.topics.reply}/...) and security.response_topic_prefixes", parsed.id)
-            self._check_limits(parsed)
-        except ProtocolError as exc:
-            self._reject(exc, message)
+            self._take(message)
             return
-        expires_at = parsed.command.expires_at.timestamp() if parsed.command.expires_at else None
-        if message.message_expiry_s is not None:
-            by_broker = time.time() + message.message_expiry_s
-            expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
+        except StoreUnavailable:
+            raise
+        except ProtocolError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a bug must not stall the device: answered `internal`
+            error = self._internal(exc, message)
+        try:
+            self._reject(error, message)
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - not even a rejection can be stored: acknowledge, logged
+            log.exception("could not store the rejection of a payload on %s (command %s); acknowledging it "
+                          "without a reply", message.topic, error.command_id)
+
+    def _take(self, message: InboundMessage) -> None:
+        """Check, store and hand over one command; raises the ProtocolError its rejection carries."""
+        parsed, expires_at = self._checked(message)
         early = self._start_early(parsed, expires_at)
         try:
             accepted = self.inbox.accept(
                 parsed.id, parsed.kind, message.payload.decode("utf-8"), parsed.command.priority, expires_at,
                 message.response_topic, message.correlation_data, claim=early is not None,
             )
-        except BaseException as exc:
+        except BaseException:
             if early is not None:
-                early.drop()
-            if not isinstance(exc, Busy):
-                raise
-            self._reject(exc, message)  # the outbox is at its cap: refuse new work rather than lose its reply
-            return
-        if early is not None:  # decided before anything else can raise: the worker waits for it
+                early.drop()  # decided on every path: the worker waits for it
+            raise  # Busy (the outbox is at its cap) is rejected by `handle`, like any ProtocolError
+        if early is not None:
             if accepted.command is None:
                 early.drop()
             else:
@@ -105,9 +121,49 @@ class Intake:
         if early is not None:
             return  # the worker is already running it
         if parsed.kind in IMMEDIATE_KINDS:
-            self.executor.run(accepted.command, parsed)
+            self.executor.run_immediate(accepted.command, parsed)
         else:
             self.executor.submit(accepted.command, parsed)
+
+    def _checked(self, message: InboundMessage) -> tuple[ParsedCommand, float | None]:
+        """The parsed command and its expiry (epoch seconds), or the ProtocolError of its rejection;
+        a value the checks cannot interpret is `invalid_command`."""
+        try:
+            parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
+            self._check_target(parsed)
+            self._check_signature(parsed, message)
+            if not self._response_topic_allowed(message.response_topic):
+                raise Unauthorized(f"ResponseTopic {message.response_topic!r} is outside this device's reply tree "
+                                   f"({self.topics.reply}/...) and security.response_topic_prefixes", parsed.id)
+            self._check_limits(parsed)
+            return parsed, self._expires_at(parsed, message)
+        except INTERPRETING_ERRORS as exc:
+            raise InvalidCommand(f"the command holds a value this device cannot interpret: {exc}",
+                                 self._command_id(message)) from exc
+
+    def _expires_at(self, parsed: ParsedCommand, message: InboundMessage) -> float | None:
+        """The earlier of the command's `expires_at` and the broker's message expiry, in epoch seconds."""
+        expires_at = parsed.command.expires_at.timestamp() if parsed.command.expires_at else None
+        if message.message_expiry_s is not None:
+            by_broker = time.time() + message.message_expiry_s
+            expires_at = by_broker if expires_at is None else min(expires_at, by_broker)
+        return expires_at
+
+    def _internal(self, exc: Exception, message: InboundMessage) -> Internal:
+        """A bug met while taking a command: logged once, with the traceback; answered `internal`."""
+        command_id = self._command_id(message)
+        log.error("intake failed on command %s from %s; answering internal and serving on", command_id,
+                  message.topic, exc_info=exc)
+        return Internal(f"the device failed to take this command ({type(exc).__name__}); this is a bug in the "
+                        "agent, reported in its log", command_id)
+
+    def _command_id(self, message: InboundMessage) -> str | None:
+        """The payload's command id when one can be read, for a reply to an error met after parsing."""
+        try:
+            command_id = decode_json_object(message.payload, self.config.mqtt.max_payload_bytes).get("id")
+        except (ProtocolError, *INTERPRETING_ERRORS):
+            return None
+        return command_id if is_command_id(command_id) else None
 
     def _start_early(self, parsed: ParsedCommand, expires_at: float | None) -> EarlyStart | None:
         """An idle worker starts the command now, while the intake commit stores it already

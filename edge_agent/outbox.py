@@ -1,7 +1,8 @@
 """The outbox: replies, events and status stored until the broker acknowledges them, then deleted
 (the link's pump publishes them in id order). Bounded by soft caps (`OutboxLimits`): at or above
-either, new Events are dropped and counted and new commands refused with `busy`; replies of
-accepted commands are always stored. Every reply takes the next `seq` when it is stored.
+either, new Events, rejections and the re-sent replies of duplicate deliveries are dropped and
+counted, and new commands refused with `busy`; replies of accepted commands are always stored.
+Every reply takes the next `seq` when it is stored (above the file's seq mark, `seq_mark.py`).
 
 `Outbox` is what the link and intake use; `SqliteOutbox` keeps the rows in the device's SQLite
 file (the inbox writes a state change and its reply in one transaction through it),
@@ -26,8 +27,9 @@ from edge_agent.sqlite_file import SqliteFile
 
 @dataclass(frozen=True)
 class OutboxLimits:
-    """Soft caps on the outbox. At or above either, new events are dropped (counted) and new
-    commands are refused with `busy`; replies of accepted commands are always stored."""
+    """Soft caps on the outbox. At or above either, new events, rejections and duplicates' re-sent
+    replies are dropped (counted) and new commands are refused with `busy`; replies of accepted
+    commands are always stored."""
 
     max_rows: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
@@ -84,7 +86,7 @@ class Outbox(Protocol):
 
     def reject(self, command_id: str | None, draft: ReplyDraft, event: Event,
                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
-        """Store a `rejected` reply (always) and its Event (unless the outbox is full: counted)."""
+        """Store a `rejected` reply and its Event (unless the outbox is full: both dropped, counted)."""
         ...
 
 
@@ -119,11 +121,15 @@ class SqliteOutbox:
 
     def reject(self, command_id: str | None, draft: ReplyDraft, event: Event,
                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
-        """Store a `rejected` reply (always) and its Event (unless the outbox is full: counted).
-        Committed without its own fsync: the link syncs before the PUBACK."""
+        """Store a `rejected` reply and its Event; at or above a cap neither (counted in `rejections`
+        and `events`): a flood of bad payloads cannot grow the outbox. Committed without its own
+        fsync: the link syncs before the PUBACK."""
         with self._file.unsynced(), self._file.write():
+            if self._over_cap("rejections"):
+                self._dropped["events"] += 1
+                return
             self.add_reply(command_id, draft, response_topic, correlation_data)
-            self._enqueue_event_capped(event)
+            self._enqueue(self.topics.event, to_bytes(event), qos=1)
 
     def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
         """Outbox rows with id > after_id, oldest first."""
@@ -158,15 +164,19 @@ class SqliteOutbox:
                   correlation_data: bytes | None) -> bytes:
         """Give the draft the next seq and store it; returns the reply's bytes (the ledger keeps them)."""
         seq = int(self._file.meta("reply_seq") or 0) + 1
+        self._file.seq_mark.cover(seq)
         self._file.set_meta("reply_seq", str(seq))
         payload = reply_payload(self.topics.device_id, command_id, seq, draft)
-        self.resend_reply(payload, response_topic, correlation_data)
+        self._store_reply(payload, response_topic, correlation_data)
         return payload
 
     def resend_reply(self, payload: bytes, response_topic: str | None, correlation_data: bytes | None) -> None:
-        """Store a reply stored before, unchanged (a duplicate delivery gets the last reply again)."""
-        for topic in reply_topics(self.topics, response_topic):
-            self._enqueue(topic, payload, qos=1, correlation=correlation_data)
+        """Store a reply stored before, unchanged (a duplicate delivery gets the last reply again);
+        at or above a cap it is dropped (counted in `duplicate_replies`): redeliveries cannot grow
+        the outbox, and the original reply is still there or already published."""
+        if self._over_cap("duplicate_replies"):
+            return
+        self._store_reply(payload, response_topic, correlation_data)
 
     def refuse_if_full(self, command_id: str) -> None:
         """A new command would add replies to a full outbox: raise Busy (counted)."""
@@ -191,18 +201,29 @@ class SqliteOutbox:
         return rows >= self.limits.max_rows or size >= self.limits.max_bytes
 
     def _enqueue_event_capped(self, event: Event) -> bool:
-        """Low-priority rows go first: an Event is dropped (counted) when the outbox is full, and
-        the first drop of a full spell stores one `outbox_full` Event despite the cap."""
+        """Low-priority rows go first: an Event is dropped (counted) when the outbox is full."""
+        if self._over_cap("events"):
+            return False
+        self._enqueue(self.topics.event, to_bytes(event), qos=1)
+        return True
+
+    def _over_cap(self, kind: str) -> bool:
+        """At or above a cap: count a dropped row of `kind` and return True; the first drop of a
+        full spell stores one `outbox_full` Event despite the cap."""
         if not self._full():
-            self._enqueue(self.topics.event, to_bytes(event), qos=1)
-            return True
-        self._dropped["events"] += 1
+            return False
+        self._dropped[kind] += 1
         if not self._full_reported:
             self._full_reported = True
             self._enqueue(self.topics.event, self._event_bytes(
-                "error", "outbox_full", "the outbox reached its cap; new events are dropped and new commands "
-                "refused with busy until the broker acknowledges the backlog", self.dropped), qos=1)
-        return False
+                "error", "outbox_full", "the outbox reached its cap; new events, rejections and re-sent replies "
+                "are dropped and new commands refused until the broker acknowledges the backlog", self.dropped),
+                qos=1)
+        return True
+
+    def _store_reply(self, payload: bytes, response_topic: str | None, correlation_data: bytes | None) -> None:
+        for topic in reply_topics(self.topics, response_topic):
+            self._enqueue(topic, payload, qos=1, correlation=correlation_data)
 
     def _event_bytes(self, level: str, code: str, message: str, data: dict[str, Any]) -> bytes:
         return to_bytes(Event(device_id=self.topics.device_id, ts=format_ts(utc_now()), level=level,  # type: ignore[arg-type]

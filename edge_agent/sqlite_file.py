@@ -34,6 +34,8 @@ from typing import Literal
 
 from sqlite_utils import Database
 
+from edge_agent.seq_mark import SeqMark
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -85,8 +87,19 @@ class StoreError(Exception):
     """The store cannot do what was asked; the message says why."""
 
 
-class StoreFull(StoreError):
+class StoreUnavailable(StoreError):
+    """The store cannot write now for a cause outside the agent (an I/O error, the file locked by
+    another process, no memory); nothing was written. The one failure intake leaves unacknowledged:
+    the broker redelivers the command and a later write may succeed."""
+
+
+class StoreFull(StoreUnavailable):
     """The disk (or filesystem) holding the store has no room for a write; nothing was written."""
+
+
+# SQLite's primary result codes of a write that failed for a cause outside the agent's code.
+_UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM,
+                                sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 
 
 def _quarantine_if_corrupt(path: Path) -> Path | None:
@@ -133,6 +146,7 @@ class SqliteFile:
         self.lock = threading.RLock()
         self._sync_lock = threading.Lock()  # held across a `sync()` fsync, so a second caller waits
         self._wal_unsynced = False  # an unsynced commit that must reach the disk, and no sync() since
+        self.seq_mark = SeqMark(path.with_name(path.name + ".seq"))
         conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
         self.db = Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -141,16 +155,26 @@ class SqliteFile:
         with self.db.atomic():
             for statement in _statements(SCHEMA):
                 self.db.execute(statement)
-            # A store that replaces a quarantined one cannot know the last seq: start above any
-            # plausible earlier value (ms since the epoch) so seq stays strictly increasing.
-            first_seq = int(time.time() * 1000) if self.quarantined else 0
             self.db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?), ('reply_seq', ?)",
-                [str(SCHEMA_VERSION), str(first_seq)],
+                [str(SCHEMA_VERSION), str(self._first_seq())],
             )
         version = int(self.meta("schema_version") or 0)
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema version {version}; this agent knows {SCHEMA_VERSION}")
+        self.seq_mark.cover(int(self.meta("reply_seq") or 0) + 1)  # a new store's mark is written at once
+
+    def _first_seq(self) -> int:
+        """Where a new store's seq starts: at the mark, above every seq handed out before (a new
+        device has none: 0). A quarantined store whose mark was lost too: the clock in ms, the only
+        hint left."""
+        if self.seq_mark.value is not None:
+            return self.seq_mark.value
+        if self.quarantined is not None:
+            log.error("store %s was quarantined and its seq mark %s is missing: reply seq restarts at the clock "
+                      "(ms since 1970)", self.path, self.seq_mark.path)
+            return int(time.time() * 1000)
+        return 0
 
     def close(self) -> None:
         with self.lock:
@@ -215,7 +239,8 @@ class SqliteFile:
 
     @contextmanager
     def write(self) -> Iterator[None]:
-        """Lock + one transaction; a full disk becomes StoreFull (rolled back, counted)."""
+        """Lock + one transaction; a full disk becomes StoreFull (rolled back, counted), any other
+        failure outside the agent's code (I/O error, locked, ...) StoreUnavailable (rolled back)."""
         with self.lock:
             try:
                 with self.db.atomic():
@@ -225,6 +250,8 @@ class SqliteFile:
                     yield
             except (sqlite3.OperationalError, OSError) as exc:
                 if not _disk_full(exc):
+                    if _unavailable(exc):
+                        raise StoreUnavailable(f"cannot write {self.path} ({exc}); nothing was written") from exc
                     raise
                 self._write_failing = True
                 self.failed_writes += 1
@@ -236,6 +263,13 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """An I/O error of the file, or SQLite's code for a cause outside the agent (not a bug in a statement)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES
+    return isinstance(exc, OSError)
 
 
 def _statements(script: str) -> list[str]:

@@ -7,23 +7,32 @@ line of `[http] token_file`. `/` (the console page), `/openapi.json` and `/docs`
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.http import api_routes, openai_routes, page_routes
-from cloud_bridge.http.deps import TOKEN_HINT, ApiError, api_error_response, authorized, bridge_error_response
+from cloud_bridge.http.deps import (
+    TOKEN_HINT,
+    ApiError,
+    api_error_response,
+    authorized,
+    bridge_error_response,
+    validation_error_response,
+)
 from cloud_bridge.store.registry import Registry
 
 
 def create_app(registry: Registry, config: BridgeConfig, token: str) -> FastAPI:
     """The FastAPI application serving one registry."""
-    app = FastAPI(title="autoglm-edge cloud bridge", version="1",
+    app = FastAPI(title="autoglm-edge cloud bridge", version="1", docs_url=None, redoc_url=None,
                   description="Fleet API of autoglm-edge. Every /api and /v1 call needs " + TOKEN_HINT + ".")
     app.state.registry = registry
     app.state.config = config
     app.state.token = token
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(BridgeError, bridge_error_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
     app.include_router(page_routes.router)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authorized)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authorized)])

@@ -1,7 +1,9 @@
 """What every router of the HTTP layer depends on: the registry and config of the app, the bearer
 token check, the error shape and how bridge errors map to HTTP statuses, streamed responses.
 
-Errors have one shape everywhere, OpenAI's: `{"error": {"message", "type", "code"}}`.
+Errors have one shape everywhere, OpenAI's: `{"error": {"message", "type", "param", "code"}}`, request
+validation errors included (400, `param` the first offending field). An error that must not be
+retried carries `x-should-retry: false`, which the official OpenAI clients obey.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -34,12 +37,14 @@ CREDENTIALS = Depends(HTTPBearer(auto_error=False))
 class ApiError(Exception):
     """An error answered as `{"error": {...}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
+                 param: str | None = None, retry: bool | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
+        self.retry = retry  # None: let the client decide by the status; False: `x-should-retry: false`
 
-    def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def read_token(path: Path) -> str:
@@ -76,12 +81,24 @@ CFG = Depends(config_of)
 
 
 def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {} if exc.retry is None else {"x-should-retry": "true" if exc.retry else "false"}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body or query that does not validate: 400 naming every problem, `param` the first field."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "path"))
+        problems.append(f"{where or 'body'}: {error['msg']}")
+    first = ".".join(str(p) for p in exc.errors()[0]["loc"][1:]) if exc.errors() else None
+    return api_error_response(request, ApiError(400, "invalid request: " + "; ".join(problems), "invalid_request",
+                                                param=first or None, retry=False))
 
 
 def bridge_error_response(request: Request, exc: BridgeError) -> JSONResponse:
     status, code = BRIDGE_ERRORS.get(type(exc), (500, type(exc).__name__))
-    return api_error_response(request, ApiError(status, str(exc), code))
+    return api_error_response(request, ApiError(status, str(exc), code, retry=False if status < 500 else None))
 
 
 def stream_response(events: Iterator[str]) -> StreamingResponse:

@@ -1,35 +1,71 @@
-"""`/v1`: an OpenAI-compatible chat endpoint that runs each request as a `chat` command on a device.
+"""`/v1`: an OpenAI-compatible endpoint that runs each request as a `chat` or `complete` command on a device.
 
 `model` names a device (`gw-01`) or a group (`group/site-a`: the online member with the fewest
-unfinished commands). The request becomes one command in the registry (so it shows in `cloud-bridge
+unfinished commands). A request becomes one command in the registry (it shows in `cloud-bridge
 commands` and is resent until accepted like any other); `stream: true` answers with server-sent
-`chat.completion.chunk` events built from the device's stream chunks, then `data: [DONE]`.
-Mounted by `app.create_app` behind the bearer token.
+chunks built from the device's stream chunks, then `data: [DONE]`. Mounted by `app.create_app`
+behind the bearer token.
+
+What a client sees, as OpenAI's own API would answer it (README, "OpenAI-compatible endpoint"):
+- Fields this endpoint does not use (tools, logprobs, penalties, ...) are ignored and logged, as
+  other OpenAI-compatible servers do; a field it uses with a bad value is a 400.
+- A device that is offline (or never reported) is a 503 at once and nothing is queued, unless the
+  body says `"queue": true` (an extension: `extra_body={"queue": True}`): then the command waits in
+  the broker session for `[dispatch] default_expiry_s`.
+- A command the device rejected or that failed is a 4xx/500 in OpenAI's error shape with the
+  device's error code and `x-should-retry: false`, so the official client does not send it again;
+  only a device answering `busy` (nothing ran) is a retryable 429.
+- Idempotency: a request with an `Idempotency-Key` header runs once per key; a retry of the
+  official client (`x-stainless-retry-count` > 0, e.g. after its own read timeout) is attached to
+  the command an identical request queued within `[http] chat_timeout_s` instead of queueing another.
+- No answer within `[http] chat_timeout_s` (default 300 s) is a 504 naming the command, which stays
+  on the device; the client's own timeout should be longer (the official client's is 600 s).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 
+from autoglm_wire.lifecycle import State
+from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.errors import DuplicateCommand
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
          "developer": "system"}
+ID_PREFIX = "oai-"
+RETRY_SCAN = 200  # recent commands searched for the original of a retried request
+WAITING = (State.PENDING, State.SENT)
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are kept aside (`model_extra`), logged and otherwise ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def ignored(self) -> list[str]:
+        """The names of the fields this endpoint ignored, nested ones as `a.b`."""
+        names = list(self.model_extra or {})
+        for name, value in self:
+            children = value if isinstance(value, list) else [value]
+            names += [f"{name}.{child}" for item in children if isinstance(item, Body) for child in item.ignored()]
+        return sorted(set(names))
 
 
 class TextPart(Body):
@@ -40,8 +76,6 @@ class TextPart(Body):
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
-    name: str | None = None
-    tool_call_id: str | None = None
 
     def to_protocol(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -52,43 +86,208 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Body):
+class JsonSchemaSpec(Body):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def to_protocol(self) -> dict[str, Any] | None:
+        """The device's `response_format` (JSON-schema constrained output), or None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_schema", "schema": {"type": "object"}}
+        if self.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_value",
+                           param="response_format.json_schema")
+        return {"type": "json_schema", "schema": self.json_schema.schema_}
+
+
+class GenerationRequest(Body):
+    """The fields chat and text completions share."""
+
     model: str
-    messages: list[Message]
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    user: str | None = None
+    queue: bool = Field(default=False, description="extension: queue for an offline device instead of a 503")
+
+    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
+        fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+                  "response_format": self.response_format.to_protocol() if self.response_format else None}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
 
     def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"messages": [m.to_protocol() for m in self.messages]}
         limit = self.max_completion_tokens or self.max_tokens
-        fields = {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                  "stop": [self.stop] if isinstance(self.stop, str) else self.stop}
-        params.update({k: v for k, v in fields.items() if v is not None})
-        return params
+        return {"messages": [m.to_protocol() for m in self.messages], **self.sampling(limit)}
 
 
-def pick_device(registry: Registry, model: str) -> str:
-    """The device a `model` names; for `group/G`, the least busy online member."""
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str]
+
+    def params(self) -> dict[str, Any]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, f"prompt: one prompt per request ({len(prompts)} given)", "invalid_value",
+                           param="prompt")
+        return {"prompt": prompts[0], **self.sampling(self.max_tokens)}
+
+
+# --- which device, which command ----------------------------------------------------------------
+
+
+def pick_device(registry: Registry, body: GenerationRequest) -> str:
+    """The device `body.model` names; for `group/G`, the least busy online member.
+
+    A device that is not online is a 503 at once unless the body asks to `queue`.
+    """
+    model = body.model
     target = commands.parse_target(model)
     if isinstance(target, str):
-        if registry.devices.get(target) is None:
+        device = registry.devices.get(target)
+        if device is None:
             raise ApiError(404, f"model {model!r}: no such device has reported to this bridge; GET /v1/models "
-                           "lists devices and groups", "model_not_found")
+                           "lists devices and groups", "model_not_found", param="model", retry=False)
+        if device.state != "online" and not body.queue:
+            since = f" since {console.short_ts(device.since)} UTC" if device.since else ""
+            raise ApiError(503, f"device {model!r} is {device.state or 'not reporting'}{since}; nothing was queued. "
+                           'Retry later, or send "queue": true to wait for it', "device_offline", "server_error")
         return target
     members = commands.select(registry, commands.DeviceFilter(group=target.group, state="online"))
     if not members:
-        raise ApiError(503, f"model {model!r}: no device of group {target.group!r} is online", "no_device_online",
-                       "server_error")
+        raise ApiError(503, f"model {model!r}: no device of group {target.group!r} is online; nothing was queued",
+                       "no_device_online", "server_error")
     busy = registry.commands.active_counts()
     return min(members, key=lambda d: (busy.get(d.device_id, 0), d.device_id)).device_id
+
+
+def start_command(request: Request, registry: Registry, config: BridgeConfig, body: GenerationRequest,
+                  kind: str, params: dict[str, Any]) -> CommandRow:
+    """Queue the command for `body`, or find the one an earlier attempt of the same request queued."""
+    ignored = body.ignored()
+    if ignored:
+        log.warning("%s: ignored request fields %s", request.url.path, ", ".join(ignored))
+    key = request.headers.get("idempotency-key")
+    if key is None and _is_retry(request):
+        earlier = _earlier_attempt(registry, _devices_of(registry, body.model), kind, params,
+                                   config.http.chat_timeout_s)
+        if earlier is not None:
+            log.info("%s: retry of command %s, not queued again", request.url.path, earlier.id)
+            return earlier
+    device_id = pick_device(registry, body)
+    expires_in_s = config.dispatch.default_expiry_s if body.queue else config.http.chat_timeout_s
+    command_id = ID_PREFIX + (hashlib.sha256(key.encode()).hexdigest()[:40] if key else uuid.uuid4().hex)
+    command = commands.CommandRequest(target=device_id, kind=kind, params=params, expires_in_s=expires_in_s,
+                                      id=command_id)
+    try:
+        row, _ = commands.queue_command(registry, command, dispatch=config.dispatch)
+    except DuplicateCommand:
+        row = registry.commands.get(command_id)
+        if row.kind != kind or row.payload["params"] != params:
+            raise ApiError(400, "this Idempotency-Key was already used for a different request; use a new key",
+                           "idempotency_key_reused", retry=False) from None
+    return row
+
+
+def _is_retry(request: Request) -> bool:
+    try:
+        return int(request.headers.get("x-stainless-retry-count", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _devices_of(registry: Registry, model: str) -> set[str]:
+    """The device `model` names, or every known member of its group."""
+    target = commands.parse_target(model)
+    if isinstance(target, str):
+        return {target}
+    return {d.device_id for d in commands.select(registry, target)}
+
+
+def _earlier_attempt(registry: Registry, devices: set[str], kind: str, params: dict[str, Any],
+                     window_s: float) -> CommandRow | None:
+    """The newest /v1 command for one of `devices` with these params queued within `window_s` whose
+    outcome a retry may share (not one the device refused as `busy`, nor one that expired unaccepted:
+    those ran nowhere)."""
+    since = utc_now() - timedelta(seconds=window_s)
+    for row in registry.commands.recent(None, RETRY_SCAN):
+        if datetime.fromisoformat(row.created_at) < since:
+            return None
+        if (row.id.startswith(ID_PREFIX) and row.device_id in devices and row.kind == kind
+                and row.payload["params"] == params and row.state != State.EXPIRED and _error_code(row) != "busy"):
+            return row
+    return None
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def _error_code(row: CommandRow) -> str | None:
+    return (row.error or {}).get("code") or ((row.reply or {}).get("error") or {}).get("code")
+
+
+def failure(row: CommandRow) -> ApiError:
+    """The error answer for a command that did not succeed in time, as OpenAI would shape it."""
+    message = console.describe_failure(row)
+    code = _error_code(row)
+    if not row.terminal:
+        return ApiError(504, f"{message}; it was not queued twice: follow it with GET /api/commands/{row.id}",
+                        "timeout", "server_error", retry=False)
+    if row.state == State.REJECTED and code == "busy":
+        return ApiError(429, message, "busy", "rate_limit_error")
+    if row.state == State.FAILED:
+        return ApiError(500, message, code or "command_failed", "server_error", retry=False)
+    if row.state == State.EXPIRED:
+        return ApiError(504, message, "expired", "server_error", retry=False)
+    return ApiError(400, message, code or f"command_{row.state}", retry=False)
+
+
+def _outcome(row: CommandRow) -> tuple[str, str, dict[str, int]]:
+    """(text, finish_reason, usage) of a succeeded command; ApiError when it did not succeed."""
+    if row.state != State.SUCCEEDED:
+        raise failure(row)
+    output = (row.reply or {}).get("output") or {}
+    usage = output.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    finish = output.get("finish_reason", "stop")
+    finish = finish if finish in ("stop", "length") else "stop"
+    return output.get("text", ""), finish, {"prompt_tokens": prompt, "completion_tokens": completion,
+                                            "total_tokens": prompt + completion}
+
+
+def _wait_until_accepted(registry: Registry, row: CommandRow, timeout_s: float) -> CommandRow:
+    """The row once the device took the command (or ended it); a rejection then is an HTTP error, not a
+    200 stream that breaks off."""
+    deadline = time.monotonic() + timeout_s
+    while row.state in WAITING and time.monotonic() < deadline:
+        time.sleep(STREAM_POLL_S)
+        row = registry.commands.get(row.id)
+    if row.state in WAITING or (row.terminal and row.state != State.SUCCEEDED):
+        raise failure(row)
+    return row
+
+
+# --- routes --------------------------------------------------------------------------------------
 
 
 @router.get("/models", summary="devices and groups usable as `model`")
@@ -100,53 +299,83 @@ def list_models(registry: Registry = REG) -> dict[str, Any]:
 
 
 @router.post("/chat/completions", summary="OpenAI chat completions, run on a device over MQTT")
-def chat_completions(body: ChatCompletionRequest, registry: Registry = REG, config: BridgeConfig = CFG) -> Any:
-    device_id = pick_device(registry, body.model)
-    request = commands.CommandRequest(target=device_id, kind="chat", stream=body.stream, params=body.params(),
-                                      expires_in_s=config.http.chat_timeout_s)
-    row, _ = commands.queue_command(registry, request, dispatch=config.dispatch)
-    created = int(time.time())
+def chat_completions(body: ChatCompletionRequest, request: Request, registry: Registry = REG,
+                     config: BridgeConfig = CFG) -> Any:
+    return _generate(request, registry, config, body, "chat", body.params(), ChatShape(body.model))
+
+
+@router.post("/completions", summary="OpenAI (legacy) text completions, run on a device as `complete`")
+def completions(body: CompletionRequest, request: Request, registry: Registry = REG,
+                config: BridgeConfig = CFG) -> Any:
+    return _generate(request, registry, config, body, "complete", body.params(), TextShape(body.model))
+
+
+class ChatShape:
+    """`chat.completion` objects and `chat.completion.chunk` events."""
+
+    prefix, obj, chunk_obj = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                "logprobs": None}
+
+    def delta(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    def first(self) -> dict[str, Any] | None:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+
+
+class TextShape(ChatShape):
+    """`text_completion` objects, streamed as `text_completion` events too."""
+
+    prefix, obj, chunk_obj = "cmpl-", "text_completion", "text_completion"
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    def delta(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        return self.choice(text or "", finish)
+
+    def first(self) -> dict[str, Any] | None:
+        return None
+
+
+def _generate(request: Request, registry: Registry, config: BridgeConfig, body: GenerationRequest, kind: str,
+              params: dict[str, Any], shape: ChatShape) -> Any:
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        params = {**params, "stream": True}
+    row = start_command(request, registry, config, body, kind, params)
+    created = int(time.time())
+    timeout_s = config.http.chat_timeout_s
+    if body.stream:
+        row = _wait_until_accepted(registry, row, timeout_s)
         follower = commands.Follower(registry, row.id, STREAM_POLL_S)
-        return stream_response(_chunks(follower, body.model, created, config.http.chat_timeout_s, include_usage))
-    final = commands.Follower(registry, row.id).wait(config.http.chat_timeout_s)
-    text, finish, usage = _outcome(final)
-    message = {"role": "assistant", "content": text}
-    return {"id": f"chatcmpl-{row.id}", "object": "chat.completion", "created": created, "model": body.model,
-            "system_fingerprint": device_id, "usage": usage,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+        return stream_response(_events(follower, shape, created, timeout_s, body.include_usage))
+    text, finish, usage = _outcome(commands.Follower(registry, row.id).wait(timeout_s))
+    return {"id": shape.prefix + row.id, "object": shape.obj, "created": created, "model": shape.model,
+            "system_fingerprint": row.device_id, "usage": usage, "choices": [shape.choice(text, finish)]}
 
 
-def _outcome(row: CommandRow) -> tuple[str, str, dict[str, int]]:
-    """(text, finish_reason, usage) of a finished chat command; ApiError when it did not succeed."""
-    if row.state != "succeeded":
-        raise ApiError(502 if row.terminal else 504, console.describe_failure(row), f"command_{row.state}",
-                       "server_error")
-    output = (row.reply or {}).get("output") or {}
-    usage = output.get("usage") or {}
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    finish = output.get("finish_reason", "stop")
-    finish = finish if finish in ("stop", "length") else "stop"
-    return output.get("text", ""), finish, {"prompt_tokens": prompt, "completion_tokens": completion,
-                                            "total_tokens": prompt + completion}
-
-
-def _chunks(follower: commands.Follower, model: str, created: int, timeout_s: float,
+def _events(follower: commands.Follower, shape: ChatShape, created: int, timeout_s: float,
             include_usage: bool) -> Iterator[str]:
-    """`data: {chat.completion.chunk}` lines, ending with `data: [DONE]` (or an error object)."""
+    """`data: {chunk}` lines, ending with `data: [DONE]` (or an error object)."""
     command_id = follower.row.id
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
-        choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                  "logprobs": None}]
-        body = {"id": f"chatcmpl-{command_id}", "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": choices, "usage": usage}
+    def event(choice: dict[str, Any] | None, usage: dict | None = None) -> str:
+        body = {"id": shape.prefix + command_id, "object": shape.chunk_obj, "created": created,
+                "model": shape.model, "choices": [] if choice is None else [choice], "usage": usage}
         return f"data: {json.dumps(body)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    first = shape.first()
+    if first is not None:
+        yield event(first)
     for delta in follower.follow(timeout_s):
-        yield chunk({"content": delta})
+        yield event(shape.delta(delta))
     try:
         text, finish, usage = _outcome(follower.row)
     except ApiError as exc:
@@ -154,8 +383,8 @@ def _chunks(follower: commands.Follower, model: str, created: int, timeout_s: fl
         return
     sent = follower.text
     if text.startswith(sent) and len(text) > len(sent):
-        yield chunk({"content": text[len(sent):]})  # chunks lost on the way (QoS 0)
-    yield chunk({}, finish)
+        yield event(shape.delta(text[len(sent):]))  # chunks lost on the way (QoS 0)
+    yield event(shape.delta(None, finish))
     if include_usage:
-        yield chunk({}, usage=usage)
+        yield event(None, usage=usage)
     yield "data: [DONE]\n\n"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from autoglm_wire.lifecycle import BRIDGE_STATES, RANKS, TERMINAL_RANK, TERMINAL_STATES, is_terminal
+from autoglm_wire.lifecycle import BRIDGE_STATES, TERMINAL_STATES, State, is_terminal, rank
 from autoglm_wire.protocol import Command, Reply, format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 from cloud_bridge.store.backends import IntegrityError
@@ -26,9 +26,9 @@ from cloud_bridge.store.rows import CommandRow, stamp
 
 
 def _rank_sql(column: str) -> str:
-    """SQL CASE expression giving the lifecycle rank of a state column (see lifecycle.rank)."""
-    whens = " ".join(f"WHEN '{state}' THEN {r}" for state, r in RANKS.items())
-    return f"(CASE {column} {whens} ELSE {TERMINAL_RANK} END)"
+    """SQL CASE expression giving `lifecycle.rank` of a state column."""
+    whens = " ".join(f"WHEN '{state.value}' THEN {rank(state)}" for state in State)
+    return f"(CASE {column} {whens} END)"
 
 
 class Commands:

@@ -322,7 +322,8 @@ def _compile_grammar(schema: dict[str, Any]) -> llama_cpp.LlamaGrammar:
         return llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
     except jsonschema.SchemaError as exc:
         raise InvalidCommand(f"response_format.schema is not a valid JSON Schema: {exc.message}") from exc
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    # llama-cpp-python's converter asserts on a schema it does not recognise (found by the fuzzer)
+    except (ValueError, KeyError, TypeError, RecursionError, AssertionError) as exc:
         raise InvalidCommand(f"response_format.schema cannot be compiled to a llama.cpp grammar ({exc!r}); "
                              "use plain objects, arrays, strings, numbers, enums and $defs") from exc
 

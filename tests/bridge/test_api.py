@@ -86,7 +86,7 @@ def test_a_filter_selects_the_devices_it_names(client, registry):
 
 def test_a_request_with_an_unknown_field_or_a_bad_kind_is_refused(client, registry):
     _fleet(registry)
-    assert client.post("/api/commands", json={"target": "gw-a", "kind": "ping", "colour": 1}).status_code == 422
+    assert client.post("/api/commands", json={"target": "gw-a", "kind": "ping", "colour": 1}).status_code == 400
     bad = client.post("/api/commands", json={"target": "gw-a", "kind": "dance"})
     assert bad.status_code == 400 and "protocol v1 kinds" in bad.json()["error"]["message"]
 
@@ -141,3 +141,11 @@ def test_the_token_file_must_exist_and_hold_a_long_token(tmp_path: Path):
     short.write_text("abc\n")
     with pytest.raises(ConfigError, match="at least 16"):
         read_token(short)
+
+
+def test_docs_are_served_without_a_cdn(registry):
+    with TestClient(create_app(registry, BridgeConfig(), TOKEN)) as anonymous:
+        page = anonymous.get("/docs")
+        assert page.status_code == 200 and "/openapi.json" in page.text
+        assert "<script src=" not in page.text and "https://" not in page.text and "<link" not in page.text
+        assert anonymous.get("/redoc").status_code == 404

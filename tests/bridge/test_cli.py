@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,8 @@ def test_devices_and_commands_print_json_for_scripts(config, capsys):
 
 
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
-    code, out, err = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}')
+    code, out, err = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}',
+                         "--no-wait")
     ids = out.split()
     assert code == 0 and len(ids) == 2 and all(i.endswith((".gw-a", ".gw-b")) for i in ids)
     assert "does not list kind 'config'" in err  # these devices announced ping/chat/complete/cancel only
@@ -51,6 +54,30 @@ def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_show
     assert '{"temperature": 0.2}' in out and "(agent defaults)" in out
     code, out, _ = run(capsys, "policy", "--config", str(config), "--json")
     assert json.loads(out) == {"gw-a": {"temperature": 0.2}, "gw-b": None}
+
+
+def test_policy_set_waits_for_the_devices_answer_like_send(config, capsys):
+    code, out, err = run(capsys, "policy", "--config", str(config), "gw-a", "--set", '{"max_tokens": 64}',
+                         "--timeout", "0.3")
+    assert code == 2 and "no terminal reply" in err
+
+    def answer() -> None:
+        registry = Registry.open(config.parent / "registry.db")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pending = [r for r in registry.commands.active() if r.device_id == "gw-b"]
+            if pending:
+                registry.replies.record(reply(9, "succeeded", pending[0].id, "gw-b", output={"max_tokens": 64}), T0)
+                break
+            time.sleep(0.05)
+        registry.close()
+
+    device = threading.Thread(target=answer)
+    device.start()
+    code, out, err = run(capsys, "policy", "--config", str(config), "gw-b", "--set", '{"max_tokens": 64}',
+                         "--timeout", "10")
+    device.join()
+    assert code == 0 and 'policy in force {"max_tokens": 64}' in out, err
 
 
 def test_cancel_closes_an_undelivered_command_and_refuses_a_finished_one(config, capsys):

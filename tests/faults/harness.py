@@ -55,8 +55,9 @@ class FaultyAgent:
         self.starts = 0
         self.process: AgentProcess | None = None
 
-    def start(self, fault_point: str | None = None, **env: str) -> FaultyAgent:
-        command = faulty_agent.command(fault_point) if fault_point else None
+    def start(self, fault_point: str | None = None, intake_bug: str | None = None, **env: str) -> FaultyAgent:
+        """`fault_point`: SIGKILL there; `intake_bug`: intake raises on ids with this prefix (faulty_agent)."""
+        command = faulty_agent.command(fault_point, intake_bug) if fault_point or intake_bug else None
         self.process = AgentProcess(self.config, self.workdir / f"{self.device_id}.log", env={**self.env, **env},
                                     command=command).start()
         self.starts += 1

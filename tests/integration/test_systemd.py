@@ -71,3 +71,41 @@ def test_the_agent_sends_ready_and_feeds_the_watchdog_and_exits_0_on_sigterm(
         assert len(watchdog) >= 2  # every WatchdogSec/2 = 0.5 s while healthy
         assert agent.terminate() == 0
         assert any("STOPPING=1" in m for m in _receive_all(sock, until="STOPPING=1", timeout=5))
+
+
+def test_the_units_do_not_restart_a_broken_config_and_the_bridge_is_type_notify_too() -> None:
+    agent = (ROOT / "systemd" / "edge-agent.service").read_text()
+    bridge = (ROOT / "systemd" / "cloud-bridge.service").read_text()
+    assert "RestartPreventExitStatus=2" in agent  # edge_agent.cli.EXIT_CONFIG
+    assert "RestartPreventExitStatus=3" in bridge  # cloud_bridge.cli.EXIT_USAGE
+    assert "Type=notify" in bridge and "WatchdogSec=" in bridge and "NotifyAccess=main" in bridge
+
+
+def test_the_bridge_sends_ready_feeds_the_watchdog_and_says_stopping(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from cloud_bridge.config import BridgeConfig
+    from cloud_bridge.service import BridgeService
+    from cloud_bridge.store.registry import Registry
+    from tests.support.broker import free_port
+
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+        registry = Registry.open(tmp_path / "registry.db")
+        config = BridgeConfig.model_validate({"mqtt": {"port": free_port()}})  # no broker: the link keeps trying
+        stop = threading.Event()
+        service = threading.Thread(target=BridgeService(config, registry).run, args=(stop,))
+        service.start()
+        try:
+            messages = _receive_all(sock, until="READY=1", timeout=15)
+            assert any(m.startswith("READY=1") for m in messages)
+            assert len([m for m in _receive_all(sock, until="never", timeout=2.5) if m == "WATCHDOG=1"]) >= 2
+        finally:
+            stop.set()
+            service.join(timeout=30)
+            registry.close()
+        assert any("STOPPING=1" in m for m in _receive_all(sock, until="STOPPING=1", timeout=5))

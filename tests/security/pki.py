@@ -2,7 +2,7 @@
 
 Real X.509 with `cryptography` (ECDSA P-256, quick to generate); every file is PEM in a folder the
 test owns. The common name of a client certificate is its MQTT identity when the broker runs with
-`use_identity_as_username true` (as deploy/mosquitto/mosquitto.conf does).
+`use_identity_as_username true` (as deploy/mosquitto/autoglm.conf does).
 """
 
 from __future__ import annotations

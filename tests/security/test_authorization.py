@@ -119,21 +119,32 @@ def test_an_agent_using_another_devices_certificate_is_refused_and_keeps_its_rep
     assert agent.terminate() == 0
 
 
-def test_the_shipped_broker_config_starts_and_admits_only_fleet_certificates(
+DEBIAN_MOSQUITTO_CONF = """\
+pid_file {tmp}/mosquitto.pid
+persistence true
+persistence_location {tmp}/
+log_dest file {tmp}/mosquitto.log
+include_dir {tmp}/conf.d
+"""
+
+
+def test_the_shipped_broker_snippet_starts_in_debians_conf_d_and_admits_only_fleet_certificates(
         tmp_path: Path, pki: TestCA, broker_cert: CertFiles) -> None:
     from tests.support.broker import MOSQUITTO, free_port, wait_for_port
 
     port = free_port()
-    text = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    text = (ROOT / "deploy" / "mosquitto" / "autoglm.conf").read_text()
     for old, new in {"/etc/mosquitto/autoglm.acl": str(render_acl(tmp_path, FLEET)),
-                     "/var/lib/mosquitto/": f"{tmp_path}/", "listener 8883": f"listener {port} 127.0.0.1",
+                     "listener 8883": f"listener {port} 127.0.0.1",
                      "/etc/mosquitto/certs/fleet-ca.crt": str(pki.ca_file),
                      "/etc/mosquitto/certs/broker.crt": str(broker_cert.cert),
                      "/etc/mosquitto/certs/broker.key": str(broker_cert.key)}.items():
         assert old in text
         text = text.replace(old, new)
-    config = tmp_path / "mosquitto.conf"
-    config.write_text(text + f"log_dest file {tmp_path}/mosquitto.log\n" + ("user root\n" if _root() else ""))
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "autoglm.conf").write_text(text)
+    config = tmp_path / "mosquitto.conf"  # Debian's main file, which includes conf.d
+    config.write_text(DEBIAN_MOSQUITTO_CONF.format(tmp=tmp_path) + ("user root\n" if _root() else ""))
     process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

@@ -1,9 +1,12 @@
-"""`edge-agent` with a crash armed at a named checkpoint (`edge_agent.checkpoints`), for the fault tests:
+"""`edge-agent` with a crash armed at a named checkpoint (`edge_agent.checkpoints`), or a bug planted
+in intake, for the fault tests:
 
     python -m tests.support.faulty_agent --fault-point command_stored[:n] -- run --config agent.toml
+    python -m tests.support.faulty_agent --intake-bug ID_PREFIX -- run --config agent.toml
 
-The process SIGKILLs itself the first (or n-th) time it passes the point; everything after `--`
-goes to `edge_agent.cli.main` unchanged.
+The process SIGKILLs itself the first (or n-th) time it passes the point; with `--intake-bug`,
+intake raises a RuntimeError (a stand-in for a bug) on every command whose id starts with the
+prefix. Everything after `--` goes to `edge_agent.cli.main` unchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +18,28 @@ import sys
 import threading
 from collections.abc import Callable
 
+from autoglm_wire.protocol import ParsedCommand
 from edge_agent import checkpoints, cli
+from edge_agent.intake import Intake
 
 
-def command(fault_point: str) -> list[str]:
+def command(fault_point: str | None = None, intake_bug: str | None = None) -> list[str]:
     """This launcher's command line up to the edge-agent arguments (`AgentProcess(command=...)`)."""
-    return [sys.executable, "-m", "tests.support.faulty_agent", "--fault-point", fault_point, "--"]
+    options = ["--fault-point", fault_point] if fault_point else []
+    options += ["--intake-bug", intake_bug] if intake_bug else []
+    return [sys.executable, "-m", "tests.support.faulty_agent", *options, "--"]
+
+
+def plant_intake_bug(prefix: str) -> None:
+    """Intake's limits check raises RuntimeError for the ids starting with `prefix`."""
+    check_limits = Intake._check_limits
+
+    def buggy(self: Intake, parsed: ParsedCommand) -> None:
+        if parsed.id.startswith(prefix):
+            raise RuntimeError(f"a bug planted by the test launcher for ids starting with {prefix!r}")
+        check_limits(self, parsed)
+
+    Intake._check_limits = buggy  # type: ignore[method-assign]
 
 
 def kill_at(fault_point: str) -> Callable[[str], None]:
@@ -47,12 +66,15 @@ def kill_at(fault_point: str) -> Callable[[str], None]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="faulty_agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fault-point", required=True,
-                        help="NAME or NAME:N, NAME one of edge_agent.checkpoints.POINTS")
+    parser.add_argument("--fault-point", help="NAME or NAME:N, NAME one of edge_agent.checkpoints.POINTS")
+    parser.add_argument("--intake-bug", metavar="ID_PREFIX", help="intake raises RuntimeError on these ids")
     parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="-- then the edge-agent arguments")
     args = parser.parse_args(argv)
     agent_args = args.agent_args[1:] if args.agent_args[:1] == ["--"] else args.agent_args
-    checkpoints.reached = kill_at(args.fault_point)
+    if args.fault_point:
+        checkpoints.reached = kill_at(args.fault_point)
+    if args.intake_bug:
+        plant_intake_bug(args.intake_bug)
     return cli.main(agent_args)
 
 

@@ -245,6 +245,33 @@ def test_the_claim_is_synced_to_disk_before_the_first_stream_chunk(rig: Rig) -> 
     assert "".join(c["delta"] for c in chunks) == "onetwothree" and chunks[-1]["done"] is True
 
 
+def cancel_of(target: str, command_id: str) -> ParsedCommand:
+    raw = json.dumps({"v": 1, "id": command_id, "kind": "cancel", "created_at": "2026-11-21T10:00:00Z",
+                      "params": {"target": target}})
+    return parse_command(raw.encode(), 1 << 20, KINDS)
+
+
+def test_a_cancel_that_comes_right_after_the_workers_claim_stops_the_command_before_it_runs(rig: Rig) -> None:
+    cancel = cancel_of("c1", "x1")
+    real_claim = rig.inbox.claim
+
+    def claim_then_cancel(command_id: str) -> bool:
+        claimed = real_claim(command_id)
+        if command_id == "c1":  # the race: claimed (`running` in the ledger), its handler not started yet
+            stored = rig.inbox.accept("x1", "cancel", cancel.command.model_dump_json(), 0, None).command
+            assert stored is not None
+            rig.executor.run(stored, cancel)
+        return claimed
+
+    rig.inbox.claim = claim_then_cancel  # type: ignore[method-assign]
+    rig.send("must not run", "c1")
+    rig.wait_state("c1", "cancelled")
+    assert rig.engine.calls == [], "the generation never started"
+    (reply,) = [json.loads(r.payload) for r in rig.outbox.pending(0, 100)
+                if json.loads(r.payload).get("command_id") == "x1" and json.loads(r.payload)["status"] == "succeeded"]
+    assert reply["output"] == {"target": "c1", "previous_state": "running", "state": "cancelling"}
+
+
 class GatedEngine(ScriptedEngine):
     """Each prompt waits for its own gate (or its cancel): several run at once, as with `model.parallel`."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.notify import sd_notify, watchdog_interval_s
+from autoglm_wire.notify import sd_notify, watchdog_interval_s
 
 
 @pytest.fixture

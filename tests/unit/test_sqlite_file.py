@@ -1,4 +1,5 @@
-"""The device's SQLite file: the fsync barrier, durability across reopen, the integrity check."""
+"""The device's SQLite file: the fsync barrier, durability across reopen, the integrity check, the
+seq mark beside it, and which write failures are StoreUnavailable."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import errno
 import json
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from autoglm_wire.lifecycle import State
 from autoglm_wire.topics import DeviceTopics
+from edge_agent import seq_mark
 from edge_agent.outbox import ReplyDraft
-from edge_agent.sqlite_file import SqliteFile
+from edge_agent.sqlite_file import SqliteFile, StoreFull, StoreUnavailable
 from tests.support.sqlite_syncs import count_sqlite_syncs, record_os_fsyncs
 from tests.support.store import OpenStore, open_store
 
@@ -162,3 +165,88 @@ def test_seq_keeps_increasing_after_a_corrupt_store_is_replaced(path: Path) -> N
         assert first["seq"] > 3
     finally:
         fresh.close()
+
+
+def last_seq(store: OpenStore) -> int:
+    return max(json.loads(r.payload)["seq"] for r in store.outbox.pending(0, 10_000) if r.topic == REPLY)
+
+
+@pytest.mark.parametrize("loss", ["garbled", "deleted"])
+def test_seq_continues_above_the_old_store_even_when_the_clock_reads_1970(
+        path: Path, monkeypatch: pytest.MonkeyPatch, loss: str) -> None:
+    monkeypatch.setattr(seq_mark, "SEQ_BLOCK", 5)
+    old = open_store(path, TOPICS)
+    for n in range(12):  # past two blocks of the mark
+        accept(old, f"c{n}")
+    seq_before = last_seq(old)
+    old.close()
+    if loss == "garbled":
+        path.write_bytes(b"garbage " * 512)
+    else:
+        path.unlink()
+    monkeypatch.setattr("time.time", lambda: 0.0)  # a power cut left the clock at 1970-01-01
+    fresh = open_store(path, TOPICS)
+    try:
+        assert (fresh.file.quarantined is not None) == (loss == "garbled")
+        accept(fresh, "after")
+        assert last_seq(fresh) > seq_before
+    finally:
+        fresh.close()
+
+
+def test_the_seq_mark_is_raised_in_blocks_and_fsynced_before_the_seq_is_committed(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seq_mark, "SEQ_BLOCK", 5)
+    store = open_store(path, TOPICS, synchronous="normal")
+    mark = path.with_name("edge.db.seq")
+    try:
+        assert int(mark.read_text()) == 6, "a new store writes its mark at once: above seq 1"
+        synced: list[str] = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+        for n in range(5):
+            accept(store, f"c{n}")  # seqs 1-5: under the mark, nothing written
+        assert synced == [] and int(mark.read_text()) == 6
+        accept(store, "c5")  # seq 6 reaches the mark: raised to 11 (file and directory fsynced) first
+        assert int(mark.read_text()) == 11 and last_seq(store) == 6
+        assert synced == [f"{mark}.tmp", str(path.parent)]
+    finally:
+        store.close()
+
+
+def test_a_garbled_mark_is_rewritten_from_the_store(path: Path) -> None:
+    open_store(path, TOPICS).close()
+    path.with_name("edge.db.seq").write_text("not a number")
+    store = open_store(path, TOPICS)
+    try:
+        accept(store, "c1")
+        assert int(path.with_name("edge.db.seq").read_text()) > last_seq(store)
+    finally:
+        store.close()
+
+
+def _operational_error(code: int) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(f"sqlite error {code}")
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return error
+
+
+@pytest.mark.parametrize(("raised", "expected"), [
+    (_operational_error(sqlite3.SQLITE_FULL), StoreFull),
+    (OSError(28, "No space left on device"), StoreFull),
+    (_operational_error(sqlite3.SQLITE_IOERR_WRITE), StoreUnavailable),
+    (_operational_error(sqlite3.SQLITE_BUSY), StoreUnavailable),
+    (OSError(5, "Input/output error"), StoreUnavailable),
+    (_operational_error(sqlite3.SQLITE_ERROR), sqlite3.OperationalError),  # e.g. a bad statement: a bug
+])
+def test_write_failures_outside_the_agent_are_store_unavailable_and_bugs_are_not(
+        path: Path, raised: Exception, expected: type[Exception]) -> None:
+    file = SqliteFile(path)
+    try:
+        with pytest.raises(expected) as caught:
+            with file.write():
+                raise raised
+        assert (caught.type is expected) and isinstance(caught.value, StoreUnavailable) == (expected is not
+                                                                                             sqlite3.OperationalError)
+    finally:
+        file.close()
