@@ -27,6 +27,7 @@ Example (every key optional)::
     host = "127.0.0.1"
     port = 8080
     token_file = "api-token"    # one line: the bearer token every API call must carry
+    max_body_bytes = 1048576    # larger /api and /v1 bodies get 413 (checked after the token)
 
     [alerts]                    # thresholds of the abnormal-device checks (cloud_bridge/alerts.py)
     offline_after_s = 300
@@ -83,6 +84,8 @@ class HttpConfig(settings.Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token_file: Path | None = Field(default=None, description="file whose first line is the API bearer token")
     chat_timeout_s: float = Field(default=300.0, gt=0, description="how long /v1/chat/completions waits")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024,
+                                description="largest /api or /v1 request body; past it: 413, the rest unread")
 
     @model_validator(mode="after")
     def _token_required(self) -> HttpConfig:

@@ -2,6 +2,7 @@
 
 Everything under `/api` and `/v1` needs `Authorization: Bearer <token>`, the token being the first
 line of `[http] token_file`. `/` (the console page), `/openapi.json` and `/docs` are open.
+The body guard (guard.py) checks that token before any body is read, and bounds the body size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cloud_bridge.http.deps import (
     bridge_error_response,
     validation_error_response,
 )
+from cloud_bridge.http.guard import BodyGuard
 from cloud_bridge.store.registry import Registry
 
 
@@ -36,4 +38,5 @@ def create_app(registry: Registry, config: BridgeConfig, token: str) -> FastAPI:
     app.include_router(page_routes.router)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authorized)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authorized)])
+    app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)
     return app

@@ -31,7 +31,8 @@ BRIDGE_ERRORS: dict[type[BridgeError], tuple[int, str]] = {
     InvalidRequest: (400, "InvalidRequest"),
     BadTarget: (400, "bad_target"),
 }
-CREDENTIALS = Depends(HTTPBearer(auto_error=False))
+BEARER = HTTPBearer(auto_error=False)
+CREDENTIALS = Depends(BEARER)
 
 
 class ApiError(Exception):
@@ -62,7 +63,8 @@ def read_token(path: Path) -> str:
 
 
 def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None = CREDENTIALS) -> None:
-    """Refuses (401) a call without the app's bearer token."""
+    """Refuses (401) a call without the app's bearer token. The one token check: the body guard
+    (cloud_bridge/http/guard.py) calls it before any body byte is read."""
     token: str = request.app.state.token
     if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
         raise ApiError(401, f"missing or wrong API token: {TOKEN_HINT}", "invalid_api_key", "authentication_error")
