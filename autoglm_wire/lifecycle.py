@@ -63,6 +63,20 @@ def is_terminal(state: str) -> bool:
     return state in TERMINAL
 
 
+def is_illegal_after(old: str, new: str) -> bool:
+    """Whether a reply `new` contradicts a command already in `old`: `rejected` after the device
+    accepted it (or after any terminal state), or a terminal state other than the one recorded. A
+    late non-terminal reply (`running` after `succeeded`) is only out of order, not illegal."""
+    if new == State.REJECTED and old != State.REJECTED:
+        return rank(old) >= rank(State.ACCEPTED)
+    return is_terminal(old) and is_terminal(new) and old != new
+
+
+def rejectable(state: str) -> bool:
+    """Whether the bridge may record `rejected` for a command in `state`: only before the device accepted it."""
+    return rank(state) < rank(State.ACCEPTED)
+
+
 def reply_status(state: State) -> ReplyStatus:
     """The wire status announcing `state`; `pending`/`sent` are the bridge's and never on the wire."""
     if state.value not in REPLY_STATES:

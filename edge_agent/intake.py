@@ -210,13 +210,21 @@ class Intake:
                                  f"{limits.max_prompt_chars} (limits.max_prompt_chars)", parsed.id)
 
     def _reject(self, exc: ProtocolError, message: InboundMessage) -> None:
+        """One `rejected` reply and Event. A payload reusing the id of a command already in the ledger
+        (one this device accepted) is answered with `command_id` null, on `P/D/reply`, without its
+        CorrelationData: an unverified payload never speaks for the accepted command's record."""
         log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
+        taken = exc.command_id is not None and self.inbox.known(exc.command_id)
         event = Event(
             device_id=self.config.device_id, ts=format_ts(utc_now()), level="warning", code="command_rejected",
             message=exc.message, data={"error_code": exc.code.value, "command_id": exc.command_id,
+                                       "id_of_an_accepted_command": taken,
                                        "topic": message.topic, "bytes": len(message.payload)},
         )
-        response_topic = message.response_topic if self._response_topic_allowed(message.response_topic) else None
-        self.outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
-                            response_topic, message.correlation_data)
+        if taken:
+            self.outbox.reject(None, ReplyDraft.failure("rejected", exc), event, None, None)
+        else:
+            allowed = self._response_topic_allowed(message.response_topic)
+            self.outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
+                               message.response_topic if allowed else None, message.correlation_data)
         self.on_stored()

@@ -17,7 +17,15 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from autoglm_wire.lifecycle import BRIDGE_STATES, TERMINAL_STATES, State, is_terminal, rank
+from autoglm_wire.lifecycle import (
+    BRIDGE_STATES,
+    TERMINAL_STATES,
+    State,
+    is_illegal_after,
+    is_terminal,
+    rank,
+    rejectable,
+)
 from autoglm_wire.protocol import Command, Reply, format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 from cloud_bridge.store.backends import IntegrityError
@@ -29,6 +37,9 @@ def _rank_sql(column: str) -> str:
     """SQL CASE expression giving `lifecycle.rank` of a state column."""
     whens = " ".join(f"WHEN '{state.value}' THEN {rank(state)}" for state in State)
     return f"(CASE {column} {whens} END)"
+
+
+_REJECTABLE = "(" + ", ".join(f"'{state.value}'" for state in State if rejectable(state)) + ")"
 
 
 class Commands:
@@ -115,17 +126,26 @@ class Commands:
             (state, error, stamp(now), command_id),
         ) == 1
 
-    def advance(self, reply: Reply, payload: str, ts: str) -> None:
+    def advance(self, reply: Reply, payload: str, ts: str) -> bool:
         """Move the reply's command forward to the reply's status (never backward, except from the
-        bridge's provisional expiry); a terminal reply is kept, with its error."""
+        bridge's provisional expiry; `rejected` only before the device accepted); a terminal reply is
+        kept, with its error. Returns False when the reply was lifecycle-illegal
+        (`lifecycle.is_illegal_after`): it changed nothing, and the caller counts it."""
         terminal = reply.is_terminal
         error = reply.error.model_dump_json() if reply.error else None
-        self._db.execute(
+        moved = self._db.execute(
             "UPDATE commands SET state = ?, updated_at = ?, reply = CASE WHEN ? THEN ? ELSE reply END, "
             "error = CASE WHEN ? THEN ? END WHERE wire_id = ? AND device_id = ? "
-            f"AND ({_rank_sql('state')} < {_rank_sql('?')} OR (state = 'expired' AND reply IS NULL))",
-            (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status),
-        )
+            f"AND (({_rank_sql('state')} < {_rank_sql('?')} AND (? <> 'rejected' OR state IN {_REJECTABLE})) "
+            "OR (state = 'expired' AND reply IS NULL))",
+            (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status,
+             reply.status),
+        ) == 1
+        if moved:
+            return True
+        rows = self._db.query("SELECT state FROM commands WHERE wire_id = ? AND device_id = ?",
+                              (reply.command_id, reply.device_id))
+        return not (rows and is_illegal_after(rows[0]["state"], reply.status))
 
     def lock(self, command_ids: list[str]) -> None:
         """Lock these commands' rows until the transaction ends, in id order."""

@@ -2,7 +2,9 @@
 
 Replies are unique on (device_id, seq) and stream chunks on (device_id, command_id, idx):
 duplicates from the device are ignored and counted in `counters`. Storing a reply moves its
-command forward (`Commands.advance`); a succeeded `config` reply records the device's policy.
+command forward (`Commands.advance`); a lifecycle-illegal one (`rejected` after `accepted`, a
+second terminal state) changes nothing and is counted as `illegal_transitions`; a succeeded
+`config` reply records the device's policy.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Replies(_Answers):
                 self._counters.bump("duplicate_replies")
                 return False
             if reply.command_id is not None:
-                self._commands.advance(reply, payload, ts)
+                if not self._commands.advance(reply, payload, ts):
+                    self._counters.bump("illegal_transitions")
                 if reply.status == "succeeded" and reply.output is not None:
                     self._devices.record_policy(reply)
         return True

@@ -38,6 +38,35 @@ def test_the_first_terminal_status_is_final(registry):
     assert row.state == "cancelled" and row.error["code"] == "cancelled"
 
 
+def test_a_terminal_state_after_another_one_is_counted_as_illegal(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.replies.record(reply(1, "succeeded"), at(1))
+    registry.replies.record(reply(2, "failed", error={"code": "internal", "message": "x"}), at(2))
+    registry.replies.record(reply(3, "running"), at(3))  # late, out of order: not illegal
+    assert registry.commands.get("c1").state == "succeeded"
+    assert registry.counters.all()["illegal_transitions"] == 1
+
+
+def test_rejected_after_the_device_accepted_is_ignored_and_counted(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.commands.mark_sent("c1", at(1))
+    registry.replies.record(reply(1, "accepted"), at(2))
+    registry.replies.record(reply(2, "rejected", error={"code": "unauthorized", "message": "unsigned"}), at(3))
+    row = registry.commands.get("c1")
+    assert row.state == "accepted" and row.error is None
+    assert registry.counters.all()["illegal_transitions"] == 1
+    registry.replies.record(reply(3, "succeeded", output={"pong": True}), at(4))
+    assert registry.commands.get("c1").state == "succeeded"
+
+
+def test_rejected_before_acceptance_is_recorded_and_not_counted(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.commands.mark_sent("c1", at(1))
+    registry.replies.record(reply(1, "rejected", error={"code": "unauthorized", "message": "unsigned"}), at(2))
+    assert registry.commands.get("c1").state == "rejected"
+    assert "illegal_transitions" not in registry.counters.all()
+
+
 def test_a_duplicate_reply_is_stored_once_and_counted(registry):
     registry.commands.add(command(), "dev-1", T0)
     assert registry.replies.record(reply(1, "accepted"), at(1))

@@ -16,7 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from autoglm_wire.protocol import Command, Reply
 from autoglm_wire.signing import CommandSigner
+from cloud_bridge.store.registry import Registry
 from tests.security.conftest import render_acl, tls_env
 from tests.security.pki import CertFiles, TestCA, public_key_base64
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config
@@ -183,3 +185,32 @@ def test_the_bridge_signs_over_mtls_and_a_signature_requiring_agent_under_the_sh
         assert stop_process(bridge.process) == 0, log.read_text()
         assert agent.terminate() == 0
         broker.stop()
+
+
+def test_an_unsigned_copy_of_an_accepted_commands_id_cannot_change_its_record(
+        signed_device, cloud: CloudClient, tmp_path: Path) -> None:
+    """Issue 19, attack 4: whoever can publish on the cmd topic reads the accepted command's id and
+    publishes an unsigned command under it. The device answers that payload with `command_id` null,
+    and a registry fed every reply (plus the `rejected` an older device would have sent under the
+    id) still records `succeeded`, counting the forged transition."""
+    _, store = signed_device
+    command = OLD_KEY.sign(fresh())
+    assert outcome(cloud, DEVICE, command)["status"] == "succeeded"
+    forged = {key: value for key, value in command.items() if key != "sig"}
+    cloud.send(DEVICE, forged)
+    cloud.wait_for(lambda: any(r["command_id"] is None and r["status"] == "rejected" for r in cloud.replies()), 30,
+                   "the rejection of the unsigned copy")
+    assert [r["status"] for r in cloud.terminal(command["id"])] == ["succeeded"]
+    assert read_ledger(store)[command["id"]] == "succeeded"
+
+    registry = Registry.open(tmp_path / "registry.db")
+    try:
+        registry.commands.add(Command.model_validate(command), DEVICE)
+        older_device = {**cloud.terminal(command["id"])[0], "status": "rejected", "seq": 10**9, "output": None,
+                        "error": {"code": "unauthorized", "message": "unsigned"}}
+        for reply in [*cloud.replies(command["id"]), older_device]:
+            registry.replies.record(Reply.model_validate(reply))
+        assert registry.commands.get(command["id"]).state == "succeeded"
+        assert registry.counters.all()["illegal_transitions"] == 1
+    finally:
+        registry.close()
