@@ -92,7 +92,7 @@ class Agent:
             workers=config.model.parallel,
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
-        self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s)
+        self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s, config.limits.max_tokens)
         self.executor.policy = lambda: self.policy
         self.executor.handlers["config"] = self._config_command
         self.intake = Intake(config, self.topics, verifier, self.inbox, self.outbox, self.executor,
@@ -106,7 +106,7 @@ class Agent:
             raise InvalidCommand(f"max_tokens {change.max_tokens} is above this device's cap "
                                  f"{self.config.limits.max_tokens} (limits.max_tokens)", parsed.id)
         self.policy_store.save({**self.policy_store.load(), **change.model_dump(exclude_none=True)})
-        self.policy = policy.merge(self.policy, change)
+        self.policy = policy.merge(self.policy, change, self.config.limits.max_tokens)
         log.info("policy changed by command %s: %s", parsed.id, self.policy.model_dump())
         return Outcome(State.SUCCEEDED, self.policy.model_dump(), {})
 

@@ -199,9 +199,11 @@ class Intake:
             topic.startswith(prefix) for prefix in self.config.security.response_topic_prefixes)
 
     def _check_limits(self, parsed: ParsedCommand) -> None:
-        """`[limits]`: prompt length and max_tokens; a command asking for more is rejected, not trimmed."""
+        """`[limits]`: prompt length and max_tokens; a command asking for more is rejected, not trimmed.
+        A command leaving max_tokens out takes the policy's, which is clamped by the same limit."""
         limits, params = self.config.limits, parsed.params
-        if isinstance(params, Sampling) and params.max_tokens > limits.max_tokens:
+        if (isinstance(params, Sampling) and "max_tokens" in params.model_fields_set
+                and params.max_tokens > limits.max_tokens):
             raise InvalidCommand(f"max_tokens {params.max_tokens} is above this device's limit "
                                  f"{limits.max_tokens} (limits.max_tokens)", parsed.id)
         chars = prompt_chars(params)

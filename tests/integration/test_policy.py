@@ -59,3 +59,28 @@ def test_a_generation_longer_than_limits_max_generation_s_fails_with_timeout(
     cloud.send(device_id, ping)
     assert cloud.wait_terminal(ping["id"])["status"] == "succeeded"
     assert agent.terminate() == 0
+
+
+def test_a_stored_policy_is_clamped_by_a_limit_lowered_since(own_broker: Broker, start_agent) -> None:
+    """Issue 19, attack 5: `config` stores max_tokens 40, the agent restarts with limits.max_tokens 8:
+    a command without max_tokens runs with 8, and the policy in force says 8."""
+    cloud = CloudClient(own_broker.port)
+    agent, device_id, _ = start_agent(own_broker)
+    cloud.wait_online(device_id)
+    change = command("config", {"max_tokens": 40})
+    cloud.send(device_id, change)
+    assert cloud.wait_terminal(change["id"])["output"]["max_tokens"] == 40
+    assert agent.terminate() == 0
+
+    agent, _, _ = start_agent(own_broker, device_id=device_id, limits="{ max_tokens = 8 }")
+    cloud.wait_online(device_id)
+    job = command("complete", {"prompt": "Once upon a time"})  # no max_tokens: the policy's
+    cloud.send(device_id, job)
+    done = cloud.wait_terminal(job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["output"]["usage"]["completion_tokens"] == 8
+    touch = command("config", {"temperature": 0.5})
+    cloud.send(device_id, touch)
+    assert cloud.wait_terminal(touch["id"])["output"]["max_tokens"] == 8
+    assert agent.terminate() == 0
+    cloud.close()
