@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from autoglm_wire import lifecycle
-from autoglm_wire.errors import Internal, InvalidCommand, ProtocolError, Unauthorized
+from autoglm_wire.errors import ErrorCode, Internal, InvalidCommand, ProtocolError, Unauthorized
 from autoglm_wire.lifecycle import State
 from autoglm_wire.protocol import (
     ChatParams,
@@ -52,6 +52,15 @@ log = logging.getLogger(__name__)
 # What interpreting a payload raises when a value is out of what the code can take (pydantic's
 # ValidationError is a ValueError): the payload is invalid, not the code.
 INTERPRETING_ERRORS = (ValueError, TypeError, OverflowError)
+# The most bytes of ResponseTopic (UTF-8) and of CorrelationData a command may carry: both are stored
+# with it and sent back with each of its replies.
+MAX_PROPERTY_BYTES = 256
+
+
+def properties_size(message: InboundMessage) -> dict[str, int]:
+    """Bytes of each MQTT property the device would store and echo."""
+    return {"ResponseTopic": len((message.response_topic or "").encode("utf-8")),
+            "CorrelationData": len(message.correlation_data or b"")}
 
 
 def prompt_chars(params: object) -> int:
@@ -130,6 +139,7 @@ class Intake:
         a value the checks cannot interpret is `invalid_command`."""
         try:
             parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
+            self._check_properties(message, parsed.id)
             self._check_target(parsed)
             self._check_signature(parsed, message)
             if not self._response_topic_allowed(message.response_topic):
@@ -176,6 +186,13 @@ class Intake:
             return None
         return self.executor.start_early(parsed)
 
+    def _check_properties(self, message: InboundMessage, command_id: str) -> None:
+        """The MQTT properties the device stores and echoes are at most MAX_PROPERTY_BYTES each."""
+        for name, size in properties_size(message).items():
+            if size > MAX_PROPERTY_BYTES:
+                raise InvalidCommand(f"{name} is {size} bytes; this device accepts at most {MAX_PROPERTY_BYTES}",
+                                     command_id)
+
     def _check_target(self, parsed: ParsedCommand) -> None:
         target = parsed.command.target
         allowed = {self.config.device_id} | {f"group/{g}" for g in self.config.mqtt.groups}
@@ -213,8 +230,10 @@ class Intake:
 
     def _reject(self, exc: ProtocolError, message: InboundMessage) -> None:
         """One `rejected` reply and Event. A payload reusing the id of a command already in the ledger
-        (one this device accepted) is answered with `command_id` null, on `P/D/reply`, without its
-        CorrelationData: an unverified payload never speaks for the accepted command's record."""
+        (one this device accepted) is answered with `command_id` null: an unverified payload never
+        speaks for the accepted command's record. The payload's ResponseTopic and CorrelationData are
+        used only when they are within bounds, the payload was not `unauthorized` and its id is new;
+        otherwise the rejection goes to `P/D/reply` alone, without CorrelationData."""
         log.warning("rejected a payload on %s: %s: %s", message.topic, exc.code, exc.message)
         taken = exc.command_id is not None and self.inbox.known(exc.command_id)
         event = Event(
@@ -223,10 +242,9 @@ class Intake:
                                        "id_of_an_accepted_command": taken,
                                        "topic": message.topic, "bytes": len(message.payload)},
         )
-        if taken:
-            self.outbox.reject(None, ReplyDraft.failure("rejected", exc), event, None, None)
-        else:
-            allowed = self._response_topic_allowed(message.response_topic)
-            self.outbox.reject(exc.command_id, ReplyDraft.failure("rejected", exc), event,
-                               message.response_topic if allowed else None, message.correlation_data)
+        echo = (not taken and exc.code is not ErrorCode.UNAUTHORIZED
+                and max(properties_size(message).values()) <= MAX_PROPERTY_BYTES
+                and self._response_topic_allowed(message.response_topic))
+        self.outbox.reject(None if taken else exc.command_id, ReplyDraft.failure("rejected", exc), event,
+                           message.response_topic if echo else None, message.correlation_data if echo else None)
         self.on_stored()

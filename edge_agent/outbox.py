@@ -232,7 +232,7 @@ class SqliteOutbox:
     def _enqueue(self, topic: str, payload: bytes, qos: int, correlation: bytes | None = None) -> None:
         self._db.execute(
             "INSERT INTO outbox (topic, payload, qos, correlation_data, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [topic, payload, qos, correlation, len(payload), time.time()],
+            [topic, payload, qos, correlation, len(payload) + len(correlation or b""), time.time()],
         )
 
 

@@ -21,7 +21,7 @@ from autoglm_wire.topics import DeviceTopics
 from edge_agent.config import AgentConfig
 from edge_agent.executor import Executor
 from edge_agent.inbox import Accepted, MemoryInbox
-from edge_agent.intake import Intake
+from edge_agent.intake import MAX_PROPERTY_BYTES, Intake
 from edge_agent.link import InboundMessage
 from edge_agent.outbox import MemoryOutbox, ReplyDraft
 from edge_agent.sqlite_file import StoreFull, StoreUnavailable
@@ -96,13 +96,18 @@ class Rig:
     def kick(self) -> None:
         self.kicks += 1
 
-    def deliver(self, payload: bytes | dict[str, Any], response_topic: str | None = None) -> None:
+    def deliver(self, payload: bytes | dict[str, Any], response_topic: str | None = None,
+                correlation_data: bytes | None = None) -> None:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.intake.handle(InboundMessage(topic=TOPICS.cmd, payload=raw, response_topic=response_topic,
-                                          correlation_data=None, message_expiry_s=None, duplicate_delivery=False))
+                                          correlation_data=correlation_data, message_expiry_s=None,
+                                          duplicate_delivery=False))
 
     def published(self) -> list[tuple[str, dict[str, Any]]]:
         return [(row.topic, json.loads(row.payload)) for row in self.outbox.pending(0, 1000)]
+
+    def correlations(self) -> list[bytes | None]:
+        return [row.correlation_data for row in self.outbox.pending(0, 1000)]
 
 
 @pytest.fixture
@@ -139,6 +144,45 @@ def test_a_response_topic_outside_the_reply_tree_is_refused_and_gets_nothing(rig
     rig.deliver(ping(), response_topic="autoglm/d2/reply")
     assert [topic for topic, _ in rig.published()] == [TOPICS.reply, TOPICS.event]
     assert rig.published()[0][1]["error"]["code"] == "unauthorized"
+
+
+OWN_REPLY_TREE = TOPICS.reply + "/client-7"
+
+
+def test_correlation_data_within_the_bound_is_echoed_on_the_replies(rig: Rig) -> None:
+    rig.deliver(ping(), response_topic=OWN_REPLY_TREE, correlation_data=b"k" * MAX_PROPERTY_BYTES)
+    assert [topic for topic, _ in rig.published()] == [TOPICS.reply, OWN_REPLY_TREE]
+    assert rig.correlations() == [b"k" * MAX_PROPERTY_BYTES] * 2
+
+
+@pytest.mark.parametrize(("response_topic", "correlation_data", "name"), [
+    (OWN_REPLY_TREE, b"k" * (MAX_PROPERTY_BYTES + 1), "CorrelationData"),
+    (OWN_REPLY_TREE + "/" + "t" * MAX_PROPERTY_BYTES, b"k", "ResponseTopic"),
+])
+def test_a_property_over_the_bound_is_refused_and_not_echoed(rig: Rig, response_topic: str,
+                                                               correlation_data: bytes, name: str) -> None:
+    rig.deliver(ping(), response_topic=response_topic, correlation_data=correlation_data)
+    assert [topic for topic, _ in rig.published()] == [TOPICS.reply, TOPICS.event]
+    error = rig.published()[0][1]["error"]
+    assert error["code"] == "invalid_command" and name in error["message"]
+    assert rig.correlations() == [None, None]
+    assert rig.inbox.get("c1") is None
+
+
+def test_an_unauthorized_payload_gets_its_rejection_without_its_properties(rig: Rig) -> None:
+    rig.deliver(ping(target="d2"), response_topic=OWN_REPLY_TREE, correlation_data=b"attacker")
+    assert [topic for topic, _ in rig.published()] == [TOPICS.reply, TOPICS.event]
+    assert rig.correlations() == [None, None]
+
+
+def test_a_rejected_payload_reusing_an_accepted_id_is_answered_without_that_id(rig: Rig) -> None:
+    rig.deliver(ping(), response_topic=OWN_REPLY_TREE, correlation_data=b"bridge")
+    rig.deliver(ping(target="d2"), response_topic=OWN_REPLY_TREE, correlation_data=b"attacker")
+    rejection, event = rig.published()[-2:]
+    assert (rejection[0], rejection[1]["status"], rejection[1]["command_id"]) == (TOPICS.reply, "rejected", None)
+    assert event[1]["data"]["command_id"] == "c1" and event[1]["data"]["id_of_an_accepted_command"] is True
+    assert b"attacker" not in rig.correlations()
+    assert rig.inbox.get("c1").state == "accepted"
 
 
 def test_a_command_is_stored_accepted_and_a_redelivery_gets_the_same_reply_again(rig: Rig) -> None:

@@ -145,6 +145,14 @@ def test_depth_counts_rows_and_payload_bytes(store: OpenStore) -> None:
     assert store.outbox.depth() == (1, len(current[1].payload))
 
 
+def test_depth_counts_the_correlation_data_stored_with_a_reply(store: OpenStore) -> None:
+    payload = json.dumps({"v": 1, "id": "c1", "kind": "ping"})
+    store.inbox.accept("c1", "ping", payload, 0, None, correlation_data=b"k" * 200)
+    (row,) = rows(store.outbox)
+    assert row.correlation_data == b"k" * 200
+    assert store.outbox.depth() == (1, len(row.payload) + 200)
+
+
 def test_the_outbox_size_kept_by_triggers_equals_a_count_of_the_rows(path: Path) -> None:
     store = open_store(path, TOPICS)
     for n in range(6):
