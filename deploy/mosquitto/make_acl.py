@@ -6,7 +6,8 @@ Usage:
 
 fleet.toml (every key but `groups` optional):
   prefix = "autoglm"            # mqtt.topic_prefix of the agents and the bridge
-  bridge_user = "cloud-bridge"  # CN of the bridge's client certificate
+  bridge_users = ["cloud-bridge-1", "cloud-bridge-2"]  # CN of each bridge replica's certificate
+                                # (default ["cloud-bridge"]; `bridge_user = "..."` names just one)
   [groups]                      # group -> the gateways (device ids) in it
   site-a = ["gw-01", "gw-02"]
 
@@ -24,6 +25,7 @@ from pathlib import Path
 TEMPLATE = Path(__file__).with_name("acl.template")
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # device ids and groups (protocol v1)
 PREFIX = re.compile(r"^[^+#/\0][^+#\0]*(?<!/)$")
+BRIDGE_BLOCK = re.compile(r"^user @BRIDGE_USER@\n(?:topic .*\n)+", re.MULTILINE)  # repeated per bridge user
 
 
 class FleetError(ValueError):
@@ -39,7 +41,10 @@ def _check(kind: str, value: object, pattern: re.Pattern[str] = NAME) -> str:
 def render(fleet: dict[str, object], template: str) -> str:
     """The ACL text for a parsed fleet file."""
     prefix = _check("prefix", fleet.get("prefix", "autoglm"), PREFIX)
-    bridge = _check("bridge_user", fleet.get("bridge_user", "cloud-bridge"))
+    bridges = fleet.get("bridge_users", [fleet.get("bridge_user", "cloud-bridge")])
+    if not isinstance(bridges, list) or not bridges:
+        raise FleetError("bridge_users must list the CN of each bridge replica's certificate")
+    bridges = [_check("bridge user", bridge) for bridge in bridges]
     groups = fleet.get("groups", {})
     if not isinstance(groups, dict):
         raise FleetError("[groups] must be a table of group = [device ids]")
@@ -49,13 +54,17 @@ def render(fleet: dict[str, object], template: str) -> str:
         if not isinstance(devices, list):
             raise FleetError(f"group {group!r} must list device ids")
         for device in devices:
-            if _check("device id", device) in (bridge, "group"):
+            if _check("device id", device) in (*bridges, "group"):
                 raise FleetError(f"device id {device!r} is reserved (the bridge's user or the group tree)")
             members.setdefault(device, []).append(group)
     blocks = [f"user {device}\n" + "".join(f"topic read {prefix}/group/{g}/cmd\n" for g in device_groups)
               for device, device_groups in sorted(members.items())]
-    return (template.replace("@PREFIX@", prefix).replace("@BRIDGE_USER@", bridge)
-            .replace("@GROUPS@\n", "\n".join(blocks) or "# (no groups)\n"))
+    bridge_block = BRIDGE_BLOCK.search(template)
+    if bridge_block is None:
+        raise FleetError(f"{TEMPLATE} has no `user @BRIDGE_USER@` block")
+    rights = bridge_block.group(0)
+    template = template.replace(rights, "\n".join(rights.replace("@BRIDGE_USER@", b) for b in bridges))
+    return template.replace("@PREFIX@", prefix).replace("@GROUPS@\n", "\n".join(blocks) or "# (no groups)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,8 @@ class RawClient:
         self.client.on_message = lambda c, u, m: self._record(self.received, (m.topic, m.payload))
         self.client.on_publish = lambda c, u, mid, reason, p: self._store(self.acks, mid, reason.value)
         self.client.on_subscribe = lambda c, u, mid, codes, p: self._store(self.subacks, mid, [r.value for r in codes])
+        self.disconnects: list[int] = []  # reason codes of every disconnection (0x8E: session taken over)
+        self.client.on_disconnect = lambda c, u, flags, reason, p: self._record(self.disconnects, reason.value)
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
         wait_until(self.client.is_connected, 20, f"{client_id} connected")

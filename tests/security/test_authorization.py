@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -128,13 +128,15 @@ include_dir {tmp}/conf.d
 """
 
 
-def test_the_shipped_broker_snippet_starts_in_debians_conf_d_and_admits_only_fleet_certificates(
-        tmp_path: Path, pki: TestCA, broker_cert: CertFiles) -> None:
+@contextmanager
+def shipped_broker(tmp_path: Path, pki: TestCA, broker_cert: CertFiles, fleet: str = FLEET) -> Iterator[int]:
+    """mosquitto running the shipped snippet (deploy/mosquitto/autoglm.conf) from Debian's conf.d,
+    with the fleet's ACL rendered by make_acl.py; yields the TLS port."""
     from tests.support.broker import MOSQUITTO, free_port, wait_for_port
 
     port = free_port()
     text = (ROOT / "deploy" / "mosquitto" / "autoglm.conf").read_text()
-    for old, new in {"/etc/mosquitto/autoglm.acl": str(render_acl(tmp_path, FLEET)),
+    for old, new in {"/etc/mosquitto/autoglm.acl": str(render_acl(tmp_path, fleet)),
                      "listener 8883": f"listener {port} 127.0.0.1",
                      "/etc/mosquitto/certs/fleet-ca.crt": str(pki.ca_file),
                      "/etc/mosquitto/certs/broker.crt": str(broker_cert.cert),
@@ -148,15 +150,52 @@ def test_the_shipped_broker_snippet_starts_in_debians_conf_d_and_admits_only_fle
     process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_shipped_broker_snippet_starts_in_debians_conf_d_and_admits_only_fleet_certificates(
+        tmp_path: Path, pki: TestCA, broker_cert: CertFiles) -> None:
+    with shipped_broker(tmp_path, pki, broker_cert) as port:
         device = RawClient(port, pki.ca_file, pki.issue("gw-a"), client_id="gw-a")
         try:
             assert device.publish("autoglm/gw-a/event", b"{}") in (0, 0x10)  # no subscriber: 0x10
             assert device.publish("autoglm/gw-b/event", b"{}") == NOT_AUTHORIZED
         finally:
             device.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+
+
+REPLICAS = 'bridge_users = ["cloud-bridge-1", "cloud-bridge-2"]\n[groups]\nsite-a = ["gw-a"]\nsite-b = ["gw-b"]\n'
+
+
+def test_a_gateway_certificate_cannot_take_over_the_bridges_or_another_gateways_session(
+        tmp_path: Path, pki: TestCA, broker_cert: CertFiles) -> None:
+    """Issue 19, attack 1: gw-a's certificate asks for the client id of a bridge replica, then of
+    gw-b. The shipped config makes the client id the certificate's CN, so the victims keep their
+    sessions (no "session taken over" disconnection) and the thief has gw-a's rights only."""
+    with shipped_broker(tmp_path, pki, broker_cert, REPLICAS) as port:
+        replicas = [RawClient(port, pki.ca_file, pki.issue(cn), client_id=cn)
+                    for cn in ("cloud-bridge-1", "cloud-bridge-2")]
+        gw_b = RawClient(port, pki.ca_file, pki.issue("gw-b"), client_id="gw-b")
+        clients = [*replicas, gw_b]
+        try:
+            for replica in replicas:
+                replica.subscribe("autoglm/+/event")
+            for victim in ("cloud-bridge-1", "cloud-bridge-2", "gw-b"):
+                thief = RawClient(port, pki.ca_file, pki.issue("gw-a"), client_id=victim)
+                clients.append(thief)
+                assert thief.publish("autoglm/gw-b/event", b"forged") == NOT_AUTHORIZED
+                assert thief.publish("autoglm/gw-a/event", b"from the thief") == 0
+            assert gw_b.publish("autoglm/gw-b/event", b"still connected") == 0
+            for replica in replicas:  # after this message, on the same connection: any kick came first
+                wait_until(lambda r=replica: (("autoglm/gw-b/event", b"still connected") in r.received), 20,
+                           "gw-b's event at the bridge replica")
+            assert [client.disconnects for client in (*replicas, gw_b)] == [[], [], []]
+        finally:
+            for client in clients:
+                client.close()
 
 
 def _root() -> bool:
