@@ -241,7 +241,7 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if json_nesting_exceeds(payload, MAX_JSON_DEPTH):
         raise BadJson(f"payload JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_members)
     except json.JSONDecodeError as exc:
         raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
@@ -255,6 +255,17 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members; a name given twice is refused (readers disagree on which value wins,
+    so a signature over one reading would vouch for another)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise ValueError(f"the member name {twice!r} appears twice in one object")
+    return obj
 
 
 def _text_problem(value: Any) -> str | None:

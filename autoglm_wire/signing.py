@@ -1,9 +1,19 @@
-"""Signed commands (protocol v1 `sig`): Ed25519 over the canonical JSON of the command without `sig`.
+"""Signed commands (protocol v1 `sig`): Ed25519 over the RFC 8785 (JCS) form of the command without `sig`.
 
-Canonical JSON: keys sorted at every level, no whitespace (`","` and `":"` separators), non-ASCII
-characters as UTF-8 (not `\\u` escapes), numbers as Python's `json` writes them. The cloud signs
-with a private key named by `key_id`; a device trusts a set of public keys by `key_id`, so a key is
-rotated by trusting the new one next to the old one, moving the signer over, then dropping the old.
+The signing input is the command object with its `sig` member removed, canonicalized with the JSON
+Canonicalization Scheme (RFC 8785, `rfc8785` package): members sorted by their names' UTF-16 code
+units, no whitespace, strings with only the escapes JSON requires, numbers as ECMAScript writes
+them (`1e-7`, `0.000001`, integers within +-2^53). Any language's JCS library produces the same
+bytes (docs/security.md has the scheme and tests/security/jcs_vectors.json the test vectors). A
+payload with duplicate member names never gets this far: `decode_json_object` refuses it.
+
+Transition: before JCS, the input was Python's `json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False)` (`legacy_canonical_json`). A device accepts that form as well until
+`VerifyPolicy.legacy_until` (`security.legacy_signatures_until`), then only JCS.
+
+The cloud signs with a private key named by `key_id`; a device trusts a set of public keys by
+`key_id`, so a key is rotated by trusting the new one next to the old one, moving the signer over,
+then dropping the old.
 
 `CommandVerifier.check` is the device's whole decision (pure: time is passed in). It raises
 `Unauthorized` for an unsigned command when signatures are required, an unknown key id, a bad or
@@ -27,6 +37,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import rfc8785
+
 from autoglm_wire.errors import ConfigError, Unauthorized
 
 if TYPE_CHECKING:  # imported where a key is loaded or used, see the module docstring
@@ -37,13 +49,23 @@ RAW_KEY_BYTES = 32
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
-    """The signed form of a JSON object: sorted keys, no spaces, UTF-8."""
+    """The RFC 8785 (JCS) form of a JSON object. Raises rfc8785.CanonicalizationError for a value
+    JCS cannot represent (an integer beyond +-2^53, NaN or infinity)."""
+    return rfc8785.dumps(obj)
+
+
+def legacy_canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """The signed form before JCS: keys sorted by code point, no spaces, UTF-8, Python's numbers."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def signing_input(command: Mapping[str, Any]) -> bytes:
-    """The bytes a command's signature covers: its canonical JSON without `sig`."""
+    """The bytes a command's signature covers: the JCS form of the command without `sig`."""
     return canonical_json({k: v for k, v in command.items() if k != "sig"})
+
+
+def legacy_signing_input(command: Mapping[str, Any]) -> bytes:
+    return legacy_canonical_json({k: v for k, v in command.items() if k != "sig"})
 
 
 # --- cloud side ----------------------------------------------------------------------------------
@@ -99,6 +121,7 @@ class VerifyPolicy:
     trusted: Mapping[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
     max_clock_skew_s: float = 300.0
     replay_window_s: float = 86400.0
+    legacy_until: datetime | None = None  # until then the pre-JCS signing input is accepted too
 
 
 @dataclass(frozen=True)
@@ -125,14 +148,15 @@ class CommandVerifier:
             return None
         if not self.policy.trusted:
             return None
-        key_id = self._verify_signature(command, sig, command_id)
+        key_id = self._verify_signature(command, sig, command_id, now)
         if not command.get("target"):
             raise Unauthorized("a signed command must carry `target` (the device id or group/G it is for)",
                                command_id)
         self._check_age(created_at, now, command_id)
         return key_id
 
-    def _verify_signature(self, command: Mapping[str, Any], sig: Any, command_id: str | None) -> str:
+    def _verify_signature(self, command: Mapping[str, Any], sig: Any, command_id: str | None,
+                          now: datetime) -> str:
         from cryptography.exceptions import InvalidSignature  # loaded with the trusted keys already
 
         key_id = sig.get("key_id") if isinstance(sig, dict) else None
@@ -140,13 +164,18 @@ class CommandVerifier:
         if key is None:
             raise Unauthorized(f"the command is signed with key_id {key_id!r}, which this device does not trust "
                                f"(trusted: {sorted(self.policy.trusted)})", command_id)
-        try:
-            value = base64.b64decode(sig.get("value", ""), validate=True)
-            key.verify(value, signing_input(command))
-        except (binascii.Error, ValueError, InvalidSignature) as exc:
-            raise Unauthorized(f"the signature (key_id {key_id!r}) does not match the command: it was changed "
-                               "after signing, or signed over another canonical form", command_id) from exc
-        return key_id
+        inputs = [signing_input]
+        if self.policy.legacy_until is not None and now < self.policy.legacy_until:
+            inputs.append(legacy_signing_input)
+        for make_input in inputs:
+            try:
+                key.verify(base64.b64decode(sig.get("value", ""), validate=True), make_input(command))
+                return key_id
+            except (binascii.Error, ValueError, TypeError, InvalidSignature, rfc8785.CanonicalizationError):
+                continue
+        raise Unauthorized(f"the signature (key_id {key_id!r}) does not match the command: it was changed "
+                           "after signing, or not signed over the RFC 8785 (JCS) form of the command without "
+                           "`sig` (docs/security.md)", command_id)
 
     def _check_age(self, created_at: datetime, now: datetime, command_id: str | None) -> None:
         skew = timedelta(seconds=self.policy.max_clock_skew_s)

@@ -67,7 +67,8 @@ class Agent:
         security = config.security
         verifier = CommandVerifier(VerifyPolicy(
             required=security.require_signed_commands, trusted=load_trusted_keys(security.trusted_keys),
-            max_clock_skew_s=security.max_clock_skew_s, replay_window_s=security.replay_window_s))
+            max_clock_skew_s=security.max_clock_skew_s, replay_window_s=security.replay_window_s,
+            legacy_until=security.legacy_signatures_until))
         self.link = Link(
             options=self._link_options(),
             subscriptions=[self.topics.cmd] + [group_cmd(config.mqtt.topic_prefix, g) for g in config.mqtt.groups],

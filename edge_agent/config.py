@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, Field, model_validator
 
 from autoglm_wire.settings import (
     BrokerConfig,
@@ -68,6 +68,8 @@ class SecurityConfig(Section):
     max_clock_skew_s: float = Field(default=300.0, ge=0.0)
     replay_window_s: float = Field(default=86400.0, gt=0.0)
     response_topic_prefixes: list[str] = Field(default_factory=list)
+    legacy_signatures_until: AwareDatetime | None = Field(
+        default=None, description="until then, signatures over the pre-JCS canonical form are accepted too")
 
     @model_validator(mode="after")
     def _keys_when_required(self) -> SecurityConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -214,3 +215,19 @@ def test_an_unsigned_copy_of_an_accepted_commands_id_cannot_change_its_record(
         assert registry.counters.all()["illegal_transitions"] == 1
     finally:
         registry.close()
+
+
+def test_commands_signed_by_node_and_by_python_both_run_on_the_device(signed_device, cloud: CloudClient,
+                                                                       tmp_path: Path) -> None:
+    """The same command (a number JCS and Python's json write differently: 1e-7 / 1e-07, and
+    non-ASCII text) signed by the JavaScript signer of tests/security/jcs_sign.mjs and by Python."""
+    pem = tmp_path / "2026-a.pem"
+    pem.write_bytes(OLD_KEY.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    params = {"prompt": "Grüße 😀", "max_tokens": 2, "temperature": 1e-7}
+    by_node = subprocess.run(["node", str(Path(__file__).with_name("jcs_sign.mjs")), "sign", str(pem), OLD_KEY.key_id],
+                             input=json.dumps(fresh("complete", params)), capture_output=True, text=True, check=True,
+                             timeout=60).stdout.encode()
+    for payload in (by_node, OLD_KEY.sign(fresh("complete", params))):
+        reply = outcome(cloud, DEVICE, payload)
+        assert reply["status"] == "succeeded", reply
