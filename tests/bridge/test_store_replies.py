@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoglm_wire.lifecycle import is_terminal, rank
+from autoglm_wire.lifecycle import is_illegal_after, rank, rejectable
 from cloud_bridge.store.registry import Registry
 
 from .factories import T0, at, chunk, command, reply
@@ -116,7 +116,12 @@ def test_any_order_of_replies_never_moves_a_command_backward(tmp_path_factory, s
             seen.append(reg.commands.get("c1").state)
         ranks = [rank(s) for s in seen]
         assert ranks == sorted(ranks)
-        first_terminal = next((s for s in statuses if is_terminal(s)), None)
-        assert seen[-1] == (first_terminal or max(statuses, key=rank))
+        expected = "pending"  # forward only; `rejected` only before the device accepted
+        for status in statuses:
+            if rank(expected) < rank(status) and (status != "rejected" or rejectable(expected)):
+                expected = status
+        assert seen[-1] == expected
+        illegal = sum(is_illegal_after(before, status) for before, status in zip(seen, statuses, strict=False))
+        assert reg.counters.all().get("illegal_transitions", 0) == illegal
     finally:
         reg.close()
