@@ -193,7 +193,8 @@ def test_finished_commands_older_than_ledger_days_are_forgotten_when_the_agent_s
     conn.close()
     again, _, _ = start_agent(session_broker, device_id=device_id)  # store.ledger_days: 7 by default
     cloud.wait_for(lambda: ping["id"] not in read_ledger(store), 30, "the old command forgotten")
-    assert "forgot 1 finished command(s) older than 7 days" in again.log_text()
+    cloud.wait_for(lambda: "forgot 1 finished command(s) older than 7 days" in again.log_text(), 30,
+                   "the log line, written after the ledger commit")
     cloud.send(device_id, ping)  # the same id again: a new command now, run again with a new seq
     cloud.wait_for(lambda: len(cloud.terminal(ping["id"])) == 2, 30, "a second terminal reply")
     second = max(cloud.terminal(ping["id"]), key=lambda r: r["seq"])
