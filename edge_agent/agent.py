@@ -51,6 +51,9 @@ def rss_mb() -> float:
 class Agent:
     def __init__(self, config: AgentConfig, engine_factory: EngineFactory,
                  reload_config: Callable[[], AgentConfig] | None = None) -> None:
+        if config.model.parallel == "auto":
+            raise ConfigError("model.parallel = \"auto\" must be resolved before the agent starts "
+                              "(edge_agent.engine.llama.resolve_parallel; `edge-agent run` does it)")
         self.config = config
         self.topics = DeviceTopics(config.mqtt.topic_prefix, config.device_id)
         self.file = SqliteFile(config.store.path, config.store.synchronous)
@@ -89,7 +92,7 @@ class Agent:
             publish_volatile=self.link.publish_volatile,
             on_stored=self.link.kick,
             stream_interval_s=config.mqtt.stream_interval_ms / 1000,
-            workers=config.model.parallel,
+            workers=int(config.model.parallel),
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
         self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s)
