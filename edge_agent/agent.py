@@ -27,9 +27,12 @@ from edge_agent.engine import EngineReload, TextEngine
 from edge_agent.executor import Executor, Outcome, onnx_handlers
 from edge_agent.inbox import SqliteInbox
 from edge_agent.intake import Intake
-from edge_agent.link import Link, LinkOptions
+from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.local_api import LocalApi, LocalApiDeps
+from edge_agent.local_calls import LocalCalls
 from edge_agent.outbox import OutboxLimits, SqliteOutbox
 from edge_agent.policy_store import PolicyStore
+from edge_agent.preflight import read_token
 from edge_agent.sqlite_file import SqliteFile, StoreError
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,37 @@ class Agent:
         self.executor.handlers["config"] = self._config_command
         self.intake = Intake(config, self.topics, verifier, self.inbox, self.outbox, self.executor,
                              on_stored=self.link.kick)
+        self.local_calls = LocalCalls()  # `[http]`: local API requests waiting on their commands
+        self.outbox.on_reply = self.local_calls.on_reply
+        self.executor.local_delta = self.local_calls.on_delta
+        self.local_api: LocalApi | None = None
+
+    def _submit_local(self, payload: bytes) -> None:
+        """A local API request's command: taken by the intake exactly as an MQTT delivery on this
+        device's command topic (same checks, ledger, executor), then synced to disk like before a PUBACK."""
+        self.intake.handle(InboundMessage(topic=self.topics.cmd, payload=payload, response_topic=None,
+                                          correlation_data=None, message_expiry_s=None, duplicate_delivery=False))
+        self.file.sync()
+
+    def not_ready(self) -> str | None:
+        """Why the agent cannot serve now (`/readyz`), or None: broker, store, model."""
+        if not self.link.connected:
+            return "not connected to the MQTT broker"
+        if self.file.write_failing:
+            return "the store cannot write (disk full or I/O error)"
+        if not self.executor.alive():
+            return "the executor is not running (the model is not loaded)"
+        return None
+
+    def start_local_api(self) -> None:
+        """`[http]` enabled: serve the local API (after the model is loaded and the link started)."""
+        http = self.config.http
+        if not http.enabled:
+            return
+        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
+                            model_name=lambda: self.engine.info.name, device_id=self.config.device_id)
+        self.local_api = LocalApi(http, read_token(http), deps)
+        self.local_api.start()
 
     def _config_command(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
         """`config`: merge the partial policy, persist what was set, answer with the policy in force."""
@@ -164,6 +198,7 @@ class Agent:
                     gpu=self.engine.gpu_reason)
         self.link.start()
         self.executor.start()
+        self.start_local_api()
         sd_notify(f"READY=1\nSTATUS=serving {self.topics.cmd}")
         log.info("agent %s serving %s (model %s, %s)", __version__, self.topics.cmd, self.engine.info.name,
                  self.engine.gpu_reason)
@@ -238,6 +273,8 @@ class Agent:
     def _shutdown(self) -> int:
         log.info("stopping: finishing the running command, flushing the outbox")
         sd_notify("STOPPING=1")
+        if self.local_api is not None:
+            self.local_api.stop()
         self.executor.stop(timeout_s=self.config.shutdown_timeout_s)
         self.link.stop(drain_timeout_s=5.0)
         self.file.close()
