@@ -131,7 +131,8 @@ class Agent:
         if not http.enabled:
             return
         deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
-                            model_name=lambda: self.engine.info.name, device_id=self.config.device_id)
+                            model_name=lambda: self.engine.info.name, device_id=self.config.device_id,
+                            durable=self.file.sync)
         self.local_api = LocalApi(http, read_token(http), deps)
         self.local_api.start()
 

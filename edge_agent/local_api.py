@@ -144,6 +144,7 @@ class LocalApiDeps:
     not_ready: Callable[[], str | None]  # why the agent is not ready, or None
     model_name: Callable[[], str]
     device_id: str
+    durable: Callable[[], None]  # waits for the commit in progress and fsyncs it (SqliteFile.sync)
 
 
 class LocalApi:
@@ -178,11 +179,16 @@ class LocalApi:
         return hmac.compare_digest(header[len("Bearer "):].strip().encode("utf-8"), self._token)
 
     def wait(self, events: queue.SimpleQueue[Any]) -> tuple[str, Any]:
+        """The call's next event. The terminal reply arrives from inside its storing transaction:
+        it is answered only once that transaction is committed and on disk."""
         while not self._stopping.is_set():
             try:
-                return events.get(timeout=WAIT_TICK_S)
+                tag, value = events.get(timeout=WAIT_TICK_S)
             except queue.Empty:
                 continue
+            if tag == "done":
+                self.deps.durable()
+            return tag, value
         raise ApiError(503, "the agent is stopping; the command's reply will reach the cloud", "stopping",
                        kind="server_error")
 
