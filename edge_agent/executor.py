@@ -17,6 +17,7 @@ from typing import Any
 from autoglm_wire import lifecycle
 from autoglm_wire.errors import Cancelled, Expired, Internal, InvalidCommand, ProtocolError
 from autoglm_wire.lifecycle import State
+from autoglm_wire.local_origin import is_local_id, local_marks
 from autoglm_wire.protocol import (
     CancelParams,
     ChatParams,
@@ -380,6 +381,9 @@ class Executor:
 
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
+        stored = self._inbox.get(command_id) if is_local_id(command_id) else None
+        if stored is not None:  # a local API command: the cloud learns where it came from
+            extra_metrics = {**(extra_metrics or {}), **local_marks(stored.kind)}
         draft = ReplyDraft(
             status=lifecycle.reply_status(outcome.state),
             output=outcome.output,

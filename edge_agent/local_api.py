@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from autoglm_wire.local_origin import LOCAL_ID_PREFIX
 from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
 from edge_agent.config import HttpConfig
 from edge_agent.local_calls import LocalCalls
@@ -121,7 +122,7 @@ def command_params(request: _Request, kind: str) -> dict[str, Any]:
 
 def new_command(kind: str, params: dict[str, Any]) -> tuple[str, bytes]:
     """A fresh command id (`local-` + 32 hex digits, a valid protocol id) and the command's JSON."""
-    command_id = f"local-{uuid.uuid4().hex}"
+    command_id = f"{LOCAL_ID_PREFIX}{uuid.uuid4().hex}"
     command = {"v": 1, "id": command_id, "kind": kind, "params": params, "created_at": format_ts(utc_now())}
     return command_id, json.dumps(command).encode("utf-8")
 
