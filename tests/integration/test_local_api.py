@@ -16,20 +16,22 @@ import pytest
 from tests.support.agent_proc import AgentProcess, read_ledger, write_agent_config
 from tests.support.broker import Broker, free_port, wait_for_port
 from tests.support.cloud import CloudClient
+from tests.support.faulty_agent import command as faulty_command
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "local-api-test-token-0123456789"
 
 
-def start(tmp_path: Path, tiny_model: Path, broker: Broker, device: str, parallel: int = 1) -> tuple[AgentProcess, int]:
-    port = free_port()
+def start(tmp_path: Path, tiny_model: Path, broker: Broker, device: str, parallel: int = 1,
+          launcher: list[str] | None = None, port: int | None = None) -> tuple[AgentProcess, int]:
+    port = port or free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
     tail = (f"parallel = {parallel}\n[http]\nenabled = true\nport = {port}\ntoken_file = \"token\"\n"
             "max_body_bytes = 4096\n")
     config = write_agent_config(tmp_path / f"{device}.toml", device, broker.port, tiny_model,
                                 tmp_path / f"{device}.db", tail=tail)
-    agent = AgentProcess(config, tmp_path / f"{device}.log").start()
+    agent = AgentProcess(config, tmp_path / f"{device}.log", command=launcher).start()
     wait_for_port(port, timeout=120)
     return agent, port
 
@@ -178,3 +180,23 @@ def test_agent_refuses_to_start_without_a_readable_token(tmp_path: Path, tiny_mo
     assert "http.token_file" in agent.log_text()
 
 
+
+
+def test_kill_9_during_a_local_request_loses_the_connection_and_never_runs_it_twice(
+        tmp_path: Path, tiny_model: Path, session_broker: Broker, cloud: CloudClient) -> None:
+    agent, port = start(tmp_path, tiny_model, session_broker, "gw-kill", launcher=faulty_command("command_running"))
+    with pytest.raises(openai.APIConnectionError):
+        client(port).completions.create(model="any", prompt="Pump 3 reads", max_tokens=8)
+    assert agent.process is not None and agent.process.wait(timeout=30) == -9
+    store = tmp_path / "gw-kill.db"
+    [command_id] = [c for c, state in read_ledger(store).items() if c.startswith("local-")]
+    assert read_ledger(store)[command_id] == "running"
+    restarted, _ = start(tmp_path, tiny_model, session_broker, "gw-kill", port=port)
+    try:
+        reply = cloud.wait_terminal(command_id)
+        assert reply["status"] == "failed" and reply["error"]["code"] == "internal"
+        assert reply["metrics"]["origin"] == "local" and reply["metrics"]["kind"] == "complete"
+        assert read_ledger(store)[command_id] == "failed"
+        assert len(cloud.terminal(command_id)) == 1
+    finally:
+        restarted.stop_quietly()
