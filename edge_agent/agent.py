@@ -274,9 +274,9 @@ class Agent:
     def _shutdown(self) -> int:
         log.info("stopping: finishing the running command, flushing the outbox")
         sd_notify("STOPPING=1")
-        if self.local_api is not None:
-            self.local_api.stop()
         self.executor.stop(timeout_s=self.config.shutdown_timeout_s)
+        if self.local_api is not None:  # after the executor: the running commands' callers get their answers
+            self.local_api.stop()
         self.link.stop(drain_timeout_s=5.0)
         self.file.close()
         self.engine.close()

@@ -229,6 +229,8 @@ class _Handler(BaseHTTPRequestHandler):
             route()
         except ApiError as exc:
             self._json(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError):  # the client left; its command runs on
+            log.info("local API client %s disconnected before its answer", self.client_address[0])
 
     def _models(self) -> None:
         deps = self.owner.deps
@@ -291,9 +293,13 @@ class _Handler(BaseHTTPRequestHandler):
         opening = shape.first()
         if opening is not None:
             self._event(opening)
-        while tag == "delta":
-            self._event(shape.chunk(value, None))
-            tag, value = self.owner.wait(events)
+        try:
+            while tag == "delta":
+                self._event(shape.chunk(value, None))
+                tag, value = self.owner.wait(events)
+        except ApiError as exc:  # stopping: the stream ends with the error, as OpenAI's do
+            self._event(exc.body())
+            return
         reply: Reply = value
         if reply.status != "succeeded":
             self._event(reply_error(reply).body())
