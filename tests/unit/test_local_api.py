@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from autoglm_wire.errors import ConfigError
 from autoglm_wire.protocol import Reply, is_command_id, parse_command
+from edge_agent import cli
 from edge_agent.config import HttpConfig
 from edge_agent.local_api import ApiError, _Request, command_params, new_command, reply_error
 from edge_agent.local_calls import LocalCalls
@@ -97,3 +98,19 @@ def test_calls_get_their_deltas_and_only_their_terminal_reply() -> None:
     assert events.empty()
     calls.close("local-1")
     assert calls.on_delta("local-1") is None
+
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-glm4-q4_0.gguf"
+
+
+def test_check_config_opens_the_token_file_relative_to_the_config(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "gw-1"\n[model]\npath = "{MODEL}"\n'
+                      '[http]\nenabled = true\ntoken_file = "http-token"\n')
+    assert cli.main(["check-config", str(config)]) == 2
+    assert f"http.token_file = {tmp_path / 'http-token'}: cannot open it" in capsys.readouterr().err
+    (tmp_path / "http-token").write_text("t" * 32)
+    assert cli.main(["check-config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "ok: http: local API on 127.0.0.1:8089" in err and "t" * 32 not in out + err
