@@ -133,7 +133,11 @@ class Agent:
         deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
                             model_name=lambda: self.engine.info.name, device_id=self.config.device_id,
                             durable=self.file.sync)
-        self.local_api = LocalApi(http, read_token(http), deps)
+        try:
+            self.local_api = LocalApi(http, read_token(http), deps)
+        except OSError as exc:
+            raise ConfigError(f"http.host/http.port = {http.host}:{http.port}: cannot listen there ({exc}); "
+                              "pick a free port or stop what holds it") from exc
         self.local_api.start()
 
     def _config_command(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
@@ -197,9 +201,9 @@ class Agent:
         self._event("info", "agent_started", f"agent {__version__} started", recovered_running=recovered,
                     model=self.engine.info.name, model_sha256=self.engine.info.sha256,
                     gpu=self.engine.gpu_reason)
+        self.start_local_api()  # a port already taken fails here, before anything else starts
         self.link.start()
         self.executor.start()
-        self.start_local_api()
         sd_notify(f"READY=1\nSTATUS=serving {self.topics.cmd}")
         log.info("agent %s serving %s (model %s, %s)", __version__, self.topics.cmd, self.engine.info.name,
                  self.engine.gpu_reason)

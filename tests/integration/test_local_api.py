@@ -200,3 +200,18 @@ def test_kill_9_during_a_local_request_loses_the_connection_and_never_runs_it_tw
         assert len(cloud.terminal(command_id)) == 1
     finally:
         restarted.stop_quietly()
+
+
+def test_a_port_already_taken_stops_the_agent_with_exit_2(tmp_path: Path, tiny_model: Path,
+                                                         session_broker: Broker) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "token").write_text(TOKEN)
+        config = write_agent_config(tmp_path / "a.toml", "gw-taken", session_broker.port, tiny_model,
+                                    tmp_path / "a.db",
+                                    tail=f'[http]\nenabled = true\nport = {port}\ntoken_file = "token"\n')
+        agent = AgentProcess(config, tmp_path / "a.log").start()
+        assert agent.process is not None and agent.process.wait(timeout=60) == 2
+    assert f"http.host/http.port = 127.0.0.1:{port}: cannot listen there" in agent.log_text()
