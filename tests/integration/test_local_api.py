@@ -141,21 +141,32 @@ def test_healthz_and_readyz_without_auth(served: tuple[int, Path, str]) -> None:
     assert get(served[0], "/readyz") == (200, {"status": "ready"})
 
 
-def test_two_local_requests_run_together_with_parallel_2(served: tuple[int, Path, str]) -> None:
-    port, store, _ = served
+def test_two_local_requests_run_together_with_parallel_2(tmp_path: Path, tiny_model: Path,
+                                                        session_broker: Broker) -> None:
+    """Two executor slots held at once: both commands must reach `command_running` (claimed by a
+    worker; an early start passes it after its generation, before its reply is stored) and wait there
+    for each other. With one worker the second is never claimed while the first waits: "rendezvous
+    broken" after 60 s, and the test fails."""
+    agent, port = start(tmp_path, tiny_model, session_broker, "gw-two", parallel=2,
+                        launcher=faulty_command(rendezvous="command_running:2"))
     answers: list[str] = []
 
     def ask(prompt: str) -> None:
         answer = client(port).completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0)
         answers.append(answer.id.removeprefix("cmpl-"))
 
-    threads = [threading.Thread(target=ask, args=(p,)) for p in ("Pump 3 reads", "Valve 7 is")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    ledger = read_ledger(store)
-    assert len(answers) == 2 and all(ledger[a] == "succeeded" for a in answers)
+    try:
+        threads = [threading.Thread(target=ask, args=(p,)) for p in ("Pump 3 reads", "Valve 7 is")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        ledger = read_ledger(tmp_path / "gw-two.db")
+        assert len(answers) == 2 and all(ledger[a] == "succeeded" for a in answers)
+        assert "rendezvous met at command_running" in agent.log_text()
+        assert "rendezvous broken" not in agent.log_text()
+    finally:
+        agent.stop_quietly()
 
 
 def test_readyz_is_503_while_the_broker_is_down(tmp_path: Path, tiny_model: Path, own_broker: Broker) -> None:
