@@ -117,20 +117,25 @@ def test_wrong_token_is_401_and_models_list_needs_the_token(served: tuple[int, P
     assert [m.owned_by for m in models.data] == ["gw-local"]
 
 
+def answer_to(port: int, request: bytes) -> str:
+    """Send `request` (headers only) and read the whole answer: the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    return received.decode()
+
+
 def test_unauthenticated_body_is_not_read_and_oversized_body_is_413(served: tuple[int, Path, str]) -> None:
     port = served[0]
-    # Announce a large body, send none of it: a 401 comes back at once (the server never waits for it).
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000000\r\n\r\n")
-        head = sock.recv(4096).decode()
-    assert head.startswith("HTTP/1.1 401")
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000000\r\n\r\n")
-        head = sock.recv(4096).decode()
-    assert head.startswith("HTTP/1.1 413")
-    assert "http.max_body_bytes" in head
+    # Announce a large body, send none of it: the answer comes at once (the server never waits for it).
+    head = answer_to(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000000\r\n\r\n")
+    assert head.startswith("HTTP/1.1 401") and '"invalid_api_key"' in head
+    head = answer_to(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000000\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413") and "http.max_body_bytes" in head
     with pytest.raises(openai.APIStatusError) as caught:
         client(port).completions.create(model="any", prompt="x" * 8000, max_tokens=4)
     assert caught.value.status_code == 413
