@@ -27,9 +27,12 @@ from edge_agent.engine import EngineReload, TextEngine
 from edge_agent.executor import Executor, Outcome, onnx_handlers
 from edge_agent.inbox import SqliteInbox
 from edge_agent.intake import Intake
-from edge_agent.link import Link, LinkOptions
+from edge_agent.link import InboundMessage, Link, LinkOptions
+from edge_agent.local_api import LocalApi, LocalApiDeps
+from edge_agent.local_calls import LocalCalls
 from edge_agent.outbox import OutboxLimits, SqliteOutbox
 from edge_agent.policy_store import PolicyStore
+from edge_agent.preflight import read_token
 from edge_agent.sqlite_file import SqliteFile, StoreError
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,9 @@ def rss_mb() -> float:
 class Agent:
     def __init__(self, config: AgentConfig, engine_factory: EngineFactory,
                  reload_config: Callable[[], AgentConfig] | None = None) -> None:
+        if config.model.parallel == "auto":
+            raise ConfigError("model.parallel = \"auto\" must be resolved before the agent starts "
+                              "(edge_agent.engine.llama.resolve_parallel; `edge-agent run` does it)")
         self.config = config
         self.topics = DeviceTopics(config.mqtt.topic_prefix, config.device_id)
         self.file = SqliteFile(config.store.path, config.store.synchronous)
@@ -90,7 +96,7 @@ class Agent:
             publish_volatile=self.link.publish_volatile,
             on_stored=self.link.kick,
             stream_interval_s=config.mqtt.stream_interval_ms / 1000,
-            workers=config.model.parallel,
+            workers=int(config.model.parallel),
         )
         self.executor.handlers.update(onnx_handlers(config.onnx.models))
         self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s, config.limits.max_tokens)
@@ -98,6 +104,42 @@ class Agent:
         self.executor.handlers["config"] = self._config_command
         self.intake = Intake(config, self.topics, verifier, self.inbox, self.outbox, self.executor,
                              on_stored=self.link.kick)
+        self.local_calls = LocalCalls()  # `[http]`: local API requests waiting on their commands
+        self.outbox.on_reply = self.local_calls.on_reply
+        self.executor.local_delta = self.local_calls.on_delta
+        self.local_api: LocalApi | None = None
+
+    def _submit_local(self, payload: bytes) -> None:
+        """A local API request's command: taken by the intake exactly as an MQTT delivery on this
+        device's command topic (same checks, ledger, executor), then synced to disk like before a PUBACK."""
+        self.intake.handle(InboundMessage(topic=self.topics.cmd, payload=payload, response_topic=None,
+                                          correlation_data=None, message_expiry_s=None, duplicate_delivery=False))
+        self.file.sync()
+
+    def not_ready(self) -> str | None:
+        """Why the agent cannot serve now (`/readyz`), or None: broker, store, model."""
+        if not self.link.connected:
+            return "not connected to the MQTT broker"
+        if self.file.write_failing:
+            return "the store cannot write (disk full or I/O error)"
+        if not self.executor.alive():
+            return "the executor is not running (the model is not loaded)"
+        return None
+
+    def start_local_api(self) -> None:
+        """`[http]` enabled: serve the local API (after the model is loaded and the link started)."""
+        http = self.config.http
+        if not http.enabled:
+            return
+        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
+                            model_name=lambda: self.engine.info.name, device_id=self.config.device_id,
+                            durable=self.file.sync)
+        try:
+            self.local_api = LocalApi(http, read_token(http), deps)
+        except OSError as exc:
+            raise ConfigError(f"http.host/http.port = {http.host}:{http.port}: cannot listen there ({exc}); "
+                              "pick a free port or stop what holds it") from exc
+        self.local_api.start()
 
     def _config_command(self, parsed: ParsedCommand, cancel: threading.Event) -> Outcome:
         """`config`: merge the partial policy, persist what was set, answer with the policy in force."""
@@ -160,6 +202,7 @@ class Agent:
         self._event("info", "agent_started", f"agent {__version__} started", recovered_running=recovered,
                     model=self.engine.info.name, model_sha256=self.engine.info.sha256,
                     gpu=self.engine.gpu_reason)
+        self.start_local_api()  # a port already taken fails here, before anything else starts
         self.link.start()
         self.executor.start()
         sd_notify(f"READY=1\nSTATUS=serving {self.topics.cmd}")
@@ -237,6 +280,8 @@ class Agent:
         log.info("stopping: finishing the running command, flushing the outbox")
         sd_notify("STOPPING=1")
         self.executor.stop(timeout_s=self.config.shutdown_timeout_s)
+        if self.local_api is not None:  # after the executor: the running commands' callers get their answers
+            self.local_api.stop()
         self.link.stop(drain_timeout_s=5.0)
         self.file.close()
         self.engine.close()

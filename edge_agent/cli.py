@@ -36,6 +36,13 @@ def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama
     return LlamaEngine(config.model, config.templates, config.limits.max_generation_s)
 
 
+def _resolved(config: AgentConfig) -> AgentConfig:
+    """`model.parallel = "auto"` replaced by the number it picks (the executor starts that many workers)."""
+    from edge_agent.engine.llama import resolve_parallel
+
+    return config.model_copy(update={"model": resolve_parallel(config.model)})
+
+
 def _run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
 
@@ -43,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(config.log_level.upper())
     for line in check_agent(config):  # before the model is loaded: a bad file fails in a second
         logging.getLogger(__name__).info("config check: %s", line)
-    return Agent(config, _llama_engine, reload_config=lambda: load_config(Path(args.config))).run()
+    reload = lambda: _resolved(load_config(Path(args.config)))  # noqa: E731 - SIGHUP re-reads the file
+    return Agent(_resolved(config), _llama_engine, reload_config=reload).run()
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -92,6 +92,23 @@ class LimitsConfig(Section):
     max_generation_s: float | None = Field(default=None, gt=0)
 
 
+class HttpConfig(Section):
+    """`[http]`: the local OpenAI-compatible API (edge_agent/local_api.py); off unless `enabled`."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8089, ge=1, le=65535)
+    token_file: Path | None = None  # the bearer token's first line; a path or `credential:NAME`
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _token_when_enabled(self) -> HttpConfig:
+        if self.enabled and self.token_file is None:
+            raise ValueError("http.enabled needs http.token_file (a file holding the bearer token, or "
+                             "credential:NAME); generate one with `openssl rand -hex 32`")
+        return self
+
+
 class AgentConfig(TomlSettings):
     """The whole agent configuration (see docs/architecture.md for every key)."""
 
@@ -107,6 +124,7 @@ class AgentConfig(TomlSettings):
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     telemetry_interval_s: float = Field(default=60.0, ge=1.0)
     shutdown_timeout_s: float = Field(default=30.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -147,6 +165,9 @@ def _resolve_relative_paths(config: AgentConfig, base: Path) -> AgentConfig:
     if model.profile is not None:
         model = apply_profile(model.model_copy(update={"profile": resolve_relative(model.profile, base)}))
     onnx = OnnxConfig(models={name: _resolve_onnx(m, base) for name, m in config.onnx.models.items()})
-    return config.model_copy(update={"store": store, "model": model, "onnx": onnx,
+    http = config.http
+    if http.token_file is not None:
+        http = http.model_copy(update={"token_file": resolve_relative(http.token_file, base)})
+    return config.model_copy(update={"store": store, "model": model, "onnx": onnx, "http": http,
                                      "mqtt": config.mqtt.resolved_against(base),
                                      "security": config.security.resolved_against(base)})

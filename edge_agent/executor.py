@@ -17,6 +17,7 @@ from typing import Any
 from autoglm_wire import lifecycle
 from autoglm_wire.errors import Cancelled, Expired, Internal, InvalidCommand, ProtocolError
 from autoglm_wire.lifecycle import State
+from autoglm_wire.local_origin import is_local_id, local_marks
 from autoglm_wire.protocol import (
     CancelParams,
     ChatParams,
@@ -132,6 +133,7 @@ class Executor:
         self._swapping = False
         self._threads: list[threading.Thread] = []
         self.tokens_per_s_ewma: float | None = None
+        self.local_delta: Callable[[str], Callable[[str], None] | None] = lambda command_id: None  # local API
         self.policy: Callable[[], Policy] = Policy  # the agent points this at the policy in force
         self.handlers: dict[str, Handler] = {
             "ping": self._ping,
@@ -379,6 +381,9 @@ class Executor:
 
     def _finish(self, command_id: str, outcome: Outcome, extra_metrics: dict[str, Any] | None = None) -> None:
         error = outcome.error
+        stored = self._inbox.get(command_id) if is_local_id(command_id) else None
+        if stored is not None:  # a local API command: the cloud learns where it came from
+            extra_metrics = {**(extra_metrics or {}), **local_marks(stored.kind)}
         draft = ReplyDraft(
             status=lifecycle.reply_status(outcome.state),
             output=outcome.output,
@@ -435,7 +440,7 @@ class Executor:
         assert isinstance(params, ChatParams | CompleteParams)
         streamer = ChunkStreamer(self._topics.stream(parsed.id), parsed.id, self._publish_after_sync,
                                 self._stream_interval_s)
-        generation = generate(streamer.delta if params.stream else None)
+        generation = generate(_both(streamer.delta if params.stream else None, self.local_delta(parsed.id)))
         if params.stream:
             streamer.done()
         self._record_speed(generation)
@@ -501,6 +506,17 @@ class Executor:
         previous = self.tokens_per_s_ewma
         self.tokens_per_s_ewma = generation.tokens_per_s if previous is None else (
             0.8 * previous + 0.2 * generation.tokens_per_s)
+
+
+def _both(first: Callable[[str], None] | None, second: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """One delta callback feeding the MQTT stream and a waiting local API call (either may be absent)."""
+    if first is None or second is None:
+        return first or second
+
+    def delta(text: str) -> None:
+        first(text)
+        second(text)
+    return delta
 
 
 def onnx_handlers(configs: Mapping[str, OnnxModelConfig]) -> dict[str, Handler]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,6 +102,7 @@ class SqliteOutbox:
         self._dropped: Counter[str] = Counter()  # what the caps cost, by kind
         self._full_reported = False
         file.on_writes_recovered = self._writes_recovered
+        self.on_reply: Callable[[bytes], None] | None = None  # every reply stored (edge_agent.local_calls)
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -168,6 +169,8 @@ class SqliteOutbox:
         self._file.set_meta("reply_seq", str(seq))
         payload = reply_payload(self.topics.device_id, command_id, seq, draft)
         self._store_reply(payload, response_topic, correlation_data)
+        if self.on_reply is not None:
+            self.on_reply(payload)
         return payload
 
     def resend_reply(self, payload: bytes, response_topic: str | None, correlation_data: bytes | None) -> None:

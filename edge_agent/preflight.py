@@ -9,9 +9,9 @@ that name the key and the file (autoglm_wire.preflight).
 from __future__ import annotations
 
 from autoglm_wire.errors import ConfigError
-from autoglm_wire.preflight import check_broker, check_writable, unreadable
+from autoglm_wire.preflight import check_broker, check_writable, open_file, unreadable
 from autoglm_wire.signing import is_raw_key, load_trusted_keys
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, HttpConfig
 
 GGUF_MAGIC = b"GGUF"
 
@@ -32,7 +32,21 @@ def check_agent(config: AgentConfig) -> list[str]:
             raise unreadable(f"onnx.models.{name}.path", onnx.path, exc) from exc
         lines.append(f"onnx.models.{name}.path {onnx.path}: readable")
     lines.append(check_writable(config.store.path, "store.path"))
+    if config.http.enabled:
+        read_token(config.http)
+        lines.append(f"http: local API on {config.http.host}:{config.http.port}, token from {config.http.token_file}")
     return lines
+
+
+def read_token(http: HttpConfig) -> str:
+    """The local API's bearer token: the first line of `http.token_file`. Raises ConfigError."""
+    assert http.token_file is not None
+    lines = open_file(http.token_file, "http.token_file").decode("utf-8", errors="replace").splitlines()
+    token = lines[0].strip() if lines else ""
+    if len(token) < 16:
+        raise ConfigError(f"http.token_file = {http.token_file}: the token (its first line) must be at least 16 "
+                          "characters; generate one with `openssl rand -hex 32`")
+    return token
 
 
 def _check_model(config: AgentConfig) -> str:

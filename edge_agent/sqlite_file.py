@@ -176,6 +176,11 @@ class SqliteFile:
             return int(time.time() * 1000)
         return 0
 
+    @property
+    def write_failing(self) -> bool:
+        """The last write was refused (a full disk, an I/O error) and none has succeeded since."""
+        return self._write_failing
+
     def close(self) -> None:
         with self.lock:
             self.db.close()

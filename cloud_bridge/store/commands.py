@@ -26,6 +26,7 @@ from autoglm_wire.lifecycle import (
     rank,
     rejectable,
 )
+from autoglm_wire.local_origin import ORIGIN_LOCAL
 from autoglm_wire.protocol import Command, Reply, format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 from cloud_bridge.store.backends import IntegrityError
@@ -125,6 +126,17 @@ class Commands:
             "UPDATE commands SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN ('pending', 'sent')",
             (state, error, stamp(now), command_id),
         ) == 1
+
+    def add_local(self, reply: Reply, ts: str) -> None:
+        """Record a command the device minted for its local API (origin `local`, docs/protocol.md),
+        unless a command of that id is already known; `advance` then gives it the reply's state."""
+        payload = {"v": 1, "id": reply.command_id, "kind": reply.metrics["kind"], "params": {},
+                   "created_at": reply.ts, "origin": ORIGIN_LOCAL}
+        self._db.execute(
+            "INSERT INTO commands (id, device_id, kind, payload, state, created_at, updated_at, wire_id) "
+            "VALUES (?, ?, ?, ?, 'sent', ?, ?, ?) ON CONFLICT DO NOTHING",
+            (reply.command_id, reply.device_id, reply.metrics["kind"], json.dumps(payload), ts, ts, reply.command_id),
+        )
 
     def advance(self, reply: Reply, payload: str, ts: str) -> bool:
         """Move the reply's command forward to the reply's status (never backward, except from the

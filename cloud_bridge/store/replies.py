@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from autoglm_wire.local_origin import is_local_reply
 from autoglm_wire.protocol import Reply, StreamChunk
 from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
@@ -45,6 +46,8 @@ class Replies(_Answers):
                 self._counters.bump("duplicate_replies")
                 return False
             if reply.command_id is not None:
+                if reply.is_terminal and is_local_reply(reply.metrics):
+                    self._commands.add_local(reply, ts)  # a device's local API command (docs/protocol.md)
                 if not self._commands.advance(reply, payload, ts):
                     self._counters.bump("illegal_transitions")
                 if reply.status == "succeeded" and reply.output is not None:

@@ -29,6 +29,7 @@ from autoglm_wire.protocol import ChatParams, CompleteParams, ModelInfo, Samplin
 from edge_agent.engine import FinishReason, Generation, OnDelta, TextSink
 from edge_agent.engine.batch import BatchDecoder, Job
 from edge_agent.engine.gpu import GpuChoice, choose_gpu_layers, footprint_from_metadata, probe_free_device_memory
+from edge_agent.engine.parallel import available_memory, choose_parallel
 from edge_agent.engine.prefix import PrefixStates
 from edge_agent.engine.repack import RepackChoice, choose_repack
 from edge_agent.engine.settings import ModelConfig
@@ -71,6 +72,18 @@ def decide_gpu_layers(config: ModelConfig) -> GpuChoice:
         return choose_gpu_layers(config.n_gpu_layers, supports)
     footprint = footprint_from_metadata(gguf_metadata(config.path), config.path.stat().st_size, config.n_ctx)
     return choose_gpu_layers("auto", supports, footprint, probe_free_device_memory())
+
+
+def resolve_parallel(config: ModelConfig) -> ModelConfig:
+    """`parallel = "auto"` replaced by the N `choose_parallel` picks (logged with its reason)."""
+    if config.parallel != "auto":
+        return config
+    size = config.path.stat().st_size
+    footprint = footprint_from_metadata(gguf_metadata(config.path), size, config.n_ctx)
+    kv = footprint.kv_bytes_per_layer * footprint.n_layers if footprint is not None else None
+    choice = choose_parallel(kv, size, available_memory())
+    log.info("model.parallel: %s", choice.reason)
+    return config.model_copy(update={"parallel": choice.n})
 
 
 _LOAD_LOCK = threading.Lock()
@@ -141,6 +154,7 @@ class LlamaEngine:
                 f"model file {config.path} does not exist; build the tiny model with "
                 "`python models/build_gguf.py` or point [model] path at a GLM GGUF (see models/manifest.toml)"
             )
+        config = resolve_parallel(config)
         self._templates = dict(templates or {})
         self._max_generation_s = max_generation_s
         self._stall_timeout_s = config.stall_timeout_s

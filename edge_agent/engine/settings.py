@@ -6,7 +6,7 @@ tuner read them without knowing the rest of the config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -30,7 +30,9 @@ class ModelConfig(Section):
     prefix_cache_mb: int = Field(default=0, ge=0)
     # Commands decoded together in one llama.cpp context (engine/batch.py). 1: one at a time, today's
     # path and memory. N > 1 costs N times the KV cache of `n_ctx` (each sequence gets its own window).
-    parallel: int = Field(default=1, ge=1, le=64)
+    # "auto": N from the available memory and the KV size per sequence (engine/parallel.py), resolved
+    # before the model loads (edge_agent.engine.llama.resolve_parallel).
+    parallel: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = 1
     stall_timeout_s: float = Field(default=120.0, gt=0.0)
     profile: Path | None = None
     name: str | None = None

@@ -125,3 +125,28 @@ def test_any_order_of_replies_never_moves_a_command_backward(tmp_path_factory, s
         assert reg.counters.all().get("illegal_transitions", 0) == illegal
     finally:
         reg.close()
+
+
+def test_a_local_commands_terminal_reply_records_the_command_with_origin_local(registry):
+    marks = {"origin": "local", "kind": "chat", "ttft_ms": 1.0}
+    assert registry.replies.record(reply(1, "running", command_id="local-1"), at(1))
+    assert registry.commands.recent() == []  # recorded at its terminal reply, which carries the marks
+    assert registry.replies.record(reply(2, "succeeded", command_id="local-1", output={"text": "hi"},
+                                         metrics=marks), at(2))
+    row = registry.commands.get("local-1")
+    assert (row.device_id, row.kind, row.state) == ("dev-1", "chat", "succeeded")
+    assert row.payload["origin"] == "local" and row.reply["output"] == {"text": "hi"}
+    assert [r.status for r in registry.replies.of_command("local-1")] == ["running", "succeeded"]
+
+
+def test_a_reply_marked_local_never_rewrites_a_command_the_bridge_sent(registry):
+    registry.commands.add(command(), "dev-1", T0)
+    registry.commands.mark_sent("c1", at(1))
+    registry.replies.record(reply(1, "succeeded", metrics={"origin": "local", "kind": "complete"}), at(2))
+    row = registry.commands.get("c1")
+    assert row.kind == command().kind and "origin" not in row.payload and row.state == "succeeded"
+
+
+def test_an_unmarked_reply_for_an_unknown_command_creates_no_command(registry):
+    registry.replies.record(reply(1, "succeeded", command_id="nobody-sent-this"), at(1))
+    assert registry.commands.recent() == []

@@ -3,10 +3,13 @@ in intake, for the fault tests:
 
     python -m tests.support.faulty_agent --fault-point command_stored[:n] -- run --config agent.toml
     python -m tests.support.faulty_agent --intake-bug ID_PREFIX -- run --config agent.toml
+    python -m tests.support.faulty_agent --rendezvous command_running:2 -- run --config agent.toml
 
 The process SIGKILLs itself the first (or n-th) time it passes the point; with `--intake-bug`,
 intake raises a RuntimeError (a stand-in for a bug) on every command whose id starts with the
-prefix. Everything after `--` goes to `edge_agent.cli.main` unchanged.
+prefix. With `--rendezvous NAME:N`, the first N passes of the point wait for each other (proof
+that N commands run at once; "rendezvous broken" is logged if they do not meet within 60 s).
+Everything after `--` goes to `edge_agent.cli.main` unchanged.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from edge_agent import checkpoints, cli
 from edge_agent.intake import Intake
 
 
-def command(fault_point: str | None = None, intake_bug: str | None = None) -> list[str]:
+def command(fault_point: str | None = None, intake_bug: str | None = None, rendezvous: str | None = None) -> list[str]:
     """This launcher's command line up to the edge-agent arguments (`AgentProcess(command=...)`)."""
     options = ["--fault-point", fault_point] if fault_point else []
     options += ["--intake-bug", intake_bug] if intake_bug else []
+    options += ["--rendezvous", rendezvous] if rendezvous else []
     return [sys.executable, "-m", "tests.support.faulty_agent", *options, "--"]
 
 
@@ -63,11 +67,36 @@ def kill_at(fault_point: str) -> Callable[[str], None]:
     return reached
 
 
+def meet_at(rendezvous: str) -> Callable[[str], None]:
+    """A `checkpoints.reached` where the first N passes of `name:N` wait for each other."""
+    target, _, count = rendezvous.partition(":")
+    barrier = threading.Barrier(int(count or 2), timeout=60)
+    passes = 0
+    lock = threading.Lock()
+
+    def reached(name: str) -> None:
+        nonlocal passes
+        if name != target:
+            return
+        with lock:
+            passes += 1
+            if passes > barrier.parties:
+                return
+        try:
+            barrier.wait()
+            print(f"rendezvous met at {target}", file=sys.stderr, flush=True)
+        except threading.BrokenBarrierError:
+            print(f"rendezvous broken at {target}", file=sys.stderr, flush=True)
+
+    return reached
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="faulty_agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fault-point", help="NAME or NAME:N, NAME one of edge_agent.checkpoints.POINTS")
     parser.add_argument("--intake-bug", metavar="ID_PREFIX", help="intake raises RuntimeError on these ids")
+    parser.add_argument("--rendezvous", metavar="NAME:N", help="the first N passes of NAME wait for each other")
     parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="-- then the edge-agent arguments")
     args = parser.parse_args(argv)
     agent_args = args.agent_args[1:] if args.agent_args[:1] == ["--"] else args.agent_args
@@ -75,6 +104,8 @@ def main(argv: list[str]) -> int:
         checkpoints.reached = kill_at(args.fault_point)
     if args.intake_bug:
         plant_intake_bug(args.intake_bug)
+    if args.rendezvous:
+        checkpoints.reached = meet_at(args.rendezvous)
     return cli.main(agent_args)
 
 

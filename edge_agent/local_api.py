@@ -1,0 +1,373 @@
+"""The local OpenAI-compatible API on the gateway (`[http]`, off by default).
+
+Standard library only (http.server): the gateway install carries no web server, and a raw handler
+checks the bearer token and the Content-Length before one byte of the body is read.
+
+A request becomes a real command: an id of the protocol's format, the command JSON handed to the
+same `Intake.handle` as an MQTT delivery (size cap, limits, policy, dedupe, the ledger), run by the
+same executor workers, answered through the outbox to the cloud like any other. The HTTP thread
+only waits: the engine's deltas (streaming) and the terminal reply come from edge_agent.local_calls.
+If the agent dies mid-request, the client loses its connection; the ledger answers the command
+`failed` at restart (never run twice) and that reply still reaches the cloud.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (bearer token);
+GET /healthz (alive), GET /readyz (broker connected, store writable, model loaded; 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autoglm_wire.local_origin import LOCAL_ID_PREFIX
+from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
+from edge_agent.config import HttpConfig
+from edge_agent.local_calls import LocalCalls
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+ERROR_STATUS = {"invalid_command": 400, "unauthorized": 403, "unsupported_kind": 400, "busy": 429,
+                "expired": 504, "cancelled": 499}
+WAIT_TICK_S = 1.0  # how often a waiting request checks that the server is not stopping
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored
+
+
+class _TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart]
+
+
+class _SchemaSpec(_Body):
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class _ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _SchemaSpec | None = None
+
+
+class _StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Request(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    response_format: _ResponseFormat | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    messages: list[_Message] | None = None
+    prompt: str | list[str] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
+
+
+def command_params(request: _Request, kind: str) -> dict[str, Any]:
+    """The protocol params of a chat or complete command for an OpenAI request (400 if it lacks them)."""
+    params: dict[str, Any] = {}
+    if kind == "chat":
+        if not request.messages:
+            raise ApiError(400, "messages: at least one message is required", "invalid_value")
+        params["messages"] = [{"role": ROLES[m.role], "content": m.content if isinstance(m.content, str)
+                               else "".join(p.text for p in m.content)} for m in request.messages]
+    else:
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt or []
+        if len(prompts) != 1:
+            raise ApiError(400, f"prompt: one prompt per request ({len(prompts)} given)", "invalid_value")
+        params["prompt"] = prompts[0]
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_value")
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"}
+        params["response_format"] = {"type": "json_schema", "schema": schema}
+    fields = {"max_tokens": request.max_completion_tokens or request.max_tokens, "temperature": request.temperature,
+              "top_p": request.top_p, "seed": request.seed,
+              "stop": [request.stop] if isinstance(request.stop, str) else request.stop}
+    return {**params, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def new_command(kind: str, params: dict[str, Any]) -> tuple[str, bytes]:
+    """A fresh command id (`local-` + 32 hex digits, a valid protocol id) and the command's JSON."""
+    command_id = f"{LOCAL_ID_PREFIX}{uuid.uuid4().hex}"
+    command = {"v": 1, "id": command_id, "kind": kind, "params": params, "created_at": format_ts(utc_now())}
+    return command_id, json.dumps(command).encode("utf-8")
+
+
+def reply_error(reply: Reply) -> ApiError:
+    """The HTTP error of a command that did not succeed: 4xx for a rejection, 5xx for a failure."""
+    code = reply.error.code.value if reply.error else reply.status
+    message = reply.error.message if reply.error else f"the command ended {reply.status}"
+    if reply.status == "rejected" or code in ERROR_STATUS:
+        return ApiError(ERROR_STATUS.get(code, 400), message, code)
+    return ApiError(500, message, code, kind="server_error")
+
+
+@dataclass(frozen=True)
+class LocalApiDeps:
+    """What the API needs from the agent."""
+
+    submit: Callable[[bytes], None]  # the command's JSON into the intake (raises StoreUnavailable)
+    calls: LocalCalls
+    not_ready: Callable[[], str | None]  # why the agent is not ready, or None
+    model_name: Callable[[], str]
+    device_id: str
+    durable: Callable[[], None]  # waits for the commit in progress and fsyncs it (SqliteFile.sync)
+
+
+class LocalApi:
+    def __init__(self, config: HttpConfig, token: str, deps: LocalApiDeps) -> None:
+        self.config, self.deps = config, deps
+        self._token = token.encode("utf-8")
+        self._stopping = threading.Event()
+        api = self
+
+        class Handler(_Handler):
+            owner = api
+        self._server = ThreadingHTTPServer((config.host, config.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-api", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("local API on http://%s:%d (OpenAI-compatible, bearer token)", self.config.host, self.port)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def authorized(self, header: str | None) -> bool:
+        if header is None or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[len("Bearer "):].strip().encode("utf-8"), self._token)
+
+    def wait(self, events: queue.SimpleQueue[Any]) -> tuple[str, Any]:
+        """The call's next event. The terminal reply arrives from inside its storing transaction:
+        it is answered only once that transaction is committed and on disk."""
+        while not self._stopping.is_set():
+            try:
+                tag, value = events.get(timeout=WAIT_TICK_S)
+            except queue.Empty:
+                continue
+            if tag == "done":
+                self.deps.durable()
+            return tag, value
+        raise ApiError(503, "the agent is stopping; the command's reply will reach the cloud", "stopping",
+                       kind="server_error")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: LocalApi
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("local API %s: " + format, self.client_address[0], *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/healthz":
+            self._json(200, {"status": "alive"})
+            return
+        if self.path == "/readyz":
+            reason = self.owner.deps.not_ready()
+            self._json(503 if reason else 200, {"status": "not ready", "reason": reason} if reason
+                       else {"status": "ready"})
+            return
+        self._guarded(self._models if self.path == "/v1/models" else None)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        routes = {"/v1/chat/completions": "chat", "/v1/completions": "complete"}
+        kind = routes.get(self.path)
+        self._guarded(None if kind is None else lambda: self._generate(kind))
+
+    def _guarded(self, route: Callable[[], None] | None) -> None:
+        """Authentication first (before the body is read), then the route; errors in OpenAI's shape."""
+        try:
+            if not self.owner.authorized(self.headers.get("Authorization")):
+                self.close_connection = True  # the body, if any, is never read
+                raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <http.token_file>)",
+                               "invalid_api_key")
+            if route is None:
+                raise ApiError(404, f"no route {self.command} {self.path}", "not_found")
+            route()
+        except ApiError as exc:
+            self._json(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError):  # the client left; its command runs on
+            log.info("local API client %s disconnected before its answer", self.client_address[0])
+
+    def _models(self) -> None:
+        deps = self.owner.deps
+        self._json(200, {"object": "list", "data": [{"id": deps.model_name(), "object": "model", "created": 0,
+                                                      "owned_by": deps.device_id}]})
+
+    def _body(self) -> _Request:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "a Content-Length header is required", "length_required")
+        if int(length) > self.owner.config.max_body_bytes:
+            self.close_connection = True  # not read: the connection is dropped after the answer
+            raise ApiError(413, f"the body is {length} bytes; this API takes at most "
+                                f"{self.owner.config.max_body_bytes} (http.max_body_bytes)", "request_too_large")
+        raw = self.rfile.read(int(length))
+        try:
+            return _Request.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise ApiError(400, f"the body is not a valid request: {detail}", "invalid_value") from exc
+
+    def _generate(self, kind: str) -> None:
+        request = self._body()
+        command_id, payload = new_command(kind, command_params(request, kind))
+        calls = self.owner.deps.calls
+        events = calls.open(command_id)
+        try:
+            try:
+                self.owner.deps.submit(payload)
+            except Exception as exc:  # noqa: BLE001 - StoreUnavailable: the store cannot write now
+                raise ApiError(503, f"the device cannot store the command now: {exc}", "store_unavailable",
+                               kind="server_error") from exc
+            shape = _Shape(kind, command_id, self.owner.deps.model_name())
+            if request.stream:
+                self._stream(events, shape, request.stream_options is not None
+                             and request.stream_options.include_usage)
+            else:
+                self._json(200, shape.whole(self._final(events)))
+        finally:
+            calls.close(command_id)
+
+    def _final(self, events: queue.SimpleQueue[Any]) -> Reply:
+        while True:
+            tag, value = self.owner.wait(events)
+            if tag == "done":
+                if value.status != "succeeded":
+                    raise reply_error(value)
+                return value
+
+    def _stream(self, events: queue.SimpleQueue[Any], shape: _Shape, include_usage: bool) -> None:
+        tag, value = self.owner.wait(events)
+        if tag == "done" and value.status != "succeeded":
+            raise reply_error(value)  # rejected or failed before any text: a plain HTTP error
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.close_connection = True
+        self.end_headers()
+        opening = shape.first()
+        if opening is not None:
+            self._event(opening)
+        try:
+            while tag == "delta":
+                self._event(shape.chunk(value, None))
+                tag, value = self.owner.wait(events)
+        except ApiError as exc:  # stopping: the stream ends with the error, as OpenAI's do
+            self._event(exc.body())
+            return
+        reply: Reply = value
+        if reply.status != "succeeded":
+            self._event(reply_error(reply).body())
+        else:
+            output = reply.output or {}
+            self._event(shape.chunk(None, _finish(output)))
+            if include_usage:
+                self._event({**shape.chunk(None, None), "choices": [], "usage": _usage(output)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _event(self, body: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(body).encode("utf-8") + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _usage(output: dict[str, Any]) -> dict[str, int]:
+    usage = output.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(output: dict[str, Any]) -> str:
+    reason = output.get("finish_reason")
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _Shape:
+    """OpenAI's objects for one chat or text completion, whole or as stream chunks."""
+
+    def __init__(self, kind: str, command_id: str, model: str) -> None:
+        self.chat = kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + command_id
+        self.model, self.created = model, int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, reply: Reply) -> dict[str, Any]:
+        output = reply.output or {}
+        text, finish = str(output.get("text", "")), _finish(output)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(output)}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {**self._head("text_completion"), "choices": [choice], "usage": _usage(output)}
+
+    def first(self) -> dict[str, Any] | None:
+        """Chat streams open with the assistant role."""
+        if not self.chat:
+            return None
+        return {**self._head("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            delta = {"content": text} if text is not None else {}
+            return {**self._head("chat.completion.chunk"),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {**self._head("text_completion"),
+                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
