@@ -149,6 +149,21 @@ class SigningConfig(settings.Section):
                                        self.key_id)
 
 
+class MetricsConfig(settings.Section):
+    """`[metrics]`: the Prometheus endpoint `/metrics` of the HTTP server."""
+
+    device_labels: bool = Field(default=True, description="label histograms and telemetry gauges by device; "
+                                "false for fleets too large for one series per device")
+    open: bool | None = Field(default=None, description="serve /metrics without the API token; by default "
+                              "only when [http] host is a loopback address")
+
+    def is_open(self, host: str) -> bool:
+        """Whether /metrics needs no token when the HTTP server listens on `host`."""
+        if self.open is not None:
+            return self.open
+        return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
@@ -161,6 +176,7 @@ class BridgeConfig(settings.TomlSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     security: SigningConfig = Field(default_factory=SigningConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -272,7 +272,8 @@ class BridgeService:
         from cloud_bridge.http.app import create_app
         from cloud_bridge.http.deps import read_token
 
-        app = create_app(self._registry, self._config, read_token(http.token_file))
+        app = create_app(self._registry, self._config, read_token(http.token_file),
+                         broker_connected=lambda: self._link.connected)
         log.info("HTTP API and console on http://%s:%d/ (OpenAPI at /docs)", http.host, http.port)
         return uvicorn.Server(uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
                                              access_log=False))

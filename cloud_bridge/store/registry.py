@@ -23,6 +23,7 @@ from cloud_bridge.store.dead_letters import DeadLetters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
+from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
 from cloud_bridge.store.retention import Retention
 
@@ -70,6 +71,7 @@ class Registry:
         self.feeds = Feeds(self._connection)
         self.retention = Retention(self._connection)
         self.dead_letters = DeadLetters(self._connection, self.counters)
+        self.observations = Observations(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:
