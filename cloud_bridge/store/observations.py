@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.stats import TIMINGS
 
-# Reply metrics (milliseconds, or tokens/s) that the latency histograms are made of.
-TIMINGS = ("queue_ms", "ttft_ms", "total_ms", "tokens_per_s")
 # Stored message rows, by the message type they hold.
 MESSAGE_TABLES = {"reply": "replies", "stream_chunk": "stream_chunks", "event": "events"}
 

@@ -26,6 +26,7 @@ from cloud_bridge.store.feeds import Feeds
 from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
 from cloud_bridge.store.retention import Retention
+from cloud_bridge.store.stats import Stats
 
 if TYPE_CHECKING:
     from cloud_bridge.config import StoreConfig
@@ -72,6 +73,7 @@ class Registry:
         self.retention = Retention(self._connection)
         self.dead_letters = DeadLetters(self._connection, self.counters)
         self.observations = Observations(self._connection)
+        self.stats = Stats(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:
