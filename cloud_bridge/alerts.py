@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cloud_bridge import webhooks
 from cloud_bridge.config import AlertConfig
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import DeviceRow
@@ -106,14 +107,21 @@ def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig) -> Fact
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
     """Run every check on every device, then the fleet-wide one; returns (device, kind, raised?) for
-    each alert opened or closed."""
+    each alert opened or closed, and queues its webhook notifications (cloud_bridge.webhooks)."""
     changes: list[tuple[str, str, bool]] = []
 
     def update(device_id: str, kind: str, message: str | None) -> None:
-        if message is not None and registry.alerts.open(device_id, kind, message, now):
-            changes.append((device_id, kind, True))
-        elif message is None and registry.alerts.clear(device_id, kind, now):
-            changes.append((device_id, kind, False))
+        with registry.transaction():  # the alert change and its webhook deliveries, together
+            if message is not None and registry.alerts.open(device_id, kind, message, now):
+                raised = True
+            elif message is None and registry.alerts.clear(device_id, kind, now):
+                raised = False
+            else:
+                return
+            alert = registry.alerts.latest(device_id, kind)
+            if alert is not None:
+                webhooks.enqueue(registry, config.webhooks, alert, "raised" if raised else "cleared", now)
+        changes.append((device_id, kind, raised))
 
     for device in registry.devices.all():
         facts = facts_of(registry, device, config)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List open alerts (offline too long, error rate, outbox growing, "
                                         "tokens/s dropping); thresholds are the [alerts] keys.")
     alerts.add_argument("--all", action="store_true", help="also the cleared ones")
+    alerts.add_argument("--deliveries", action="store_true",
+                        help="the webhook delivery log of alert notifications instead")
     stats_cmd = sub.add_parser("stats", parents=[common], help="latency percentiles and error rate over a window",
                                description="Per device, kind or model: finished generations, device failure rate "
                                            "(failed / (succeeded + failed)) and P50/P95/P99 of queue time, time to "
@@ -226,7 +228,9 @@ def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        if args.json:
+        if args.deliveries:
+            _json(registry.deliveries.recent()) if args.json else _out(console.deliveries_table(registry))
+        elif args.json:
             _json(registry.alerts.recent(open_only=not args.all))
         else:
             _out(console.alerts_table(registry, args.all))

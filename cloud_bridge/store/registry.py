@@ -20,6 +20,7 @@ from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
 from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.dead_letters import DeadLetters
+from cloud_bridge.store.deliveries import Deliveries
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
@@ -74,6 +75,7 @@ class Registry:
         self.dead_letters = DeadLetters(self._connection, self.counters)
         self.observations = Observations(self._connection)
         self.stats = Stats(self._connection)
+        self.deliveries = Deliveries(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:
