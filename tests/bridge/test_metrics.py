@@ -3,6 +3,10 @@ known replies give exact bucket counts and sums, labels follow `[metrics]`, the 
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,3 +132,13 @@ def test_readyz_is_503_naming_the_database_when_it_cannot_be_queried(tmp_path):
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json()["problems"][0].startswith("database unreachable")
+
+
+def test_the_grafana_dashboard_is_json_and_queries_only_exported_metrics(registry):
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/autoglm-edge-fleet.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bcloud_bridge_[a-z_]+", target["expr"])}
+    _fleet(registry)
+    metrics = _scrape(registry)
+    exported = {sample.name for samples in metrics.values() for sample in samples}
+    assert queried and queried <= exported, f"queried but not exported: {sorted(queried - exported)}"
