@@ -3,11 +3,8 @@ alert change, retried in rounds with backoff, delivered at least once, logged, g
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,42 +20,16 @@ from cloud_bridge.webhooks import deliver_due
 
 from .conftest import free_port
 from .factories import T0, at, online
+from .http_receiver import Receiver
 
 TOKEN = "test-token-0123456789abcdef"
-
-
-class Receiver:
-    """An HTTP server answering 500 to its first `failures` POSTs, then 200; keeps the bodies it accepted."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures, self.posts, self.accepted = failures, 0, []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.posts += 1
-                if receiver.posts <= receiver.failures:
-                    self.send_response(500)
-                else:
-                    receiver.accepted.append(json.loads(body))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture
 def receiver(request) -> Iterator[Receiver]:
     server = Receiver(getattr(request, "param", 0))
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 def _config(*urls_formats: tuple[str, str], attempts: int = 2) -> AlertConfig:
