@@ -5,11 +5,16 @@ opens an alert the first time a message appears and closes it when it turns None
 per device and kind, kept in the registry with raised/cleared times).
 
 - `offline`: the device has been offline longer than `offline_after_s`.
-- `error_rate`: of its last `error_window` finished commands, more than `error_rate` did not succeed.
+- `error_rate`: of its last `error_window` commands that ran to the end (`succeeded` or `failed`),
+  more than `error_rate` failed. Expiries, cancellations and rejections (a client's retry of a
+  duplicate id among them) are not device failures and are not counted.
 - `outbox_growing`: its last telemetry reports more than `outbox_depth_max` replies waiting to be
   published while it is online (the link or the broker is not draining it).
-- `tokens_per_s_drop`: its latest decode speed is below `1 - tokens_per_s_drop` times the median of
-  the `speed_window` generations before it.
+- `tokens_per_s_drop`: the median decode speed of its last `speed_recent` generations is below
+  `1 - tokens_per_s_drop` times the median of the `speed_window` generations before them (at least
+  `speed_min_samples` of them). Hysteresis: once raised, it clears only when the recent median is
+  back above `1 - tokens_per_s_drop / 2` times that baseline, so a device near the threshold does
+  not flap; a single slow generation of a noisy device moves a median of three little.
 
 One fleet-wide alert, on device `*` (`FLEET`):
 - `dead_letters`: a message was dead-lettered in the last `dead_letter_window_s` (it names the
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cloud_bridge import webhooks
 from cloud_bridge.config import AlertConfig
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import DeviceRow
@@ -33,8 +39,9 @@ class Facts:
     """What the checks read about one device."""
 
     device: DeviceRow
-    terminal_states: list[str]  # newest first
+    outcomes: list[str]  # succeeded | failed, newest first
     speeds: list[float]  # newest first
+    open_kinds: frozenset[str] = frozenset()  # the kinds of alert open for the device
 
 
 Check = Callable[[Facts, datetime, AlertConfig], "str | None"]
@@ -53,13 +60,13 @@ def offline(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
 
 
 def error_rate(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
-    states = facts.terminal_states[: config.error_window]
+    states = facts.outcomes[: config.error_window]
     if len(states) < config.error_window:
         return None
-    failed = sum(state != "succeeded" for state in states)
+    failed = sum(state == "failed" for state in states)
     if failed / len(states) <= config.error_rate:
         return None
-    return f"{failed} of its last {len(states)} commands did not succeed (threshold {config.error_rate:.0%})"
+    return f"{failed} of its last {len(states)} finished commands failed (threshold {config.error_rate:.0%})"
 
 
 def outbox_growing(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
@@ -71,13 +78,16 @@ def outbox_growing(facts: Facts, now: datetime, config: AlertConfig) -> str | No
 
 
 def tokens_per_s_drop(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
-    if len(facts.speeds) < 2:
+    recent = facts.speeds[: config.speed_recent]
+    before = facts.speeds[config.speed_recent: config.speed_recent + config.speed_window]
+    if len(recent) < config.speed_recent or len(before) < config.speed_min_samples:
         return None
-    latest, before = facts.speeds[0], facts.speeds[1: config.speed_window + 1]
-    baseline = statistics.median(before)
-    if baseline <= 0 or latest >= baseline * (1 - config.tokens_per_s_drop):
+    current, baseline = statistics.median(recent), statistics.median(before)
+    drop = config.tokens_per_s_drop / 2 if "tokens_per_s_drop" in facts.open_kinds else config.tokens_per_s_drop
+    if baseline <= 0 or current >= baseline * (1 - drop):
         return None
-    return f"decoding at {latest:.1f} tokens/s, down from a median of {baseline:.1f}"
+    return (f"decoding at {current:.1f} tokens/s (median of the last {len(recent)}), down from a median of "
+            f"{baseline:.1f}")
 
 
 CHECKS: dict[str, Check] = {
@@ -99,24 +109,35 @@ def dead_letters(counts: dict[str | None, int], config: AlertConfig) -> str | No
             "see `cloud-bridge dead-letters`")
 
 
-def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig) -> Facts:
-    return Facts(device, registry.commands.terminal_states(device.device_id, config.error_window),
-                 registry.replies.decode_speeds(device.device_id, config.speed_window + 1))
+def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig, open_kinds: frozenset[str]) -> Facts:
+    return Facts(device, registry.commands.outcomes(device.device_id, config.error_window),
+                 registry.replies.decode_speeds(device.device_id, config.speed_recent + config.speed_window),
+                 open_kinds)
 
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
     """Run every check on every device, then the fleet-wide one; returns (device, kind, raised?) for
-    each alert opened or closed."""
+    each alert opened or closed, and queues its webhook notifications (cloud_bridge.webhooks)."""
     changes: list[tuple[str, str, bool]] = []
 
     def update(device_id: str, kind: str, message: str | None) -> None:
-        if message is not None and registry.alerts.open(device_id, kind, message, now):
-            changes.append((device_id, kind, True))
-        elif message is None and registry.alerts.clear(device_id, kind, now):
-            changes.append((device_id, kind, False))
+        with registry.transaction():  # the alert change and its webhook deliveries, together
+            if message is not None and registry.alerts.open(device_id, kind, message, now):
+                raised = True
+            elif message is None and registry.alerts.clear(device_id, kind, now):
+                raised = False
+            else:
+                return
+            alert = registry.alerts.latest(device_id, kind)
+            if alert is not None:
+                webhooks.enqueue(registry, config.webhooks, alert, "raised" if raised else "cleared", now)
+        changes.append((device_id, kind, raised))
 
+    open_alerts: dict[str, set[str]] = {}
+    for alert in registry.alerts.recent(open_only=True, limit=1_000_000):
+        open_alerts.setdefault(alert.device_id, set()).add(alert.kind)
     for device in registry.devices.all():
-        facts = facts_of(registry, device, config)
+        facts = facts_of(registry, device, config, frozenset(open_alerts.get(device.device_id, ())))
         for kind, check in CHECKS.items():
             update(device.device_id, kind, check(facts, now, config))
     window = timedelta(seconds=config.dead_letter_window_s)

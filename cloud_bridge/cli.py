@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from autoglm_wire import __version__
-from cloud_bridge import commands, console
+from autoglm_wire.protocol import utc_now
+from cloud_bridge import commands, console, stats
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List open alerts (offline too long, error rate, outbox growing, "
                                         "tokens/s dropping); thresholds are the [alerts] keys.")
     alerts.add_argument("--all", action="store_true", help="also the cleared ones")
+    alerts.add_argument("--deliveries", action="store_true",
+                        help="the webhook delivery log of alert notifications instead")
+    stats_cmd = sub.add_parser("stats", parents=[common], help="latency percentiles and error rate over a window",
+                               description="Per device, kind or model: finished generations, device failure rate "
+                                           "(failed / (succeeded + failed)) and P50/P95/P99 of queue time, time to "
+                                           "first token, total time (ms) and tokens/s, as GET /api/stats.")
+    stats_cmd.add_argument("--window", default="1h", metavar="W", help="how far back: 30s, 15m, 1h, 7d (default 1h)")
+    stats_cmd.add_argument("--group-by", choices=["device", "kind", "model"], default="device")
     dead = sub.add_parser("dead-letters", parents=[common], help="list messages the bridge could not store",
                           description="List dead letters, newest first: messages from devices that did not follow "
                                       "protocol v1 or could not be stored, with the error. --json gives the exact "
@@ -219,10 +228,22 @@ def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_alerts(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        if args.json:
+        if args.deliveries:
+            _json(registry.deliveries.recent()) if args.json else _out(console.deliveries_table(registry))
+        elif args.json:
             _json(registry.alerts.recent(open_only=not args.all))
         else:
             _out(console.alerts_table(registry, args.all))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        result = stats.fleet_stats(registry, args.window, args.group_by, utc_now())
+    if args.json:
+        _json(result.model_dump(mode="json"))
+    else:
+        _out(stats.stats_table(result))
     return 0
 
 
@@ -352,6 +373,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "watch": cmd_watch,
     "alerts": cmd_alerts,
     "dead-letters": cmd_dead_letters,
+    "stats": cmd_stats,
     "cancel": cmd_cancel,
     "policy": cmd_policy,
 }

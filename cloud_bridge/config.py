@@ -96,8 +96,18 @@ class HttpConfig(settings.Section):
         return self
 
 
+class WebhookConfig(settings.Section):
+    """One `[[alerts.webhooks]]`: where alert raised/cleared notifications are POSTed."""
+
+    url: str = Field(pattern=r"^https?://", description="http(s) URL receiving a POST per alert change")
+    format: Literal["alertmanager", "json"] = Field(
+        default="json", description="alertmanager: Alertmanager's webhook payload (version 4); json: "
+        "{event, alert}")
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
 class AlertConfig(settings.Section):
-    """`[alerts]`: thresholds of the abnormal-device checks."""
+    """`[alerts]`: thresholds of the abnormal-device checks, and the webhooks they are sent to."""
 
     offline_after_s: float = Field(default=300.0, gt=0)
     error_rate: float = Field(default=0.5, gt=0, le=1)
@@ -105,9 +115,21 @@ class AlertConfig(settings.Section):
     outbox_depth_max: int = Field(default=100, ge=1)
     tokens_per_s_drop: float = Field(default=0.5, gt=0, lt=1)
     speed_window: int = Field(default=10, ge=2)
+    speed_recent: int = Field(default=3, ge=1, description="the speed-drop alert compares the median of the "
+                              "last speed_recent generations with the median of the speed_window before them")
+    speed_min_samples: int = Field(default=5, ge=1, description="generations needed before them (baseline) "
+                                   "before the speed-drop alert may fire")
     dead_letter_window_s: float = Field(default=3600.0, gt=0, description="the fleet's `dead_letters` alert "
                                         "holds while a message was dead-lettered in this many seconds")
     check_interval_s: float = Field(default=5.0, gt=0)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    webhook_attempts: int = Field(default=5, ge=1, description="POSTs per round, with exponential backoff")
+    webhook_backoff_s: float = Field(default=1.0, gt=0, description="first wait between POSTs of a round; doubles")
+    webhook_backoff_max_s: float = Field(default=30.0, gt=0)
+    webhook_retry_after_s: float = Field(default=60.0, gt=0, description="after a failed round, the next "
+                                         "round starts this much later")
+    webhook_give_up_after_s: float = Field(default=86400.0, gt=0, description="a notification still not "
+                                           "delivered this long after the alert change is marked failed")
 
 
 class RetentionConfig(settings.Section):
@@ -152,6 +174,21 @@ class SigningConfig(settings.Section):
                                        self.key_id)
 
 
+class MetricsConfig(settings.Section):
+    """`[metrics]`: the Prometheus endpoint `/metrics` of the HTTP server."""
+
+    device_labels: bool = Field(default=True, description="label histograms and telemetry gauges by device; "
+                                "false for fleets too large for one series per device")
+    open: bool | None = Field(default=None, description="serve /metrics without the API token; by default "
+                              "only when [http] host is a loopback address")
+
+    def is_open(self, host: str) -> bool:
+        """Whether /metrics needs no token when the HTTP server listens on `host`."""
+        if self.open is not None:
+            return self.open
+        return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 class BridgeConfig(settings.TomlSettings):
     """The whole bridge configuration."""
 
@@ -164,6 +201,7 @@ class BridgeConfig(settings.TomlSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     security: SigningConfig = Field(default_factory=SigningConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

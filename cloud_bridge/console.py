@@ -77,6 +77,14 @@ def alerts_table(registry: Registry, include_cleared: bool = False) -> str:
     return render_table(headers, rows)
 
 
+def deliveries_table(registry: Registry, limit: int = 50) -> str:
+    """The webhook delivery log of alert notifications, newest first."""
+    headers = ["ALERT", "EVENT", "WEBHOOK", "STATE", "ATTEMPTS", "CREATED", "DELIVERED", "LAST ERROR"]
+    rows = [[str(d.alert_id), d.event, d.webhook, d.state, str(d.attempts), short_ts(d.created_at),
+             short_ts(d.delivered_at), d.last_error or "-"] for d in registry.deliveries.recent(limit)]
+    return render_table(headers, rows) if rows else "no alert notifications yet (is [[alerts.webhooks]] set?)"
+
+
 def dead_letters_table(registry: Registry, device_id: str | None = None, limit: int = 20) -> str:
     """Messages the bridge could not store, newest first: where from, why, and how they start."""
     headers = ["ID", "RECEIVED", "TOPIC", "BYTES", "ERROR", "PAYLOAD"]

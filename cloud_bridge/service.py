@@ -38,6 +38,7 @@ from autoglm_wire.notify import sd_notify, watchdog_interval_s
 from autoglm_wire.protocol import utc_now
 from autoglm_wire.signing import sign_payload
 from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
+from cloud_bridge import webhooks
 from cloud_bridge.alerts import check_fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, Decision, decide, message_expiry_s
@@ -56,6 +57,7 @@ INGEST_BATCH = 256
 STORE_ATTEMPTS = 10  # tries of one batch while the registry is unavailable (about 2 min in all)
 STORE_RETRY_S = (0.5, 2.0, 30.0)  # backoff before each retry: initial, multiplier, max
 PUBLISH_TRACK_S = 600.0
+WEBHOOK_POLL_S = 1.0  # how often due alert notifications are looked for
 
 T = TypeVar("T")
 
@@ -213,6 +215,8 @@ class BridgeService:
         http = self._http_server()
         self._link.start()
         loops = [("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch)]
+        if self._config.alerts.webhooks:
+            loops.append(("bridge-webhooks", self._run_webhooks))
         if http is not None:
             loops.append(("bridge-http", http.run))
         for name, target in loops:
@@ -272,7 +276,8 @@ class BridgeService:
         from cloud_bridge.http.app import create_app
         from cloud_bridge.http.deps import read_token
 
-        app = create_app(self._registry, self._config, read_token(http.token_file))
+        app = create_app(self._registry, self._config, read_token(http.token_file),
+                         broker_connected=lambda: self._link.connected)
         log.info("HTTP API and console on http://%s:%d/ (OpenAPI at /docs)", http.host, http.port)
         return uvicorn.Server(uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
                                              access_log=False))
@@ -341,6 +346,14 @@ class BridgeService:
         deleted = self._registry.retention.prune(*self._config.retention.cutoffs(self._clock()))
         if any(deleted.values()):
             log.info("retention: deleted %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
+
+    def _run_webhooks(self) -> None:
+        """Send due alert notifications, once a second (cloud_bridge.webhooks)."""
+        while not self._stop.wait(WEBHOOK_POLL_S):
+            try:
+                webhooks.deliver_due(self._registry, self._config.alerts, self._clock())
+            except Exception:  # the registry unavailable, or a bug: log it, the rows stay pending
+                log.exception("alert webhook pass failed; retrying")
 
     def _check_alerts(self) -> None:
         for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock()):

@@ -11,11 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from cloud_bridge import commands
+from autoglm_wire.protocol import utc_now
+from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
+from cloud_bridge.store.stats import GroupBy
 
 router = APIRouter()
 
@@ -107,3 +109,15 @@ def list_alerts(all: bool = False, limit: int = Query(default=100, ge=1, le=1000
 def list_dead_letters(device: str | None = None, limit: int = Query(default=50, ge=1, le=1000),
                       registry: Registry = REG) -> list[dict[str, Any]]:
     return [d.as_json() for d in registry.dead_letters.recent(device, limit)]
+
+
+@router.get("/stats", summary="count, device failure rate and P50/P95/P99 of queue, TTFT, total time and tokens/s "
+                              "over a window (e.g. 1h), by device, kind or model")
+def get_stats(window: str = "1h", group_by: GroupBy = "device", registry: Registry = REG) -> stats.FleetStats:
+    return stats.fleet_stats(registry, window, group_by, utc_now())
+
+
+@router.get("/alert-deliveries", summary="the webhook delivery log of alert notifications, newest first")
+def list_alert_deliveries(limit: int = Query(default=50, ge=1, le=1000),
+                          registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(row) for row in registry.deliveries.recent(limit)]

@@ -1,18 +1,21 @@
 """The FastAPI application of `cloud-bridge serve`: the routers, the bearer token and the error handlers.
 
 Everything under `/api` and `/v1` needs `Authorization: Bearer <token>`, the token being the first
-line of `[http] token_file`. `/` (the console page), `/openapi.json` and `/docs` are open.
+line of `[http] token_file`. `/` (the console page), `/openapi.json`, `/docs`,
+`/healthz` and `/readyz` are open; `/metrics` too when `[metrics]` allows it (cloud_bridge.http.health_routes).
 The body guard (guard.py) checks that token before any body is read, and bounds the body size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
-from cloud_bridge.http import api_routes, openai_routes, page_routes
+from cloud_bridge.http import api_routes, health_routes, openai_routes, page_routes
 from cloud_bridge.http.deps import (
     TOKEN_HINT,
     ApiError,
@@ -25,17 +28,21 @@ from cloud_bridge.http.guard import BodyGuard
 from cloud_bridge.store.registry import Registry
 
 
-def create_app(registry: Registry, config: BridgeConfig, token: str) -> FastAPI:
-    """The FastAPI application serving one registry."""
+def create_app(registry: Registry, config: BridgeConfig, token: str,
+               broker_connected: Callable[[], bool] | None = None) -> FastAPI:
+    """The FastAPI application serving one registry; `broker_connected` feeds `/readyz`."""
     app = FastAPI(title="autoglm-edge cloud bridge", version="1", docs_url=None, redoc_url=None,
                   description="Fleet API of autoglm-edge. Every /api and /v1 call needs " + TOKEN_HINT + ".")
     app.state.registry = registry
     app.state.config = config
     app.state.token = token
+    app.state.broker_connected = broker_connected
+    app.state.metrics = health_routes.metrics_registry(registry, config)
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(BridgeError, bridge_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.include_router(page_routes.router)
+    app.include_router(health_routes.router)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authorized)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authorized)])
     app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)

@@ -188,11 +188,12 @@ class Commands:
         )
         return {row["device_id"]: row["n"] for row in rows}
 
-    def terminal_states(self, device_id: str, limit: int) -> list[str]:
-        """States of the device's last `limit` finished commands, newest first."""
+    def outcomes(self, device_id: str, limit: int) -> list[str]:
+        """States of the device's last `limit` commands it ran to the end (`succeeded` or `failed`), newest
+        first: rejections, cancellations and expiries say nothing about the device's health."""
         rows = self._db.query(
-            f"SELECT state FROM commands WHERE device_id = ? AND state IN ({placeholders(TERMINAL_STATES)}) "
+            "SELECT state FROM commands WHERE device_id = ? AND state IN ('succeeded', 'failed') "
             "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
-            (device_id, *TERMINAL_STATES, limit),
+            (device_id, limit),
         )
         return [row["state"] for row in rows]

@@ -72,6 +72,12 @@ class Alerts:
             (stamp(now), device_id, kind),
         ) == 1
 
+    def latest(self, device_id: str, kind: str) -> AlertRow | None:
+        """The device's newest alert of this kind (the one just opened or cleared)."""
+        rows = self._db.query("SELECT * FROM alerts WHERE device_id = ? AND kind = ? ORDER BY id DESC LIMIT 1",
+                              (device_id, kind))
+        return AlertRow(**rows[0]) if rows else None
+
     def recent(self, open_only: bool = True, limit: int = 100) -> list[AlertRow]:
         """Alerts, newest first; by default only those whose condition still holds."""
         rows = self._db.query(

@@ -20,11 +20,14 @@ from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
 from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.dead_letters import DeadLetters
+from cloud_bridge.store.deliveries import Deliveries
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
+from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
 from cloud_bridge.store.retention import Retention
+from cloud_bridge.store.stats import Stats
 
 if TYPE_CHECKING:
     from cloud_bridge.config import StoreConfig
@@ -70,6 +73,9 @@ class Registry:
         self.feeds = Feeds(self._connection)
         self.retention = Retention(self._connection)
         self.dead_letters = DeadLetters(self._connection, self.counters)
+        self.observations = Observations(self._connection)
+        self.stats = Stats(self._connection)
+        self.deliveries = Deliveries(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:

@@ -19,7 +19,8 @@ class Retention:
     def prune(self, before: datetime | None, chunks_before: datetime | None,
               dead_letters_before: datetime | None = None, batch: int = PRUNE_BATCH) -> dict[str, int]:
         """Delete what is finished and older than `before` (commands in a terminal state and
-        replies of commands no longer active, events, cleared alerts, device state history), stream
+        replies of commands no longer active, events, cleared alerts, device state history, alert
+        notifications no longer pending), stream
         chunks older than `chunks_before` and dead letters older than `dead_letters_before`; None
         keeps that kind. Works in transactions of at most `batch` rows, so ingest is never held up
         for long. Returns the rows deleted, by table."""
@@ -34,6 +35,8 @@ class Retention:
             ("events", "SELECT id FROM events WHERE received_at < ?", before, ()),
             ("alerts", "SELECT id FROM alerts WHERE cleared_at < ?", before, ()),
             ("device_states", "SELECT id FROM device_states WHERE ts < ?", before, ()),
+            ("alert_deliveries", "SELECT id FROM alert_deliveries WHERE created_at < ? AND state <> 'pending'",
+             before, ()),
             ("dead_letters", "SELECT id FROM dead_letters WHERE received_at < ?", dead_letters_before, ()),
         ]
         deleted: dict[str, int] = {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -133,6 +133,21 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     received_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (received_at);
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    id SERIAL_ID,
+    alert_id BIGINT NOT NULL,
+    event TEXT NOT NULL,        -- raised | cleared
+    webhook TEXT NOT NULL,      -- the [[alerts.webhooks]] url it goes to
+    format TEXT NOT NULL,       -- alertmanager | json
+    payload TEXT NOT NULL,      -- the exact JSON body posted
+    state TEXT NOT NULL,        -- pending | delivered | failed (gave up after give_up_after_s)
+    attempts BIGINT NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    next_attempt_at TEXT NOT NULL,
+    delivered_at TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_deliveries_due ON alert_deliveries (state, next_attempt_at);
 """
 
 
@@ -167,6 +182,7 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         Only("postgresql", "ALTER TABLE stream_chunks ALTER COLUMN idx TYPE BIGINT"),
         Only("postgresql", "ALTER TABLE devices ALTER COLUMN n_gpu_layers TYPE BIGINT"),
     ),
+    4: (),  # the `alert_deliveries` table (webhook outbox and delivery log) comes from SCHEMA
 }
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import random
+import statistics
+
 from autoglm_wire.protocol import Telemetry, format_ts
-from cloud_bridge.alerts import check_fleet
+from cloud_bridge.alerts import Facts, check_fleet, tokens_per_s_drop
 from cloud_bridge.config import AlertConfig
+from cloud_bridge.store.rows import DeviceRow
 
 from .factories import T0, at, command, offline, online, reply
 
-CONFIG = AlertConfig(offline_after_s=60, error_window=4, error_rate=0.5, outbox_depth_max=10, speed_window=3)
+CONFIG = AlertConfig(offline_after_s=60, error_window=4, error_rate=0.5, outbox_depth_max=10, speed_window=5,
+                     speed_recent=3, speed_min_samples=5)
+DEVICE = DeviceRow(device_id="dev-1", state="online", since=None, last_seen=None, agent_version=None,
+                   model_name=None, model_sha256=None, n_gpu_layers=None, groups=[], kinds=[], last_telemetry=None)
 
 
 def _telemetry(outbox_depth: int) -> Telemetry:
@@ -53,9 +60,56 @@ def test_an_outbox_that_keeps_growing_while_online_raises_an_alert(registry):
 
 def test_a_drop_in_decode_speed_raises_an_alert_that_clears_when_speed_recovers(registry):
     registry.devices.record_status(online(), T0)
-    _finish(registry, 3, "succeeded", tokens_per_s=40.0)
-    _finish(registry, 1, "succeeded", tokens_per_s=10.0, start=3)
-    assert check_fleet(registry, CONFIG, at(1)) == [("dev-1", "tokens_per_s_drop", True)]
+    _finish(registry, 6, "succeeded", tokens_per_s=40.0)
+    _finish(registry, 1, "succeeded", tokens_per_s=10.0, start=6)
+    assert check_fleet(registry, CONFIG, at(1)) == []  # one slow generation: the median of 3 is still 40
+    _finish(registry, 1, "succeeded", tokens_per_s=10.0, start=7)
+    assert check_fleet(registry, CONFIG, at(2)) == [("dev-1", "tokens_per_s_drop", True)]
     assert "10.0 tokens/s" in registry.alerts.recent()[0].message
-    _finish(registry, 1, "succeeded", tokens_per_s=39.0, start=4)
-    assert check_fleet(registry, CONFIG, at(2)) == [("dev-1", "tokens_per_s_drop", False)]
+    _finish(registry, 3, "succeeded", tokens_per_s=39.0, start=8)
+    assert check_fleet(registry, CONFIG, at(3)) == [("dev-1", "tokens_per_s_drop", False)]
+
+
+def test_the_speed_alert_waits_for_speed_min_samples_of_baseline():
+    assert tokens_per_s_drop(Facts(DEVICE, [], [5.0] * 3 + [40.0] * 4), T0, CONFIG) is None  # 4 < 5 before them
+    assert tokens_per_s_drop(Facts(DEVICE, [], [5.0] * 3 + [40.0] * 5), T0, CONFIG) is not None
+    assert tokens_per_s_drop(Facts(DEVICE, [], [5.0] * 2 + [40.0] * 5), T0, CONFIG) is None  # 2 < speed_recent
+
+
+def test_the_speed_alert_has_hysteresis_raise_below_half_clear_above_three_quarters():
+    between = [25.0] * 3 + [40.0] * 5  # 25 tokens/s against 40: above the raise line (20), below the clear line (30)
+    assert tokens_per_s_drop(Facts(DEVICE, [], between), T0, CONFIG) is None
+    assert tokens_per_s_drop(Facts(DEVICE, [], between, frozenset({"tokens_per_s_drop"})), T0, CONFIG) is not None
+    back = [31.0] * 3 + [40.0] * 5
+    assert tokens_per_s_drop(Facts(DEVICE, [], back, frozenset({"tokens_per_s_drop"})), T0, CONFIG) is None
+
+
+def test_a_noisy_but_healthy_device_never_raises_the_speed_alert(registry):
+    """200 generations at 40 tokens/s +-30 %, one in ten a lone outlier at 15: no alert, no flapping."""
+    noise = random.Random(7)
+    registry.devices.record_status(online(), T0)
+    speeds = [15.0 if i % 10 == 9 else 40.0 * (1 + noise.uniform(-0.3, 0.3)) for i in range(200)]
+    changes = []
+    for i, speed in enumerate(speeds):
+        _finish(registry, 1, "succeeded", tokens_per_s=speed, start=i)
+        changes += [c for c in check_fleet(registry, CONFIG, at(i)) if c[1] == "tokens_per_s_drop"]
+    assert changes == []
+    # the data would trip a rule on the latest generation alone (below half the median of the 10 before it)
+    assert any(speeds[i] < 0.5 * statistics.median(speeds[i - 10:i]) for i in range(10, 200))
+
+
+def test_the_error_rate_counts_device_failures_not_expiries_rejections_or_cancellations(registry):
+    registry.devices.record_status(online(), T0)
+    _finish(registry, 1, "failed")
+    _finish(registry, 1, "succeeded", start=1)
+    for i in range(2, 5):
+        registry.commands.add(command(f"c{i}"), "dev-1", T0)
+        registry.commands.mark_expired(f"c{i}", "no accepted before expires_at", at(1))
+    for i in range(5, 7):  # a client's retry with a used id, rejected by the device
+        registry.commands.add(command(f"c{i}"), "dev-1", T0)
+        registry.replies.record(reply(i + 1, "rejected", f"c{i}", error={"code": "invalid_command",
+                                                                         "message": "duplicate id"}), T0)
+    assert [c for c in check_fleet(registry, CONFIG, at(2)) if c[1] == "error_rate"] == []
+    _finish(registry, 2, "failed", start=7)
+    assert ("dev-1", "error_rate", True) in check_fleet(registry, CONFIG, at(3))
+    assert "3 of its last 4 finished commands failed" in registry.alerts.recent()[0].message

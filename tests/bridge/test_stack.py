@@ -4,7 +4,6 @@ with its HTTP server, then the official `openai` client and a headless Chromium 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "models" / "tiny-glm4-q4_0.gguf"
 DEVICE = "gw-stack"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @dataclass
@@ -120,24 +117,6 @@ def test_an_unknown_model_is_a_404_that_says_how_to_list_models(stack, openai_cl
 
 
 # --- the web console in a real headless Chromium -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
-        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,900"):
-        options.add_argument(arg)
-    from selenium.webdriver.chrome.service import Service
-
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    yield driver
-    driver.quit()
 
 
 def test_the_console_page_shows_the_device_live_and_streams_an_answer_to_a_prompt(stack, browser):

@@ -26,13 +26,18 @@ def test_prune_deletes_what_is_finished_and_old_and_keeps_what_is_active_or_rece
     registry.alerts.open("dev-1", "offline", "gone", at(6))
     registry.alerts.clear("dev-1", "offline", at(7))
     registry.alerts.open("dev-1", "error_rate", "still failing", at(8))
+    registry.deliveries.enqueue(1, "raised", "http://hook", "json", "{}", at(6))
+    registry.deliveries.finish(1, 1, None, "delivered", at(6))
+    registry.deliveries.enqueue(1, "cleared", "http://hook", "json", "{}", at(7))  # still pending: kept
     registry.commands.add(command("new-done"), "dev-1", at(100))
     registry.replies.record(reply(4, "succeeded", "new-done", output={"pong": True}), at(101))
     registry.chunks.record("dev-1", chunk(0, "fresh", "new-done"), at(101))
 
     deleted = registry.retention.prune(before=at(50), chunks_before=at(50))
 
-    assert deleted == {"stream_chunks": 1, "commands": 1, "replies": 2, "events": 1, "alerts": 1, "device_states": 1}
+    assert deleted == {"stream_chunks": 1, "commands": 1, "replies": 2, "events": 1, "alerts": 1, "device_states": 1,
+                       "alert_deliveries": 1}
+    assert [d.event for d in registry.deliveries.recent()] == ["cleared"]
     with pytest.raises(UnknownCommand):
         registry.commands.get("old-done")
     assert registry.commands.get("old-running").state == "running"
@@ -48,7 +53,8 @@ def test_prune_works_in_batches_until_nothing_old_is_left(registry):
     for n in range(7):
         registry.events.record(_event(n), at(n))
     assert registry.retention.prune(before=at(5), chunks_before=None, batch=2) == {
-        "commands": 0, "replies": 0, "events": 5, "alerts": 0, "device_states": 0}
+        "commands": 0, "replies": 0, "events": 5, "alerts": 0, "device_states": 0,
+        "alert_deliveries": 0}
     assert [e.message for e in registry.feeds.events(0)] == ["tick 5", "tick 6"]
 
 
