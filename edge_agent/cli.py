@@ -5,12 +5,14 @@ Examples:
   edge-agent check-config /etc/edge-agent/edge-agent.toml
   edge-agent tune --model glm.gguf --target tokens_per_s --max-latency-ms 500 --budget-s 300 --out profile.toml
   EDGE_AGENT_MQTT__HOST=broker.lan edge-agent check-config edge-agent.toml
+  edge-agent model pull https://mirror.lan/glm-edge-1.5b-q4_0.gguf --sha256 HEX --config /etc/edge-agent/edge-agent.toml
 
 `run` and `check-config` open every file the config names (TLS files, trusted keys, password,
 `credential:NAME`, the model, the store's folder) as this user before anything heavy.
 
 exit codes: 0 success (a clean stop after SIGTERM); 1 a protocol error; 2 the config or a file it
-names is wrong (the unit's RestartPreventExitStatus=2: systemd does not restart a broken config)
+names is wrong (the unit's RestartPreventExitStatus=2: systemd does not restart a broken config);
+3 a model download failed (the message says whether the partial file was kept for a resume)
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pathlib import Path
 from autoglm_wire import __version__
 from autoglm_wire.errors import ConfigError, ProtocolError
 from edge_agent.config import AgentConfig, load_config
+from edge_agent.model_pull import Progress, PullError, pull
 from edge_agent.preflight import check_agent
 
 EXIT_PROTOCOL = 1
 EXIT_CONFIG = 2
+EXIT_DOWNLOAD = 3
 
 
 def _llama_engine(config: AgentConfig):  # noqa: ANN202 - imported lazily: llama.cpp is heavy
@@ -72,6 +76,38 @@ def _tune(args: argparse.Namespace) -> int:
                     n_ctx=args.n_ctx, max_tokens=args.max_tokens)
 
 
+def _model_pull(args: argparse.Namespace) -> int:
+    if args.config:
+        models = load_config(Path(args.config)).models
+        folder: Path = models.dir or Path("models")  # load_config always sets it
+        ca_file, attempts = args.ca_file or models.ca_file, models.download_attempts
+    elif args.dir:
+        folder, ca_file, attempts = Path(args.dir), args.ca_file, 8
+    else:
+        raise ConfigError("model pull needs --config FILE (its [models] dir) or --dir FOLDER")
+    try:
+        result = pull(args.url, args.sha256, folder, name=args.name, size=args.size, ca_file=ca_file,
+                      on_progress=_progress_bar, attempts=attempts)
+    except PullError as exc:
+        print(f"\nedge-agent: {exc}", file=sys.stderr)
+        return EXIT_DOWNLOAD
+    verb = "already present" if result.already_present else f"downloaded in {result.seconds:.1f} s"
+    print(f"\n{result.path}: {result.size} bytes, sha256 {result.sha256} ({verb})", file=sys.stderr)
+    return 0
+
+
+def _progress_bar(progress: Progress) -> None:
+    mib = progress.done / 2**20
+    rate = f"{progress.bytes_per_s / 2**20:6.1f} MiB/s"
+    if progress.total:
+        filled = int(30 * progress.done / progress.total)
+        bar = "#" * filled + "." * (30 - filled)
+        line = f"[{bar}] {progress.percent:5.1f}% {mib:8.1f}/{progress.total / 2**20:.1f} MiB"
+    else:
+        line = f"{mib:8.1f} MiB"
+    print(f"\r{line} {rate}", end="", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--n-ctx", type=int, default=2048, help="context size to tune with (default 2048)")
     tune.add_argument("--max-tokens", type=int, default=32, help="tokens decoded per trial (default 32)")
     tune.set_defaults(func=_tune)
+    model = sub.add_parser("model", help="manage the downloaded models").add_subparsers(dest="action", required=True)
+    fetch = model.add_parser("pull", help="download a GGUF, resumable, verified by its sha256 before it can be used")
+    fetch.add_argument("url", help="http(s) URL of the file")
+    fetch.add_argument("--sha256", required=True, help="the expected sha256 (64 hex digits): `sha256sum FILE`")
+    fetch.add_argument("--size", type=int, default=None, help="the expected size in bytes (checked before the body)")
+    fetch.add_argument("--name", default=None, help="file name in the models folder (default: the URL's)")
+    fetch.add_argument("--config", default=None, help="the agent's config: downloads go to its [models] dir")
+    fetch.add_argument("--dir", default=None, help="the models folder, without a config")
+    fetch.add_argument("--ca-file", type=Path, default=None, help="CA of the server (default: [models] ca_file, "
+                       "then the system's CAs)")
+    fetch.set_defaults(func=_model_pull)
     return parser
 
 

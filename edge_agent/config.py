@@ -56,6 +56,14 @@ class StoreConfig(Section):
     ledger_days: float = Field(default=7.0, ge=0)
 
 
+class ModelsConfig(Section):
+    """`[models]`: the folder of downloaded GGUFs (`edge-agent model pull`, edge_agent/model_pull.py)."""
+
+    dir: Path | None = Field(default=None, description="default: a `models` folder beside the store file")
+    ca_file: Path | None = Field(default=None, description="CA for HTTPS downloads; default: the system's CAs")
+    download_attempts: int = Field(default=8, ge=1, le=1000)
+
+
 class OnnxConfig(Section):
     models: dict[str, OnnxModelConfig] = Field(default_factory=dict)
 
@@ -120,6 +128,7 @@ class AgentConfig(TomlSettings):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     model: ModelConfig
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     templates: dict[str, PromptTemplate] = Field(default_factory=dict)
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
@@ -168,6 +177,9 @@ def _resolve_relative_paths(config: AgentConfig, base: Path) -> AgentConfig:
     http = config.http
     if http.token_file is not None:
         http = http.model_copy(update={"token_file": resolve_relative(http.token_file, base)})
-    return config.model_copy(update={"store": store, "model": model, "onnx": onnx, "http": http,
+    models = config.models.model_copy(update={
+        "dir": resolve_relative(config.models.dir, base) if config.models.dir else store.path.parent / "models",
+        "ca_file": resolve_relative(config.models.ca_file, base) if config.models.ca_file else None})
+    return config.model_copy(update={"store": store, "model": model, "onnx": onnx, "http": http, "models": models,
                                      "mqtt": config.mqtt.resolved_against(base),
                                      "security": config.security.resolved_against(base)})
