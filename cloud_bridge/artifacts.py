@@ -19,9 +19,13 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from cloud_bridge.errors import BridgeError, InvalidRequest
+from cloud_bridge.store.models import ModelRow
+from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rows import stamp
 
 COPY_CHUNK = 1 << 20
 SECRET_BYTES = 32
@@ -120,14 +124,6 @@ def artifact_path(folder: Path, sha256: str) -> Path:
     return folder / f"{sha256}.gguf"
 
 
-def remove_file(folder: Path, sha256: str) -> None:
-    artifact_path(folder, sha256).unlink(missing_ok=True)
-
-
-def copy_exists(folder: Path, sha256: str) -> bool:
-    return artifact_path(folder, sha256).is_file()
-
-
 # --- download tokens -----------------------------------------------------------------------------
 
 
@@ -206,3 +202,35 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise Unsatisfiable(header)
     return start, end
 
+
+
+# --- registering ---------------------------------------------------------------------------------
+
+
+def register(registry: Registry, folder: Path, source: Path, name: str | None = None,
+             url: str | None = None, now: datetime | None = None) -> tuple[ModelRow, bool]:
+    """Register the GGUF at `source` under `name` (default: the file's name without `.gguf`): read its
+    header, then copy it into `folder` (content-addressed), or with `url` only hash it (devices
+    download it from that mirror). Returns the row and whether it is new."""
+    if url is not None and not re.match(r"^https?://", url):
+        raise InvalidRequest(f"--url {url!r} must be an http:// or https:// URL")
+    if not source.is_file():
+        raise InvalidRequest(f"{source} is not a file; give the path of a .gguf model")
+    name = check_name(name or source.name.removesuffix(".gguf"))
+    info = inspect_gguf(source)
+    if url is None:
+        sha256, size, _ = store_file(source, folder)
+    else:
+        sha256, size = file_sha256(source)
+    row = ModelRow(sha256=sha256, name=name, size=size, url=url, architecture=info.architecture,
+                   quantization=info.quantization, parameters=info.parameters, context_length=info.context_length,
+                   added_at=stamp(now))
+    added = registry.models.add(row)
+    return registry.models.get(sha256) or row, added
+
+
+def unregister(registry: Registry, folder: Path, key: str) -> ModelRow:
+    """Forget a model and delete its copy in `folder`."""
+    model = registry.models.remove(key)
+    artifact_path(folder, model.sha256).unlink(missing_ok=True)
+    return model

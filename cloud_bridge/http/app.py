@@ -3,6 +3,8 @@
 Everything under `/api` and `/v1` needs `Authorization: Bearer <token>`, the token being the first
 line of `[http] token_file`. `/` (the console page), `/openapi.json`, `/docs`,
 `/healthz` and `/readyz` are open; `/metrics` too when `[metrics]` allows it (cloud_bridge.http.health_routes).
+`/artifacts/<sha256>` (model downloads by devices) needs a download token in the query instead, and
+`/rollouts` is the rollouts page (it asks for the API token like the console).
 The body guard (guard.py) checks that token before any body is read, and bounds the body size.
 """
 
@@ -15,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
-from cloud_bridge.http import api_routes, health_routes, openai_routes, page_routes
+from cloud_bridge.http import api_routes, health_routes, model_routes, openai_routes, page_routes
 from cloud_bridge.http.deps import (
     TOKEN_HINT,
     ApiError,
@@ -43,7 +45,9 @@ def create_app(registry: Registry, config: BridgeConfig, token: str,
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.include_router(page_routes.router)
     app.include_router(health_routes.router)
+    app.include_router(model_routes.public)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authorized)])
+    app.include_router(model_routes.router, prefix="/api", dependencies=[Depends(authorized)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authorized)])
     app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)
     return app
