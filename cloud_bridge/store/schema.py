@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS models (
     sha256 TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     size BIGINT NOT NULL,
-    url TEXT,                   -- a mirror devices download from; NULL: the bridge serves [models] dir/<sha256>.gguf
+    url TEXT,                   -- a mirror devices download from, or NULL: the bridge serves [models] dir/<sha256>.gguf
     architecture TEXT,          -- from the GGUF header
     quantization TEXT,
     parameters BIGINT,
