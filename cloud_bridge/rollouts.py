@@ -310,13 +310,17 @@ def drive_all(registry: Registry, config: BridgeConfig, now: datetime) -> None:
 
 
 def drive(registry: Registry, config: BridgeConfig, rollout: RolloutRow, now: datetime) -> None:
-    devices = registry.rollouts.devices(rollout.id)
-    for device in devices:
+    """Settle the devices under way, then halt, start or finish waves, then queue and follow rollbacks."""
+    for device in registry.rollouts.devices(rollout.id):
         if device.state == "queued" and device.command_id is not None:
             _settle(registry, config, rollout, device, now)
+    _step(registry, config, registry.rollouts.get(rollout.id), now)
+    for device in registry.rollouts.devices(rollout.id):
         if device.rollback is not None:
             _follow_rollback(registry, config, rollout, device, now)
-    rollout = registry.rollouts.get(rollout.id)
+
+
+def _step(registry: Registry, config: BridgeConfig, rollout: RolloutRow, now: datetime) -> None:
     if rollout.state != "running":
         return
     failures = registry.rollouts.failures(rollout.id)
