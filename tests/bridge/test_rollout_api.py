@@ -4,22 +4,21 @@ process), on a real registry, and the `/rollouts` page in a headless Chromium.""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from cloud_bridge import artifacts, rollouts
-from cloud_bridge.cli import EXIT_USAGE, main
+from cloud_bridge.cli import EXIT_USAGE
 from cloud_bridge.config import BridgeConfig, ModelsConfig
 from cloud_bridge.http.app import create_app
 from cloud_bridge.store.registry import Registry
 
-from .conftest import free_port, wait_for_port
+from .conftest import http_server
 from .factories import T0, at, online, reply, write_gguf
+from .test_cli import run
 
 TOKEN = "rollout-token-0123456789"
 
@@ -85,12 +84,6 @@ def config_file(tmp_path: Path) -> Path:
     return path
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_model_add_list_remove_and_rollout_create_status_on_the_command_line(config_file, tmp_path, capsys):
     conf = ("--config", str(config_file))
     gguf = write_gguf(tmp_path / "glm-new.gguf")
@@ -148,15 +141,8 @@ def page_url(tmp_path: Path) -> Iterator[str]:
                                   output={"result": "rolled_back", "reason": "canary prompt 1 timed out",
                                           "canary": {"passed": False}}), at(2))
     rollouts.drive(registry, config, registry.rollouts.get("rp"), at(3))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, config, TOKEN), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for_port(port)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with http_server(create_app(registry, config, TOKEN)) as url:
+        yield url
     registry.close()
 
 
