@@ -18,6 +18,7 @@ from cloud_bridge.store.connection import Connection
 from cloud_bridge.store.rows import loads, stamp
 
 ACTIVE_STATES = ("running", "paused")
+MAX_NUMBER = 2**63  # progress figures outside [0, 2**63) are dropped (a BIGINT column holds them)
 # Device states: a deploy still under way, one that left the device on the new model, one that
 # left it on its previous model (a failure, counted against --max-failures), and the others.
 UNDER_WAY = ("waiting", "queued")
@@ -178,9 +179,10 @@ class Rollouts:
         if not isinstance(rollout_id, str):
             return False
 
-        def number(key: str) -> float | None:
+        def number(key: str) -> float | None:  # what a BIGINT/REAL column takes; anything else is left out
             value = data.get(key)
-            return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+            plain = isinstance(value, int | float) and not isinstance(value, bool)
+            return value if plain and 0 <= value < MAX_NUMBER else None
 
         phase = data.get("phase") if isinstance(data.get("phase"), str) else None
         size = number("total")

@@ -276,3 +276,17 @@ def test_two_replicas_driving_the_same_rollout_queue_each_command_once(registry,
         assert registry.rollouts.get("r5").wave == 1
     finally:
         other.close()
+
+
+def test_a_progress_event_with_figures_out_of_range_is_stored_and_its_bad_figures_dropped(registry, config, fleet):
+    devices = Devices(registry)
+    rollouts.create(registry, config, rollouts.RolloutRequest(model="glm-new", target="gw-01", id="r6"), T0)
+    for data in ({"rollout": "r6", "phase": "download", "percent": "half", "bytes": 1e30, "total": -1},
+                 {"rollout": ["r6"], "phase": 3}, {"rollout": "other", "percent": 50}):
+        event = Event(device_id="gw-01", ts=format_ts(at(len(str(data)))), level="info", code="model_progress",
+                      message="download", data=data)
+        outcome = devices.ingest.handle(Inbound(DeviceTopics(PREFIX, "gw-01").event, to_bytes(event)), at(1))
+        assert outcome == "stored"
+    device = wave(registry, "r6", 0)["gw-01"]
+    assert (device.phase, device.percent, device.bytes, device.total) == ("download", None, None, None)
+    assert len(registry.events.recent("gw-01")) == 3
