@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.console import runs_model
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
@@ -32,9 +33,10 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry")
-def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices.all()]
+@router.get("/devices", summary="every device the bridge has heard of, with its state, active and previous model "
+                                 "and last telemetry; `model`: only those running it (name or sha256 prefix)")
+def list_devices(model: str | None = None, registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(device) for device in registry.devices.all() if model is None or runs_model(device, model)]
 
 
 @router.get("/devices/{device_id}", summary="one device")

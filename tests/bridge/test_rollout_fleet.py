@@ -98,6 +98,8 @@ def test_ten_devices_in_three_waves_one_canary_failure_halts_and_rolls_back_its_
                 and devices["gw-01"]["previous_model_sha256"] == model["sha256"])
 
     wait_until(registry_follows, 10, "the registry to show each device's active and previous model")
+    running = bridge.api.get("/api/devices", params={"model": model["sha256"][:12]}).json()
+    assert [d["device_id"] for d in running] == ["gw-00"]
     listed = cli(bridge, "devices", "--model", "glm-new")
     assert listed.returncode == 0 and "gw-00" in listed.stdout and "gw-01" not in listed.stdout
     status = cli(bridge, "rollout", "status", "r10")
