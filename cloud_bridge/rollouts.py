@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,8 +56,8 @@ class CanaryPrompt(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_tokens: int = Field(default=16, ge=1, le=512)
     timeout_s: float = Field(default=60.0, gt=0, le=600)
     regex: str | None = None
@@ -66,6 +67,11 @@ class CanaryPrompt(BaseModel):
     def _one_input(self) -> CanaryPrompt:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError('give exactly one of "prompt" and "messages"')
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
         return self
 
 

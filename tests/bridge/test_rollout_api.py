@@ -62,6 +62,10 @@ def test_a_rollout_is_created_followed_and_acted_on_through_the_api(api):
 def test_a_bad_rollout_request_is_a_400_naming_the_field(api):
     for body, words in (({"model": "glm-new", "target": "group/lab", "waves": [50, 20]}, "increasing"),
                         ({"model": "glm-new", "target": "group/lab", "canary": {"prompts": [{}]}}, "prompt"),
+                        ({"model": "glm-new", "target": "group/lab",
+                          "canary": {"prompts": [{"prompt": "x", "regex": "("}]}}, "does not compile"),
+                        ({"model": "glm-new", "target": "group/lab", "canary": {"prompts": [{"prompt": ""}]}},
+                         "at least 1 character"),
                         ({"model": "glm-new"}, "exactly one of"),
                         ({"model": "nope", "target": "group/lab"}, "no model 'nope'")):
         answer = api.post("/api/rollouts", json=body)
