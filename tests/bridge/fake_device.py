@@ -64,6 +64,9 @@ def model_agent(outcome: str = "activate") -> Behaviour:
         if command["kind"] != "model":
             answer_succeeded(device, command)
             return
+        if command["id"] in device.handled:  # a resend: a device runs a command once
+            return
+        device.handled.add(command["id"])
         params = command["params"]
         device.reply(command["id"], "accepted")
         device.reply(command["id"], "running")
@@ -113,6 +116,7 @@ class FakeDevice:
         self.rollout: str | None = None
         self.downloads: list[int] = []  # the HTTP status of each download request
         self.groups: list[str] = []
+        self.handled: set[str] = set()  # ids of the model commands run
         self.port = port
         self.topics = DeviceTopics(prefix, device_id)
         self.device_id = device_id

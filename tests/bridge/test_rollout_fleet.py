@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VENV_BIN, Broker, HttpBridge, start_http_bridge, wait_until
+from .conftest import VENV_BIN, Broker, HttpBridge, empty_pg_registry, start_http_bridge, wait_until
 from .factories import write_gguf
 from .fake_device import FakeDevice, model_agent
 
@@ -86,8 +86,8 @@ def test_ten_devices_in_three_waves_one_canary_failure_halts_and_rolls_back_its_
     assert by_id["gw-03"]["canary"]["passed"] is False and by_id["gw-00"]["canary"]["passed"] is True
 
     assert all(not fakes[d].received for d in DEVICES[5:])  # the halted rollout sent nothing to wave 3
-    actions = [c["params"]["action"] for c in fakes["gw-01"].received]
-    assert actions == ["deploy", "rollback"]
+    actions = {(c["id"], c["params"]["action"]) for c in fakes["gw-01"].received}  # a resend keeps its id
+    assert actions == {("r10.gw-01", "deploy"), ("r10.rollback.gw-01", "rollback")}
     assert fakes["gw-00"].downloads == [206, 206]  # two Range requests: the second resumes the first
     assert fakes["gw-00"].active == {"name": "glm-new", "sha256": model["sha256"]}
 
@@ -133,9 +133,29 @@ def test_an_offline_device_gets_its_deploy_when_it_returns_and_one_that_never_do
     late = device(mosquitto, prefix, "gw-late", "activate", started)  # returns: its session holds the command
     wait_until(lambda: {d["device_id"]: d["state"] for d in rollout(bridge, "r11")["devices"]}["gw-late"]
                == "activated", 15, "the late device to activate")
-    assert [c["params"]["action"] for c in late.received] == ["deploy"]
+    assert {c["id"] for c in late.received} == {"r11.gw-late"}
     wait_until(lambda: rollout(bridge, "r11")["state"] == "completed", 20, "the rollout to complete")
     view = rollout(bridge, "r11")
     assert view["counts"] == {"activated": 2, "timed_out": 1}
     gone = {d["device_id"]: d for d in view["devices"]}["gw-gone"]
     assert gone["state"] == "timed_out" and "accepted" in gone["reason"]
+
+
+def test_two_replicas_on_one_postgresql_drive_a_rollout_sending_each_device_one_deploy(
+        mosquitto: Broker, tmp_path: Path, prefix: str, started: list, pg_url: str):
+    empty_pg_registry(pg_url).close()
+    shared = (f'\n[models]\ndir = "{tmp_path / "models"}"\nsecret_file = "{tmp_path / "artifact-secret"}"\n'
+              "\n[rollouts]\ncheck_interval_s = 0.2\n")  # the same artifacts and key on both, as documented
+    bridges = [start_http_bridge(tmp_path / name, mosquitto.port, prefix, name=f"-{name}", store_url=pg_url,
+                                 shared_group="bridges", extra=shared) for name in ("r1", "r2")]
+    started.extend(bridges)
+    ids = DEVICES[:6]
+    fakes = {d: device(mosquitto, prefix, d, "activate", started) for d in ids}
+    wait_until(lambda: known_online(bridges[0], ids), 15, "the replicas to see the devices online")
+    add_model(bridges[1], tmp_path)
+    created = bridges[0].api.post("/api/rollouts", json={"model": "glm-new", "target": "group/lab",
+                                                         "waves": [20, 50, 100], "id": "r12"})
+    assert created.status_code == 201, created.text
+    wait_until(lambda: rollout(bridges[1], "r12")["state"] == "completed", 30, "the rollout to complete")
+    assert rollout(bridges[0], "r12")["counts"] == {"activated": 6}
+    assert all({c["id"] for c in fakes[d].received} == {f"r12.{d}"} for d in ids)  # a resend keeps its id
