@@ -1,5 +1,6 @@
-"""Model artifacts: what a GGUF file is (its header), keeping it in a content-addressed folder, the
-signed download tokens devices present, and the byte ranges the HTTP server answers. No HTTP here.
+"""Model artifacts: what a GGUF file is (its header), keeping it in a content-addressed folder and
+the registry (`register`, `unregister`), the signed download tokens devices present, and the byte
+ranges the HTTP server answers. No HTTP here (http/model_routes.py serves them).
 
 - **Content-addressed folder** (`[models] dir`): a registered file is copied to `<dir>/<sha256>.gguf`,
   hashed while it is copied, under a temporary name renamed into place (a reader never sees half a
@@ -95,8 +96,8 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def store_file(source: Path, folder: Path) -> tuple[str, int, Path]:
-    """Copy `source` into the content-addressed `folder`, hashing while copying: (sha256, size, path)."""
+def store_file(source: Path, folder: Path) -> tuple[str, int]:
+    """Copy `source` into the content-addressed `folder`, hashing while copying: (sha256, size)."""
     staging = folder / f".{source.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     digest, size = hashlib.sha256(), 0
     try:
@@ -108,14 +109,13 @@ def store_file(source: Path, folder: Path) -> tuple[str, int, Path]:
                 writer.write(block)
             writer.flush()
             os.fsync(writer.fileno())
-        target = artifact_path(folder, digest.hexdigest())
-        os.replace(staging, target)
+        os.replace(staging, artifact_path(folder, digest.hexdigest()))
     except OSError as exc:
         raise BridgeError(f"cannot copy {source} into [models] dir {folder}: {exc.strerror or exc}; check the "
                           "file is readable and the folder writable, with room for it") from exc
     finally:
         staging.unlink(missing_ok=True)
-    return digest.hexdigest(), size, target
+    return digest.hexdigest(), size
 
 
 def artifact_path(folder: Path, sha256: str) -> Path:
@@ -219,13 +219,18 @@ def register(registry: Registry, folder: Path, source: Path, name: str | None = 
     name = check_name(name or source.name.removesuffix(".gguf"))
     info = inspect_gguf(source)
     if url is None:
-        sha256, size, _ = store_file(source, folder)
+        sha256, size = store_file(source, folder)
     else:
         sha256, size = file_sha256(source)
     row = ModelRow(sha256=sha256, name=name, size=size, url=url, architecture=info.architecture,
                    quantization=info.quantization, parameters=info.parameters, context_length=info.context_length,
                    added_at=stamp(now))
-    added = registry.models.add(row)
+    try:
+        added = registry.models.add(row)
+    except InvalidRequest:
+        if url is None and registry.models.get(sha256) is None:  # a copy nobody registered
+            artifact_path(folder, sha256).unlink(missing_ok=True)
+        raise
     return registry.models.get(sha256) or row, added
 
 

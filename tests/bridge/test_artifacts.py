@@ -47,6 +47,7 @@ def test_register_copies_into_the_content_addressed_folder_once(registry, tmp_pa
         artifacts.register(registry, folder, source, name="other")
     with pytest.raises(InvalidRequest, match="name 'glm-a' is taken"):
         artifacts.register(registry, folder, write_gguf(tmp_path / "b.gguf", seed=7), name="glm-a")
+    assert [p.name for p in folder.iterdir()] == [f"{model.sha256}.gguf"]  # the refused file's copy is gone
     with pytest.raises(InvalidRequest, match="must be 1-64 characters"):
         artifacts.register(registry, folder, source, name=".hidden")
 
