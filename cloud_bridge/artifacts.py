@@ -110,6 +110,11 @@ def store_file(source: Path, folder: Path) -> tuple[str, int]:
             writer.flush()
             os.fsync(writer.fileno())
         os.replace(staging, artifact_path(folder, digest.hexdigest()))
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
     except OSError as exc:
         raise BridgeError(f"cannot copy {source} into [models] dir {folder}: {exc.strerror or exc}; check the "
                           "file is readable and the folder writable, with room for it") from exc

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from cloud_bridge import artifacts
 from cloud_bridge.config import BridgeConfig, ModelsConfig
-from cloud_bridge.errors import InvalidRequest
+from cloud_bridge.errors import BridgeError, InvalidRequest
 from cloud_bridge.http.app import create_app
 
 from .factories import write_gguf
@@ -160,3 +160,16 @@ def test_an_artifact_the_bridge_has_no_copy_of_is_404_and_api_routes_still_need_
     listed = client.get("/api/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert [(m["name"], m["architecture"], m["quantization"], m["context_length"]) for m in listed] == [
         ("glm", "glm4", "Q4_0", 2048)]
+
+
+def test_register_refuses_what_it_cannot_use_and_says_what_to_do(registry, tmp_path: Path):
+    source = write_gguf(tmp_path / "glm.gguf")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the models folder should be")
+    with pytest.raises(BridgeError, match="cannot copy .* into \\[models\\] dir"):
+        artifacts.register(registry, blocked, source)
+    with pytest.raises(InvalidRequest, match="is not a file"):
+        artifacts.register(registry, tmp_path, tmp_path / "missing.gguf")
+    with pytest.raises(InvalidRequest, match="http:// or https://"):
+        artifacts.register(registry, tmp_path, source, url="ftp://mirror/glm.gguf")
+    assert registry.models.all() == []
