@@ -14,6 +14,7 @@ ranges the HTTP server answers. No HTTP here (http/model_routes.py serves them).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -119,7 +120,8 @@ def store_file(source: Path, folder: Path) -> tuple[str, int]:
         raise BridgeError(f"cannot copy {source} into [models] dir {folder}: {exc.strerror or exc}; check the "
                           "file is readable and the folder writable, with room for it") from exc
     finally:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove when the folder itself failed
+            staging.unlink(missing_ok=True)
     return digest.hexdigest(), size
 
 
