@@ -48,9 +48,9 @@ def rollout_text(registry: Registry, rollout_id: str) -> str:
             + (f"\nreason: {rollout.reason}" if rollout.reason else ""))
     rows = []
     for device in view["devices"]:
-        percent = 100.0 if device.final else device.percent
-        progress = f"{progress_bar(percent)} {device.phase or ''} {device.percent or 0:.0f}%" \
-            if device.state == "queued" else progress_bar(percent)
+        progress = progress_bar(100.0 if device.final else device.percent)
+        if device.state == "queued" and device.phase is not None:
+            progress += f" {device.phase}" + (f" {device.percent:.0f}%" if device.percent is not None else "")
         canary = device.canary or {}
         canary_text = "-" if not canary else ("passed" if canary.get("passed") else "failed")
         rows.append([device.device_id, str(device.wave + 1), device.state, progress, canary_text,
