@@ -13,7 +13,7 @@ import pytest
 
 from autoglm_wire.protocol import Event, ModelInfo, ModelRef, Status, format_ts, to_bytes
 from autoglm_wire.topics import DeviceTopics
-from cloud_bridge import artifacts, rollouts
+from cloud_bridge import artifacts, rollout_console, rollouts
 from cloud_bridge.config import BridgeConfig, ModelsConfig, RolloutConfig
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.ingest import Inbound, Ingestor
@@ -117,6 +117,7 @@ def test_ten_devices_in_three_waves_one_failure_halts_and_rolls_back_the_halted_
                                                               waves=[10, 50, 100], id="r1"), T0)
     devices.progress("gw-00", "r1.gw-00", at(1), "r1", 40.0)
     assert wave(registry, "r1", 0)["gw-00"].percent == 40.0 and wave(registry, "r1", 0)["gw-00"].phase == "download"
+    assert "queued   [########............] download 40%" in rollout_console.rollout_text(registry, "r1")
     rollouts.drive(registry, config, registry.rollouts.get("r1"), at(1))
     assert registry.rollouts.get("r1").wave == 0  # gw-00 has not reported
     devices.activate("gw-00", "r1.gw-00", at(2), "r1")
