@@ -39,7 +39,7 @@ from autoglm_wire import settings
 from autoglm_wire.protocol import ChatMessage, Command, describe_validation_error, utc_now
 from cloud_bridge import artifacts, commands
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.errors import DuplicateCommand, InvalidRequest
+from cloud_bridge.errors import DuplicateCommand, InvalidRequest, UnknownCommand
 from cloud_bridge.store.models import ModelRow
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rollouts import ACTIVE_STATES, FAILED, RolloutDeviceRow, RolloutRow
@@ -364,7 +364,10 @@ def _start_waiting(registry: Registry, config: BridgeConfig, rollout: RolloutRow
 
 def _settle(registry: Registry, config: BridgeConfig, rollout: RolloutRow, device: RolloutDeviceRow,
             now: datetime) -> None:
-    result = outcome(registry.commands.get(device.command_id), now, config.rollouts.finish_timeout_s)
+    try:
+        result = outcome(registry.commands.get(device.command_id), now, config.rollouts.finish_timeout_s)
+    except UnknownCommand:  # deleted by [retention] before it ended: it can no longer end
+        result = "timed_out", f"command {device.command_id} is no longer in the registry", None
     if result is None:
         return
     state, reason, canary = result
@@ -401,7 +404,11 @@ def _follow_rollback(registry: Registry, config: BridgeConfig, rollout: RolloutR
         elif device.final:
             registry.rollouts.mark_rollback(rollout.id, device.device_id, "wanted", "not_needed", None, now)
     elif device.rollback == "queued" and device.rollback_command_id is not None:
-        command = registry.commands.get(device.rollback_command_id)
+        try:
+            command = registry.commands.get(device.rollback_command_id)
+        except UnknownCommand:  # deleted by [retention] before it ended
+            registry.rollouts.mark_rollback(rollout.id, device.device_id, "queued", "failed", None, now)
+            return
         if command.terminal:
             registry.rollouts.mark_rollback(rollout.id, device.device_id, "queued",
                                             "done" if command.state == "succeeded" else "failed", None, now)

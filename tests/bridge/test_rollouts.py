@@ -291,3 +291,21 @@ def test_a_progress_event_with_figures_out_of_range_is_stored_and_its_bad_figure
     device = wave(registry, "r6", 0)["gw-01"]
     assert (device.phase, device.percent, device.bytes, device.total) == ("download", None, None, None)
     assert len(registry.events.recent("gw-01")) == 3
+
+
+def test_a_command_deleted_before_it_ended_settles_the_device_instead_of_failing_each_pass(
+        registry, config, fleet):
+    rollouts.create(registry, config, rollouts.RolloutRequest(model="glm-new", target="gw-02", id="r7"), T0)
+    registry._connection.execute("DELETE FROM commands WHERE id = 'r7.gw-02'")  # as [retention] would, much later
+    rollouts.drive(registry, config, registry.rollouts.get("r7"), at(1))
+    device = wave(registry, "r7", 0)["gw-02"]
+    assert device.state == "timed_out" and "no longer in the registry" in device.reason
+    assert registry.rollouts.get("r7").state == "completed"
+    rollouts.create(registry, config, rollouts.RolloutRequest(model="glm-new", target="gw-04", id="r8"), at(2))
+    Devices(registry).activate("gw-04", "r8.gw-04", at(2), "r8")
+    rollouts.rollback(registry, "r8", now=at(3))
+    rollouts.drive(registry, config, registry.rollouts.get("r8"), at(4))
+    assert wave(registry, "r8", 0)["gw-04"].rollback == "queued"
+    registry._connection.execute("DELETE FROM commands WHERE id = 'r8.rollback.gw-04'")
+    rollouts.drive(registry, config, registry.rollouts.get("r8"), at(5))
+    assert wave(registry, "r8", 0)["gw-04"].rollback == "failed" and registry.rollouts.needing_attention() == []
