@@ -64,9 +64,9 @@ def get_device(device_id: str, registry: Registry = REG) -> dict[str, Any]:
              summary="queue a command for a device, a group (`group/G`) or a filtered set; one row per device")
 def create_command(body: commands.CommandRequest, request: Request, registry: Registry = REG,
                    config: BridgeConfig = CFG, caller: Caller = OPERATOR) -> dict[str, Any]:
+    request.state.audit_target = body.target or "filter"
     if body.kind == "config":
         ensure_role(caller, "admin", "a `config` command (the device policy)")
-    request.state.audit_target = body.target or "filter"
     queued = commands.send(registry, body, dispatch=config.dispatch)
     return {"batch": queued.batch, "commands": [command_json(r) for r in queued.rows], "warnings": queued.warnings}
 
