@@ -7,16 +7,19 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, get_args
 
+from autoglm_wire.protocol import utc_now
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import IntegrityError
 from cloud_bridge.store.connection import Connection
-from cloud_bridge.store.rows import stamp
+from cloud_bridge.store.rows import parse_ts, stamp
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = get_args(Role)  # in increasing order of power: each role may do what the ones before may
 TOKEN_BYTES = 32
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def role_allows(held: Role, needed: Role) -> bool:
@@ -74,15 +77,18 @@ class Tokens:
             "SELECT name, role, created_at, last_used_at FROM api_tokens ORDER BY name")]
 
     def identify(self, token: str) -> TokenRow | None:
-        """The token row whose hash matches `token` (compared in constant time), its last use stamped."""
+        """The token row whose hash matches `token` (compared in constant time). Its last use is stamped
+        when the stored one is older than LAST_USED_RESOLUTION (no write for every call of a poller)."""
         digest = token_hash(token)
         rows = self._db.query("SELECT name, role, created_at, last_used_at, token_sha256 FROM api_tokens")
         found = None
         for row in rows:  # every row compared, so the time taken does not depend on which one matched
             if hmac.compare_digest(row.pop("token_sha256"), digest):
                 found = TokenRow(**row)
-        if found is not None:
-            self._db.execute("UPDATE api_tokens SET last_used_at = ? WHERE name = ?", (stamp(None), found.name))
+        now = utc_now()
+        if found is not None and (found.last_used_at is None or
+                                  parse_ts(found.last_used_at) < now - LAST_USED_RESOLUTION):
+            self._db.execute("UPDATE api_tokens SET last_used_at = ? WHERE name = ?", (stamp(now), found.name))
         return found
 
 

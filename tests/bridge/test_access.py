@@ -98,6 +98,18 @@ def test_tokens_are_stored_as_their_sha256_only(registry):
         registry.tokens.revoke("nobody")
 
 
+def test_last_use_is_stamped_at_most_once_a_minute_so_pollers_do_not_write_each_call(registry):
+    token = registry.tokens.add("poller", "viewer")
+    first = registry.tokens.identify(token)
+    stamped = registry.tokens.all()[0].last_used_at
+    assert first.last_used_at is None and stamped is not None
+    assert registry.tokens.identify(token).last_used_at == stamped
+    assert registry.tokens.all()[0].last_used_at == stamped
+    registry._connection.execute("UPDATE api_tokens SET last_used_at = '2020-01-01T00:00:00.000Z'")
+    registry.tokens.identify(token)
+    assert registry.tokens.all()[0].last_used_at >= stamped, "an old stamp is renewed"
+
+
 def test_every_api_and_v1_route_declares_a_role(registry):
     checks = {deps.VIEWER.dependency, deps.OPERATOR.dependency, deps.ADMIN.dependency}
     for route in create_app(registry, BridgeConfig(), FILE_TOKEN).routes:
