@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,15 @@ def test_mutating_api_calls_are_audited_with_the_caller_and_outcome_and_reads_ar
         ("anonymous", "POST /api/commands", "/api/commands", "http 401"),
     ]
     assert all(a["ts"] for a in log)
+
+
+def test_retention_prunes_audit_entries_older_than_audit_days(registry):
+    registry.audit.record("ops", "POST /api/commands", "gw-a", "ok")
+    now = datetime.now(UTC)
+    kept = registry.retention.prune(before=None, chunks_before=None, audit_before=now - timedelta(days=1))
+    assert kept == {"audit_log": 0} and len(registry.audit.recent()) == 1
+    gone = registry.retention.prune(before=None, chunks_before=None, audit_before=now + timedelta(days=1))
+    assert gone == {"audit_log": 1} and registry.audit.recent() == []
 
 
 @pytest.fixture
