@@ -11,10 +11,10 @@ from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from cloud_bridge.http.deps import Caller, registry_of
+from cloud_bridge.store.access import ANONYMOUS
 
 log = logging.getLogger(__name__)
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
-ANONYMOUS = "anonymous"  # a call refused before its token was known (401)
 
 
 def outcome(status: int) -> str:

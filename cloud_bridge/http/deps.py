@@ -22,13 +22,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from autoglm_wire import settings
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BadTarget, BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
-from cloud_bridge.store.access import Role, role_allows
+from cloud_bridge.store.access import FILE_TOKEN_NAME, Role, role_allows
 from cloud_bridge.store.registry import Registry
 
 STREAM_POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`: a token made by `cloud-bridge token add`, or the first line "
               "of the file named by [http] token_file in the bridge's config")
-FILE_TOKEN_NAME = "file"  # the name the [http] token_file token goes by (role admin) in the audit log
 BRIDGE_ERRORS: dict[type[BridgeError], tuple[int, str]] = {
     UnknownCommand: (404, "UnknownCommand"),
     DuplicateCommand: (409, "DuplicateCommand"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,9 @@ Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = get_args(Role)  # in increasing order of power: each role may do what the ones before may
 TOKEN_BYTES = 32
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+FILE_TOKEN_NAME = "file"  # the `[http] token_file` token (admin), as the audit log names it
+ANONYMOUS = "anonymous"   # a call refused before its token was known (401), as the audit log names it
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def role_allows(held: Role, needed: Role) -> bool:
@@ -58,6 +62,9 @@ class Tokens:
         """Create a token named `name` with `role`; returns the token (shown once, stored hashed)."""
         if role not in ROLES:
             raise BridgeError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not TOKEN_NAME.fullmatch(name) or name in (FILE_TOKEN_NAME, ANONYMOUS):
+            raise BridgeError(f"token name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not "
+                              f"{FILE_TOKEN_NAME!r} or {ANONYMOUS!r}, which the audit log uses)")
         token = secrets.token_urlsafe(TOKEN_BYTES)
         try:
             self._db.execute("INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES (?, ?, ?, ?)",

@@ -97,6 +97,9 @@ def test_tokens_are_stored_as_their_sha256_only(registry):
         registry.tokens.add("ops", "viewer")
     with pytest.raises(Exception, match="no token named 'nobody'"):
         registry.tokens.revoke("nobody")
+    for name in ("file", "anonymous", "", "cli:root", "a b", "x" * 65):
+        with pytest.raises(Exception, match="letters, digits"):
+            registry.tokens.add(name, "admin")
 
 
 def test_last_use_is_stamped_at_most_once_a_minute_so_pollers_do_not_write_each_call(registry):
