@@ -140,12 +140,13 @@ def list_dead_letters(device: str | None = None, limit: int = Query(default=50, 
 
 
 @router.get("/stats", summary="count, device failure rate and P50/P95/P99 of queue, TTFT, total time and tokens/s "
-                              "over a window (e.g. 1h), by device, kind or model")
+                              "over a window (e.g. 1h), by device, kind or model", dependencies=[VIEWER])
 def get_stats(window: str = "1h", group_by: GroupBy = "device", registry: Registry = REG) -> stats.FleetStats:
     return stats.fleet_stats(registry, window, group_by, utc_now())
 
 
-@router.get("/alert-deliveries", summary="the webhook delivery log of alert notifications, newest first")
+@router.get("/alert-deliveries", summary="the webhook delivery log of alert notifications, newest first",
+            dependencies=[VIEWER])
 def list_alert_deliveries(limit: int = Query(default=50, ge=1, le=1000),
                           registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(row) for row in registry.deliveries.recent(limit)]

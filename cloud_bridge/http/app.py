@@ -44,10 +44,10 @@ def create_app(registry: Registry, config: BridgeConfig, token: str,
     app.add_exception_handler(ApiError, api_error_response)
     app.add_exception_handler(BridgeError, bridge_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
-    app.middleware("http")(audit_middleware)
     app.include_router(page_routes.router)
     app.include_router(health_routes.router)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authenticate)])
     app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)
+    app.middleware("http")(audit_middleware)  # outermost: the guard's 401s and 413s are audited too
     return app
