@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from cloud_bridge import artifacts, commands, console, rollout_console, rollouts
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
+from cloud_bridge.store.access import ROLES
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -139,8 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
     policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
+    _add_access(sub, common)
     _add_models(sub, common)
     return parser
+
+
+def _add_access(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    token = sub.add_parser("token", help="manage the API's named tokens and their roles",
+                           description="Named API tokens, each with a role: viewer (reads), operator (also sends "
+                                       "and cancels commands, chats through /v1), admin (everything: policy, the "
+                                       "audit log). The registry keeps only each token's SHA-256.")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION", parser_class=_Parser)
+    add = actions.add_parser("add", parents=[common], help="create a token and print it (once)")
+    add.add_argument("name", metavar="NAME", help="who or what uses it (shown in the audit log)")
+    add.add_argument("--role", required=True, choices=ROLES)
+    actions.add_parser("list", parents=[common], help="name, role, created, last used (never the token)")
+    revoke = actions.add_parser("revoke", parents=[common], help="delete a token: it stops working at once")
+    revoke.add_argument("name", metavar="NAME")
+    audit = sub.add_parser("audit", parents=[common], help="show the audit log of mutating calls",
+                           description="Every call that changed something, API and CLI, newest first: who "
+                                       "(a token's name or cli:<unix user>), what, on what, when, the outcome.")
+    audit.add_argument("--limit", type=int, default=50, metavar="N", help="how many (default 50)")
 
 
 def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -184,7 +206,6 @@ def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                        ("abort", "stop; cancel deploys not yet accepted"),
                        ("rollback", "stop, and send a model rollback to every device that activated")):
         actions.add_parser(name, parents=[common], help=what).add_argument("rollout_id", metavar="ROLLOUT")
-
 
 def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     send = sub.add_parser("send", parents=[common], help="queue a command and wait for its reply",
@@ -271,7 +292,8 @@ def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
 def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.action == "add":
-            model, added = artifacts.register(registry, config.models.dir, args.file, args.name, args.url)
+            with _audited(registry, "model add", args.name or args.file.name):
+                model, added = artifacts.register(registry, config.models.dir, args.file, args.name, args.url)
             if not args.json:
                 _out(f"{'registered' if added else 'already registered:'} {model.name} {model.sha256} "
                      f"({model.size} bytes, {model.architecture} {model.quantization})")
@@ -281,7 +303,8 @@ def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:
             models = registry.models.all()
             _json(models) if args.json else _out(rollout_console.models_table(models))
         else:
-            model = artifacts.unregister(registry, config.models.dir, args.model)
+            with _audited(registry, "model remove", args.model):
+                model = artifacts.unregister(registry, config.models.dir, args.model)
             _json(model) if args.json else _out(f"removed {model.name} {model.sha256}")
     return 0
 
@@ -289,7 +312,8 @@ def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:
 def cmd_rollout(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.action == "create":
-            rollout_id = rollouts.create(registry, config, _rollout_request(args)).id
+            with _audited(registry, "rollout create", args.target or "filter"):
+                rollout_id = rollouts.create(registry, config, _rollout_request(args)).id
         elif args.action == "status" and args.rollout_id is None:
             _json(registry.rollouts.recent()) if args.json else _out(rollout_console.rollouts_table(registry))
             return 0
@@ -298,7 +322,8 @@ def cmd_rollout(args: argparse.Namespace, config: BridgeConfig) -> int:
             actions = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
                        "rollback": rollouts.rollback}
             if args.action in actions:
-                actions[args.action](registry, rollout_id)
+                with _audited(registry, f"rollout {args.action}", rollout_id):
+                    actions[args.action](registry, rollout_id)
         _json(rollouts.status(registry, rollout_id)) if args.json else _out(
             rollout_console.rollout_text(registry, rollout_id))
     return 0
@@ -360,7 +385,8 @@ def cmd_dead_letters(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
+        with _audited(registry, "cancel", args.command_id):
+            row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
         _warn(warnings)
         _json({"cancel": row, "target": registry.commands.get(args.command_id)}) if args.json else _out(row.id)
     return 0
@@ -375,7 +401,8 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
         if args.target is None:
             raise InvalidRequest("--set needs a TARGET: a device id or group/G")
         request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, "policy --set", args.target):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -391,6 +418,46 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
     if args.json:
         _json([console.final_json(row) for row in finals])
     return max(exit_code(row) for row in finals)
+
+
+def cmd_token(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.token_command == "list":
+            _json(registry.tokens.all()) if args.json else _out(console.tokens_table(registry))
+            return 0
+        with _audited(registry, f"token {args.token_command}", args.name):
+            if args.token_command == "revoke":
+                registry.tokens.revoke(args.name)
+                return 0
+            token = registry.tokens.add(args.name, args.role)
+    _err(f"token {args.name!r} ({args.role}); it is shown only this once, store it now:")
+    _out(token)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        _json(registry.audit.recent(args.limit)) if args.json else _out(console.audit_table(registry, args.limit))
+    return 0
+
+
+def cli_actor() -> str:
+    """`cli:<unix user>` of this process (its effective uid, not $USER)."""
+    try:
+        return f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid {os.geteuid()}"
+
+
+@contextmanager
+def _audited(registry: Registry, action: str, target: str | None) -> Iterator[None]:
+    """Record the block in the audit log: `ok`, or the error it raised (then re-raised)."""
+    try:
+        yield
+    except Exception as exc:
+        registry.audit.record(cli_actor(), action, target or "", f"error: {exc}")
+        raise
+    registry.audit.record(cli_actor(), action, target or "", "ok")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -417,7 +484,8 @@ def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
         id=args.command_id, priority=args.priority,
     )
     with _registry(config) as registry:
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, f"send {args.kind}", args.device):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait or len(queued.rows) > 1:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -478,6 +546,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "stats": cmd_stats,
     "cancel": cmd_cancel,
     "policy": cmd_policy,
+    "token": cmd_token,
+    "audit": cmd_audit,
     "model": cmd_model,
     "rollout": cmd_rollout,
 }

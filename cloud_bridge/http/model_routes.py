@@ -1,5 +1,6 @@
-"""Models and rollouts over HTTP: `/api/models`, `/api/rollouts` (behind the API token, mounted by
-`app.create_app` under `/api`), the artifact downloads devices make (`/artifacts/<sha256>`, with a
+"""Models and rollouts over HTTP: `/api/models`, `/api/rollouts` (behind an API token, mounted by
+`app.create_app` under `/api`; reads need a viewer, changes an admin: a rollout replaces the fleet's
+model), the artifact downloads devices make (`/artifacts/<sha256>`, with a
 download token instead) and the rollouts console page (`/rollouts`).
 
 `/artifacts/<sha256>?token=T` answers GET and HEAD: 200 with the whole file, or 206 with one
@@ -23,7 +24,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from autoglm_wire import settings
 from cloud_bridge import artifacts, rollouts
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.http.deps import CFG, REG, ApiError
+from cloud_bridge.http.deps import ADMIN, CFG, REG, VIEWER, ApiError
 from cloud_bridge.store.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -39,40 +40,45 @@ def rollout_json(registry: Registry, rollout_id: str) -> dict[str, Any]:
             "devices": [asdict(d) for d in view["devices"]]}
 
 
-@router.get("/models", summary="registered model artifacts (GGUF header fields, sha256, size, mirror url)")
+@router.get("/models", summary="registered model artifacts (GGUF header fields, sha256, size, mirror url)",
+            dependencies=[VIEWER])
 def list_models(registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(model) for model in registry.models.all()]
 
 
-@router.get("/models/{key}", summary="one model, by name or sha256")
+@router.get("/models/{key}", summary="one model, by name or sha256", dependencies=[VIEWER])
 def get_model(key: str, registry: Registry = REG) -> dict[str, Any]:
     return asdict(registry.models.find(key))
 
 
-@router.delete("/models/{key}", summary="forget a model and delete its copy (refused while a rollout deploys it)")
+@router.delete("/models/{key}", summary="forget a model and delete its copy (refused while a rollout deploys it; "
+                                        "admin)", dependencies=[ADMIN])
 def delete_model(key: str, registry: Registry = REG, config: BridgeConfig = CFG) -> dict[str, Any]:
     return asdict(artifacts.unregister(registry, config.models.dir, key))
 
 
-@router.get("/rollouts", summary="recent rollouts, newest first, with counts of their devices by state")
+@router.get("/rollouts", summary="recent rollouts, newest first, with counts of their devices by state",
+            dependencies=[VIEWER])
 def list_rollouts(limit: int = Query(default=20, ge=1, le=500), registry: Registry = REG) -> list[dict[str, Any]]:
     return [rollout_json(registry, row.id) for row in registry.rollouts.recent(limit)]
 
 
-@router.post("/rollouts", status_code=201, summary="start a staged rollout of a model to a group, device or filter")
+@router.post("/rollouts", status_code=201, dependencies=[ADMIN],
+             summary="start a staged rollout of a model to a group, device or filter (admin)")
 def create_rollout(body: rollouts.RolloutRequest, registry: Registry = REG,
                    config: BridgeConfig = CFG) -> dict[str, Any]:
     row = rollouts.create(registry, config, body)
     return rollout_json(registry, row.id)
 
 
-@router.get("/rollouts/{rollout_id}", summary="one rollout with every device's state, progress and canary result")
+@router.get("/rollouts/{rollout_id}", summary="one rollout with every device's state, progress and canary result",
+            dependencies=[VIEWER])
 def get_rollout(rollout_id: str, registry: Registry = REG) -> dict[str, Any]:
     return rollout_json(registry, rollout_id)
 
 
-@router.post("/rollouts/{rollout_id}/{action}",
-             summary="pause | resume | abort | rollback (a `model` rollback to every device that activated)")
+@router.post("/rollouts/{rollout_id}/{action}", dependencies=[ADMIN],
+             summary="pause | resume | abort | rollback (a `model` rollback to every device that activated; admin)")
 def act_on_rollout(rollout_id: str, action: str, registry: Registry = REG) -> dict[str, Any]:
     actions = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
                "rollback": rollouts.rollback}

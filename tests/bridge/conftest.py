@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_TABLES = ("devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters, "
-             "alert_deliveries, models, rollouts, rollout_devices")
+             "alert_deliveries, api_tokens, audit_log, models, rollouts, rollout_devices")
 
 
 @contextmanager
@@ -93,6 +93,32 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
         reg = empty_pg_registry(request.getfixturevalue("pg_url"))
     yield reg
     reg.close()
+
+
+# --- a headless Chromium --------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium (selenium) that keeps its network log (`driver.get_log("performance")`)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
+        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    from selenium.webdriver.chrome.service import Service
+
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
 
 
 # --- mosquitto -----------------------------------------------------------------------------------
@@ -322,27 +348,3 @@ def bridge(mosquitto: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
     finally:
         code = stop_process(handle.process)
         assert code == 0, f"cloud-bridge serve exited {code} on SIGTERM:\n{handle.log()}"
-
-
-# --- a headless Chromium for the console tests -------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
-        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,900"):
-        options.add_argument(arg)
-    from selenium.webdriver.chrome.service import Service
-
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    yield driver
-    driver.quit()

@@ -59,6 +59,27 @@ def test_a_rollout_is_created_followed_and_acted_on_through_the_api(api):
     assert api.get("/api/models/glm-new").status_code == 404
 
 
+def test_reading_needs_a_viewer_changing_an_admin_and_changes_are_audited(api, registry):
+    viewer = {"Authorization": f"Bearer {registry.tokens.add('watcher', 'viewer')}"}
+    operator = {"Authorization": f"Bearer {registry.tokens.add('ops', 'operator')}"}
+    assert api.get("/api/models", headers=viewer).status_code == 200
+    assert api.get("/api/rollouts", headers=viewer).status_code == 200
+    body = {"model": "glm-new", "target": "group/lab", "id": "rv"}
+    for headers in (viewer, operator):
+        refused = api.post("/api/rollouts", json=body, headers=headers)
+        assert refused.status_code == 403 and "needs admin" in refused.json()["error"]["message"]
+        assert api.delete("/api/models/glm-new", headers=headers).status_code == 403
+    assert api.post("/api/rollouts", json=body).status_code == 201  # the token file: admin
+    assert api.post("/api/rollouts/rv/pause", headers=operator).status_code == 403
+    assert api.post("/api/rollouts/rv/pause").status_code == 200
+    entries = [(a.actor, a.action, a.outcome) for a in reversed(registry.audit.recent(10))]
+    assert entries == [("watcher", "POST /api/rollouts", "http 403"),
+                       ("watcher", "DELETE /api/models/glm-new", "http 403"),
+                       ("ops", "POST /api/rollouts", "http 403"), ("ops", "DELETE /api/models/glm-new", "http 403"),
+                       ("file", "POST /api/rollouts", "ok"), ("ops", "POST /api/rollouts/rv/pause", "http 403"),
+                       ("file", "POST /api/rollouts/rv/pause", "ok")]
+
+
 def test_a_bad_rollout_request_is_a_400_naming_the_field(api):
     for body, words in (({"model": "glm-new", "target": "group/lab", "waves": [50, 20]}, "increasing"),
                         ({"model": "glm-new", "target": "group/lab", "canary": {"prompts": [{}]}}, "prompt"),
@@ -122,6 +143,13 @@ def test_model_add_list_remove_and_rollout_create_status_on_the_command_line(con
     assert run(capsys, "rollout", "abort", "rc", *conf)[0] == 0
     code, out, _ = run(capsys, "model", "remove", "glm-new", *conf)
     assert code == 0 and out.startswith("removed glm-new") and not list((tmp_path / "models").iterdir())
+    registry = Registry.open(tmp_path / "registry.db")
+    audit = [(a.action, a.target, a.outcome.split(":")[0]) for a in reversed(registry.audit.recent(10))]
+    registry.close()
+    assert audit == [("model add", "glm-new.gguf", "ok"), ("rollout create", "group/lab", "ok"),
+                     ("rollout create", "group/lab", "error"), ("rollout create", "group/lab", "error"),
+                     ("model remove", "glm-new", "error"),
+                     ("rollout abort", "rc", "ok"), ("model remove", "glm-new", "ok")]
 
 
 # --- the page --------------------------------------------------------------------------------------
