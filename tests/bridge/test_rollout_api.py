@@ -187,16 +187,20 @@ def test_the_rollouts_page_shows_a_bar_per_device_with_state_percent_and_canary(
     browser.get(page_url + "/rollouts")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "save-token").click()
-    wait = WebDriverWait(browser, 30)
-    box = wait.until(lambda b: b.find_elements(By.ID, "rollout-rp"))[0]
-    assert "halted" in box.text and "glm-new to group/lab" in box.text
-    bars = {bar.get_attribute("data-device"): bar for bar in box.find_elements(By.CSS_SELECTOR, ".bar")}
-    assert bars["gw-a"].get_attribute("class") == "bar ok" and bars["gw-a"].text == "activated"
-    assert bars["gw-b"].text == "download 42%"
-    assert bars["gw-b"].find_element(By.TAG_NAME, "span").get_attribute("style") == "width: 42%;"
-    assert bars["gw-c"].get_attribute("class") == "bar bad" and bars["gw-c"].text == "rolled_back"
-    rows = {row.find_element(By.TAG_NAME, "td").text: row.text
-            for row in box.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    # The page redraws every 2 s: read what it shows in one script run, not element by element.
+    snapshot = """
+        const box = document.getElementById("rollout-rp");
+        if (!box) return null;
+        return {head: box.querySelector(".row").innerText, models: document.getElementById("models").innerText,
+                bars: [...box.querySelectorAll(".bar")].map(bar => [bar.dataset.device, bar.className,
+                       bar.innerText, bar.firstChild.style.width]),
+                rows: [...box.querySelectorAll("tbody tr")].map(row => row.innerText)};
+    """
+    shown = WebDriverWait(browser, 30).until(lambda b: b.execute_script(snapshot))
+    assert "halted" in shown["head"] and "glm-new to group/lab" in shown["head"] and "glm-new" in shown["models"]
+    bars = {device: (kind, text, width) for device, kind, text, width in shown["bars"]}
+    assert bars == {"gw-a": ("bar ok", "activated", "100%"), "gw-b": ("bar", "download 42%", "42%"),
+                    "gw-c": ("bar bad", "rolled_back", "100%")}
+    rows = {row.split("\t")[0]: row for row in shown["rows"]}
     assert "passed 41.0 tok/s (was 40.0)" in rows["gw-a"]
     assert "failed" in rows["gw-c"] and "canary prompt 1 timed out" in rows["gw-c"]
-    assert "glm-new" in browser.find_element(By.ID, "models").text
