@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.console import runs_model
 from cloud_bridge.http.deps import (
     ADMIN,
     CFG,
@@ -45,10 +46,11 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry",
+@router.get("/devices", summary="every device the bridge has heard of, with its state, active and previous model "
+                                 "and last telemetry; `model`: only those running it (name or sha256 prefix)",
             dependencies=[VIEWER])
-def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices.all()]
+def list_devices(model: str | None = None, registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(device) for device in registry.devices.all() if model is None or runs_model(device, model)]
 
 
 @router.get("/devices/{device_id}", summary="one device", dependencies=[VIEWER])
