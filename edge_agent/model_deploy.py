@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from autoglm_wire.errors import Busy, ModelError
+from autoglm_wire.errors import Busy, Internal, ModelError
 from autoglm_wire.lifecycle import State
 from autoglm_wire.model_command import Canary, ModelParams
 from autoglm_wire.protocol import ParsedCommand
@@ -53,7 +53,7 @@ class ModelDeployer:
 
     def __init__(self, slots: ModelSlots, models: ModelsConfig, executor: Executor,
                  load: Callable[[Slot], TextEngine], event: EventSink,
-                 announce: Callable[[TextEngine], None]) -> None:
+                 announce: Callable[[TextEngine, Slot], None]) -> None:
         self.slots, self._models, self._executor = slots, models, executor
         self._load, self._event, self._announce = load, event, announce
         self._lock = threading.Lock()
@@ -171,8 +171,18 @@ class ModelDeployer:
                   "canary": canary, "rollout": rollout}
         self._end(command_id, Outcome(State.FAILED, output, {}, ModelError(f"rolled_back: {reason}", command_id)))
 
-    def announce(self, engine: TextEngine) -> None:
-        self._announce(engine)
+    def announce(self, engine: TextEngine, slot: Slot) -> None:
+        self._announce(engine, slot)
+
+    def abandon(self, command_id: str, error: Exception) -> None:
+        """A bug met during the change: the command still gets its one terminal reply."""
+        with self._lock:
+            current = self._current == command_id
+        if current:
+            log.error("model command %s failed unexpectedly: %r", command_id, error)
+            self._end(command_id, Outcome(State.FAILED, None, {}, Internal(
+                f"the model change failed unexpectedly ({error!r}); this is a bug in the agent, see its log",
+                command_id)))
 
     def load(self, slot: Slot) -> TextEngine:
         """Load a slot's file; its sha256 must be the slot's (the engine hashes what it loaded)."""
@@ -209,8 +219,8 @@ class ModelDeployer:
                          "previous": output["previous"], "rollout": entry.rollout, "canary": None})
             return Outcome(State.SUCCEEDED, output, {})
         if entry.phase == "download":
-            reason = ("the agent stopped during the download (crash or power loss); the partial file is kept: "
-                      "deploy again to resume it")
+            reason = ("the agent stopped before the new model was loaded (crash or power loss); what was "
+                      "downloaded is kept: deploy again to resume")
             output = {"action": entry.action, "result": "download_failed", "reason": reason,
                       "active": _ref(active), "rollout": entry.rollout}
             return Outcome(State.FAILED, output, {}, ModelError(f"download_failed: {reason}", command.id))
@@ -241,6 +251,13 @@ class Activation:
         self.target, self.before = target, before
 
     def swap(self, old: TextEngine) -> TextEngine:
+        try:
+            return self._swap(old)
+        except Exception as exc:
+            self.deployer.abandon(self.command_id, exc)
+            raise
+
+    def _swap(self, old: TextEngine) -> TextEngine:
         d, params, target = self.deployer, self.params, self.target
         canary: Canary | None = params.canary
         baseline = self._baseline(old, canary)
@@ -262,7 +279,7 @@ class Activation:
             return self._restore(f"canary failed: {result.reason}", summary)
         d.slots.activate(target, params.rollout, self.command_id)
         checkpoints.reached("model_activated")
-        d.announce(new)
+        d.announce(new, target)
         d.activated(self.command_id, params.action, target, self.before, params.rollout, summary)
         return new
 
@@ -288,7 +305,7 @@ class Activation:
                           f"{reason}; reloading {self.before.name} failed too ({exc}): the agent restarts on it",
                           self.params.rollout, canary)
             raise
-        d.announce(engine)
+        d.announce(engine, self.before)
         d.rolled_back(self.command_id, self.params.action, self.target, self.before, reason, self.params.rollout,
                       canary)
         return engine

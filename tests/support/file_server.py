@@ -7,6 +7,7 @@ import re
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ def _handler(owner: FileServer) -> type[BaseHTTPRequestHandler]:
                 faults.unavailable -= 1
                 self.send_error(503, "try later")
                 return
-            path = owner.folder / self.path.lstrip("/")
+            path = owner.folder / urllib.parse.urlsplit(self.path).path.lstrip("/")  # a ?token=... is ignored
             if not path.is_file():
                 self.send_error(404)
                 return
