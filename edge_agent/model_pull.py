@@ -237,7 +237,7 @@ class _Download:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 self._learn_total(int(length))
-        while block := response.read(CHUNK_BYTES):
+        while block := response.read1(CHUNK_BYTES):  # what has arrived: on disk and reported at once
             if self.total is not None and self.size + len(block) > self.total:
                 raise ChecksumMismatch(f"{self.url} sent more than {self.total} bytes")
             self.partial.write(block)
