@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from edge_agent.sqlite_file import SqliteFile
 
 log = logging.getLogger(__name__)
 
+_SELECT_SLOTS = ("SELECT name, path, sha256, size, activated_at FROM model_slots "
+                 "ORDER BY active DESC, activated_at DESC")
 Phase = Literal["download", "loading", "canary", "active"]
 ROLLOUT_META = "model_rollout"  # the rollout id of the last model command that changed the model
 
@@ -67,10 +70,8 @@ class ModelSlots:
     def slots(self) -> list[Slot]:
         """The active slot first, then the previous ones, newest first."""
         with self._file.lock:
-            rows = self._file.db.execute(
-                "SELECT name, path, sha256, size, activated_at FROM model_slots "
-                "ORDER BY active DESC, activated_at DESC").fetchall()
-        return [Slot(name, Path(path), sha, int(size), float(at)) for name, path, sha, size, at in rows]
+            rows = self._file.db.execute(_SELECT_SLOTS).fetchall()
+        return _slots(rows)
 
     def active(self) -> Slot | None:
         with self._file.lock:
@@ -154,8 +155,28 @@ class ModelSlots:
             self._file.db.execute("DELETE FROM model_journal WHERE command_id = ?", [command_id])
 
 
+def _slots(rows: list[tuple[Any, ...]]) -> list[Slot]:
+    return [Slot(name, Path(path), sha, int(size), float(at)) for name, path, sha, size, at in rows]
+
+
+def read_slots(store: Path) -> list[Slot]:
+    """The slots of a store, read-only (`edge-agent model list`, while the agent runs or not); []
+    for a store that does not exist yet or has no slots table."""
+    if not store.exists():
+        return []
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=10)
+    try:
+        return _slots(conn.execute(_SELECT_SLOTS).fetchall())
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+
+
 def slot_rows(slots: list[Slot]) -> list[dict[str, Any]]:
-    """The slots as `list` answers them (the first is the active one when `has_active`)."""
+    """The slots as `list` answers them (the first one is the active one)."""
     return [{"name": s.name, "sha256": s.sha256, "size": s.size, "path": str(s.path),
              "role": "active" if i == 0 else "previous", "activated_at": round(s.activated_at, 3)}
             for i, s in enumerate(slots)]

@@ -3,12 +3,15 @@ GGUFs built by the project served over HTTP by tests/support/file_server.py."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.agent_proc import AGENT
 from tests.support.broker import Broker
 from tests.support.cloud import CloudClient, command
 from tests.support.file_server import serving
@@ -106,6 +109,10 @@ def test_a_deploy_downloads_in_the_background_passes_its_canary_and_stays_active
         assert [(s["sha256"], s["role"]) for s in slots] == [(served["v2"].sha256, "active"), (tiny_sha, "previous")]
         assert listing["output"]["active"] == {"name": "glm-v2", "sha256": served["v2"].sha256,
                                                "size": served["v2"].size}
+        cli = subprocess.run([*AGENT, "model", "list", "--config", str(agent.config), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert [(s["sha256"], s["role"]) for s in json.loads(cli.stdout)] == [(x["sha256"], x["role"]) for x in slots]
         assert agent.terminate() == 0, agent.log_text()
 
 
