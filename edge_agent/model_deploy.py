@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from autoglm_wire.errors import Busy, Internal, ModelError
+from autoglm_wire.errors import Busy, Internal, InvalidCommand, ModelError
 from autoglm_wire.lifecycle import State
 from autoglm_wire.model_command import Canary, ModelParams
 from autoglm_wire.protocol import ParsedCommand
@@ -29,7 +29,7 @@ from edge_agent.config import ModelsConfig
 from edge_agent.engine import TextEngine
 from edge_agent.executor import DEFERRED, Executor, Outcome
 from edge_agent.inbox import StoredCommand
-from edge_agent.model_pull import Progress, PullError, pull, target_path
+from edge_agent.model_pull import Progress, PullError, UnsafeName, pull, target_path
 from edge_agent.model_slots import ModelSlots, Slot, slot_rows
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,11 @@ class ModelDeployer:
                 assert params.name and params.url and params.sha256 and params.size
                 if params.sha256 == active.sha256:
                     return self._unchanged(params, active)
-                models_dir = self.slots.models_dir
-                target = Slot(params.name, target_path(models_dir, file_name(params.name, params.sha256)),
-                              params.sha256, params.size)
+                try:
+                    path = target_path(self.slots.models_dir, file_name(params.name, params.sha256))
+                except UnsafeName as exc:
+                    raise InvalidCommand(str(exc)) from exc
+                target = Slot(params.name, path, params.sha256, params.size)
                 self.slots.begin(parsed.id, "deploy", "download", target, params.rollout)
                 self._current = parsed.id
                 threading.Thread(target=self._download, args=(parsed.id, params, target),

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from tests.faults.harness import Rig
-from tests.support.cloud import CloudClient, command
 from tests.support.file_server import FileServer, serving
-from tests.support.model_files import Served, build_served, deploy, events
+from tests.support.model_files import Served, build_served, deploy, events, serving_sha
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +27,6 @@ def server(tmp_path: Path):  # noqa: ANN201 - a generator fixture
         yield file_server
 
 
-def provenance(cloud: CloudClient, device: str) -> str:
-    job = command("complete", {"prompt": "Once", "max_tokens": 4})
-    cloud.send(device, job)
-    reply = cloud.wait_terminal(job["id"], 60)
-    assert reply["status"] == "succeeded", reply
-    return reply["metrics"]["provenance"]["model_sha256"]
-
-
 def journal_rows(store: Path) -> int:
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=10)
     try:
@@ -48,7 +39,7 @@ def restart_and_answer(rig: Rig, job: dict[str, Any]) -> dict[str, Any]:
     """Start the agent again (unarmed): the deploy's one terminal reply, checked to stay one."""
     rig.agent.start()
     reply = rig.cloud.wait_terminal(job["id"], 90)
-    provenance(rig.cloud, rig.device_id)  # a later round trip: any second terminal reply would be here by now
+    serving_sha(rig.cloud, rig.device_id)  # a later round trip: any second terminal reply would be here by now
     assert len(rig.cloud.terminal(job["id"])) == 1, rig.cloud.terminal(job["id"])
     assert rig.agent.ledger()[job["id"]] == reply["status"]
     assert journal_rows(rig.agent.store) == 0
@@ -76,12 +67,12 @@ def test_a_kill_at_each_step_of_an_activation_restarts_on_a_verified_model_with_
     if result == "activated":
         assert reply["status"] == "succeeded"
         assert reply["output"]["active"]["sha256"] == v1.sha256 and reply["output"]["previous"]["sha256"] == tiny_sha
-        assert provenance(rig.cloud, rig.device_id) == v1.sha256
+        assert serving_sha(rig.cloud, rig.device_id) == v1.sha256
         assert events(rig.cloud.on("/event"), "model_activated", job["id"])
         return
     assert reply["status"] == "failed" and reply["error"]["code"] == "model_error"
     assert reply["error"]["message"].startswith(f"{result}: ") and reply["output"]["active"]["sha256"] == tiny_sha
-    assert provenance(rig.cloud, rig.device_id) == tiny_sha
+    assert serving_sha(rig.cloud, rig.device_id) == tiny_sha
     if result == "rolled_back":
         assert events(rig.cloud.on("/event"), "model_rolled_back", job["id"])
         assert not list(models.glob("*glm-v1*")), "the model whose activation was cut is not kept"
@@ -92,7 +83,7 @@ def test_a_kill_at_each_step_of_an_activation_restarts_on_a_verified_model_with_
     rig.cloud.send(rig.device_id, again)
     assert rig.cloud.wait_terminal(again["id"], 90)["status"] == "succeeded"
     assert len(server.faults.requests) == fetched
-    assert provenance(rig.cloud, rig.device_id) == v1.sha256
+    assert serving_sha(rig.cloud, rig.device_id) == v1.sha256
 
 
 def test_a_kill_mid_download_answers_the_deploy_once_and_the_next_deploy_resumes_the_partial_file(
@@ -114,7 +105,7 @@ def test_a_kill_mid_download_answers_the_deploy_once_and_the_next_deploy_resumes
     server.faults.bytes_per_s = None
     reply = restart_and_answer(rig, job)
     assert reply["status"] == "failed" and reply["output"]["result"] == "download_failed", reply
-    assert provenance(rig.cloud, rig.device_id) == tiny_sha
+    assert serving_sha(rig.cloud, rig.device_id) == tiny_sha
     kept = next(partial.glob("*.partial")).stat().st_size
 
     again = deploy(server, v1, "glm-v1")
@@ -122,4 +113,4 @@ def test_a_kill_mid_download_answers_the_deploy_once_and_the_next_deploy_resumes
     done = rig.cloud.wait_terminal(again["id"], 90)
     assert done["status"] == "succeeded" and done["output"]["active"]["sha256"] == v1.sha256, done
     assert server.faults.requests[-1] == f"bytes={kept}-", server.faults.requests
-    assert provenance(rig.cloud, rig.device_id) == v1.sha256
+    assert serving_sha(rig.cloud, rig.device_id) == v1.sha256

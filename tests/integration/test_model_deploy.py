@@ -4,6 +4,7 @@ GGUFs built by the project served over HTTP by tests/support/file_server.py."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -15,21 +16,13 @@ from tests.support.agent_proc import AGENT
 from tests.support.broker import Broker
 from tests.support.cloud import CloudClient, command
 from tests.support.file_server import serving
-from tests.support.model_files import build_served, deploy, events
+from tests.support.model_files import build_served, deploy, events, serving_sha
 
 pytestmark = pytest.mark.integration
 
 PASSING_CANARY = {"prompts": [{"prompt": "Hello", "max_tokens": 8, "regex": "."},
                               {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "timeout_s": 30}],
                   "min_speed_ratio": 0.05}
-
-
-def provenance(cloud: CloudClient, device: str) -> str:
-    job = command("complete", {"prompt": "Once", "max_tokens": 4})
-    cloud.send(device, job)
-    reply = cloud.wait_terminal(job["id"])
-    assert reply["status"] == "succeeded", reply
-    return reply["metrics"]["provenance"]["model_sha256"]
 
 
 def statuses(cloud: CloudClient, device: str) -> list[dict[str, Any]]:
@@ -58,7 +51,7 @@ def test_a_deploy_downloads_in_the_background_passes_its_canary_and_stays_active
         job = deploy(server, served["v1"], "glm-v1", canary=PASSING_CANARY, rollout="r-1")
         cloud.send(device, job)
         cloud.wait_for(lambda: events(cloud.on("/event"), "model_progress", job["id"]), 30, "first progress")
-        assert provenance(cloud, device) == tiny_sha, "a command during the download runs on the old model"
+        assert serving_sha(cloud, device) == tiny_sha, "a command during the download runs on the old model"
         assert not cloud.terminal(job["id"]), "the download was still going"
 
         reply = cloud.wait_terminal(job["id"], 120)
@@ -84,25 +77,30 @@ def test_a_deploy_downloads_in_the_background_passes_its_canary_and_stays_active
                        30, "status with the new model")
         status = statuses(cloud, device)[-1]
         assert status["previous_model"]["sha256"] == tiny_sha and status["rollout"] == "r-1"
-        assert provenance(cloud, device) == served["v1"].sha256
+        assert serving_sha(cloud, device) == served["v1"].sha256
 
         # a restart loads the slot recorded active in SQLite, not the config's file
         assert agent.terminate() == 0, agent.log_text()
         seen = len(statuses(cloud, device))
         agent.start()
         cloud.wait_for(lambda: any(s["state"] == "online" for s in statuses(cloud, device)[seen:]), 60, "online")
-        assert provenance(cloud, device) == served["v1"].sha256
+        assert serving_sha(cloud, device) == served["v1"].sha256
 
         back = run(cloud, device, {"action": "rollback", "rollout": "r-1"})
         assert back["status"] == "succeeded", back
         assert back["output"]["active"]["sha256"] == tiny_sha
         assert back["output"]["previous"]["sha256"] == served["v1"].sha256
-        assert provenance(cloud, device) == tiny_sha
+        assert serving_sha(cloud, device) == tiny_sha
 
         # two slots are kept: deploying v2 drops v1 and deletes its file; the config's file is never deleted
         v1_file = next((tmp_path / "models").glob("*glm-v1*"))
         assert run(cloud, device, deploy(server, served["v2"], "glm-v2")["params"])["status"] == "succeeded"
         assert not v1_file.exists() and tiny_model.exists()
+        # SIGHUP with `[model] path` unchanged reloads the active slot, not the config's file
+        assert agent.process is not None
+        agent.process.send_signal(signal.SIGHUP)
+        cloud.wait_for(lambda: events(cloud.on(f"{device}/event"), "model_reloaded"), 60, "model_reloaded")
+        assert serving_sha(cloud, device) == served["v2"].sha256
         listing = run(cloud, device, {"action": "list"})
         assert listing["status"] == "succeeded"
         slots = listing["output"]["slots"]
@@ -132,6 +130,11 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
             rejected = run(cloud, device, bad)
             assert rejected["status"] == "rejected" and rejected["error"]["code"] == "invalid_command", rejected
 
+        dots = run(cloud, device, {"action": "deploy", "name": "a..b", "url": server.url("v1.gguf"),
+                                   "sha256": served["v1"].sha256, "size": served["v1"].size})
+        assert dots["status"] == "failed" and dots["error"]["code"] == "invalid_command", dots
+        assert "not allowed" in dots["error"]["message"]
+
         nothing_before = run(cloud, device, {"action": "rollback"})
         assert nothing_before["status"] == "failed" and nothing_before["error"]["code"] == "model_error"
         assert nothing_before["error"]["message"].startswith("no_previous")
@@ -151,7 +154,7 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
         (event,) = events(cloud.on("/event"), "model_rolled_back", broken["command_id"])
         assert event["data"]["sha256"] == served["broken"].sha256 and event["data"]["active"]["sha256"] == tiny_sha
         assert not list(models.glob("*glm-broken*")), "a model that failed is not kept"
-        assert provenance(cloud, device) == tiny_sha
+        assert serving_sha(cloud, device) == tiny_sha
 
         canary = {"prompts": [{"prompt": "Answer in JSON", "max_tokens": 8,
                                "json_schema": {"type": "object", "required": ["answer"]}}]}
@@ -160,7 +163,7 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
         assert failed["error"]["message"].startswith("rolled_back: canary failed"), failed
         result = failed["output"]["canary"]
         assert not result["passed"] and not result["results"][0]["passed"] and "JSON" in result["results"][0]["reason"]
-        assert provenance(cloud, device) == tiny_sha
+        assert serving_sha(cloud, device) == tiny_sha
         status = statuses(cloud, device)[-1]
         assert status["model"]["sha256"] == tiny_sha and status["previous_model"] is None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from models.build_gguf import build_model
-from tests.support.cloud import command
+from tests.support.cloud import CloudClient, command
 from tests.support.file_server import FileServer
 
 
@@ -45,3 +45,12 @@ def deploy(server: FileServer, model: Served, name: str, **params: Any) -> dict[
 def events(messages: list[dict[str, Any]], code: str, command_id: str | None = None) -> list[dict[str, Any]]:
     return [e for e in messages if e.get("code") == code
             and (command_id is None or e.get("data", {}).get("command_id") == command_id)]
+
+
+def serving_sha(cloud: CloudClient, device: str, timeout: float = 60.0) -> str:
+    """The sha256 of the model that answers a `complete` now (its reply's provenance)."""
+    job = command("complete", {"prompt": "Once", "max_tokens": 4})
+    cloud.send(device, job)
+    reply = cloud.wait_terminal(job["id"], timeout)
+    assert reply["status"] == "succeeded", reply
+    return reply["metrics"]["provenance"]["model_sha256"]
