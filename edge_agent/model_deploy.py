@@ -14,6 +14,7 @@ the interrupted command from the journal: the slot recorded active is what the a
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from edge_agent.model_slots import ModelSlots, Slot, slot_rows
 
 log = logging.getLogger(__name__)
 
+_TOKEN = re.compile(r"([?&]token=)[^&\s]+")
 PROGRESS_INTERVAL_S = 2.0  # model_progress Events: at most this often per command, plus one per phase
 EventSink = Callable[[str, str, str, dict[str, Any]], None]  # level, code, message, data
 
@@ -136,10 +138,9 @@ class ModelDeployer:
         self._executor.reload_engine(Activation(self, command_id, params, target, active))
 
     def _finish_download_failed(self, command_id: str, params: ModelParams, reason: str) -> None:
+        reason = _TOKEN.sub(r"\1...", reason)  # the URL's download token stays out of replies and logs
         log.error("model deploy %s: download failed: %s", command_id, reason)
-        output = {"action": "deploy", "result": "download_failed", "reason": reason,
-                  "active": _ref(self.slots.active()), "rollout": params.rollout}
-        self._end(command_id, Outcome(State.FAILED, output, {}, ModelError(f"download_failed: {reason}", command_id)))
+        self._end(command_id, self._download_failed(command_id, "deploy", reason, params.rollout))
 
     # --- shared by the activation ----------------------------------------------------------------
 
@@ -153,25 +154,40 @@ class ModelDeployer:
 
     def activated(self, command_id: str, action: str, target: Slot, previous: Slot | None, rollout: str | None,
                   canary: dict[str, Any] | None) -> None:
+        self._end(command_id, self._activated(command_id, action, target, previous, rollout, canary))
+
+    def rolled_back(self, command_id: str, action: str, target: Slot, active: Slot | None, reason: str,
+                    rollout: str | None, canary: dict[str, Any] | None) -> None:
+        self._end(command_id, self._rolled_back(command_id, action, target, active, reason, rollout, canary))
+
+    def _activated(self, command_id: str, action: str, target: Slot, previous: Slot | None, rollout: str | None,
+                   canary: dict[str, Any] | None) -> Outcome:
+        """`target` serves now: the `model_activated` Event and the reply."""
         self._event("info", "model_activated", f"now serving {target.name}",
                     {"command_id": command_id, "name": target.name, "sha256": target.sha256,
                      "previous": _ref(previous), "rollout": rollout, "canary": canary})
         output = {"action": action, "result": "activated", "active": target.ref(), "previous": _ref(previous),
                   "canary": canary, "rollout": rollout}
-        self._end(command_id, Outcome(State.SUCCEEDED, output, {}))
+        return Outcome(State.SUCCEEDED, output, {})
 
-    def rolled_back(self, command_id: str, action: str, target: Slot, active: Slot | None, reason: str,
-                    rollout: str | None, canary: dict[str, Any] | None) -> None:
-        """The change did not happen: `active` serves (the model of before); the reply says why."""
+    def _rolled_back(self, command_id: str, action: str, target: Slot, active: Slot | None, reason: str,
+                     rollout: str | None, canary: dict[str, Any] | None) -> Outcome:
+        """The change did not happen: `active` serves (the model of before); a deployed file that failed
+        is deleted; the `model_rolled_back` Event and the reply say why."""
         log.error("model %s %s rolled back: %s", action, target.name, reason)
         if action == "deploy" and not self.slots.owns(target.path):
-            target.path.unlink(missing_ok=True)  # a model that failed is not kept
+            target.path.unlink(missing_ok=True)
         self._event("error", "model_rolled_back", f"{target.name} rolled back: {reason}",
                     {"command_id": command_id, "name": target.name, "sha256": target.sha256, "reason": reason,
                      "active": _ref(active), "rollout": rollout, "canary": canary})
         output = {"action": action, "result": "rolled_back", "reason": reason, "active": _ref(active),
                   "canary": canary, "rollout": rollout}
-        self._end(command_id, Outcome(State.FAILED, output, {}, ModelError(f"rolled_back: {reason}", command_id)))
+        return Outcome(State.FAILED, output, {}, ModelError(f"rolled_back: {reason}", command_id))
+
+    def _download_failed(self, command_id: str, action: str, reason: str, rollout: str | None) -> Outcome:
+        output = {"action": action, "result": "download_failed", "reason": reason,
+                  "active": _ref(self.slots.active()), "rollout": rollout}
+        return Outcome(State.FAILED, output, {}, ModelError(f"download_failed: {reason}", command_id))
 
     def announce(self, engine: TextEngine, slot: Slot) -> None:
         self._announce(engine, slot)
@@ -214,28 +230,14 @@ class ModelDeployer:
             return None
         active, target = self.slots.active(), entry.target
         if entry.phase == "active":
-            output = {"action": entry.action, "result": "activated", "active": target.ref(),
-                      "previous": _ref(self.slots.previous()), "canary": None, "rollout": entry.rollout}
-            self._event("info", "model_activated", f"now serving {target.name} (activated before a restart)",
-                        {"command_id": command.id, "name": target.name, "sha256": target.sha256,
-                         "previous": output["previous"], "rollout": entry.rollout, "canary": None})
-            return Outcome(State.SUCCEEDED, output, {})
+            return self._activated(command.id, entry.action, target, self.slots.previous(), entry.rollout, None)
         if entry.phase == "download":
-            reason = ("the agent stopped before the new model was loaded (crash or power loss); what was "
-                      "downloaded is kept: deploy again to resume")
-            output = {"action": entry.action, "result": "download_failed", "reason": reason,
-                      "active": _ref(active), "rollout": entry.rollout}
-            return Outcome(State.FAILED, output, {}, ModelError(f"download_failed: {reason}", command.id))
+            return self._download_failed(command.id, entry.action, "the agent stopped before the new model was "
+                                         "loaded (crash or power loss); what was downloaded is kept: deploy again "
+                                         "to resume", entry.rollout)
         reason = (f"the agent stopped during the {entry.phase} of {target.name} (crash or power loss); "
                   f"it restarted on {active.name if active else 'its configured model'}")
-        if entry.action == "deploy" and not self.slots.owns(target.path):
-            target.path.unlink(missing_ok=True)
-        self._event("error", "model_rolled_back", f"{target.name} rolled back: {reason}",
-                    {"command_id": command.id, "name": target.name, "sha256": target.sha256, "reason": reason,
-                     "active": _ref(active), "rollout": entry.rollout, "canary": None})
-        output = {"action": entry.action, "result": "rolled_back", "reason": reason, "active": _ref(active),
-                  "canary": None, "rollout": entry.rollout}
-        return Outcome(State.FAILED, output, {}, ModelError(f"rolled_back: {reason}", command.id))
+        return self._rolled_back(command.id, entry.action, target, active, reason, entry.rollout, None)
 
     def settle(self) -> None:
         """After the recovery: a journal left by a change whose reply was stored is cleared."""

@@ -144,6 +144,7 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
         mismatch = run(cloud, device, wrong["params"])
         assert mismatch["status"] == "failed" and mismatch["error"]["code"] == "model_error"
         assert mismatch["error"]["message"].startswith("download_failed: ")
+        assert "token=..." in mismatch["error"]["message"] and "t0k3n" not in mismatch["error"]["message"]
         assert mismatch["output"]["result"] == "download_failed" and mismatch["output"]["active"]["sha256"] == tiny_sha
         assert not list(models.glob("*glm-v1*")), "a file that does not match is deleted"
 
