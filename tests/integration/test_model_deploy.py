@@ -165,6 +165,9 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
         result = failed["output"]["canary"]
         assert not result["passed"] and not result["results"][0]["passed"] and "JSON" in result["results"][0]["reason"]
         assert serving_sha(cloud, device) == tiny_sha
+        heavy = run(cloud, device, deploy(server, served["v2"], "glm-v2", canary={"max_rss_mb": 1})["params"])
+        assert heavy["status"] == "failed" and "max_rss_mb 1" in heavy["output"]["reason"], heavy
+        assert heavy["output"]["canary"]["rss_mb"] > 1
         status = statuses(cloud, device)[-1]
         assert status["model"]["sha256"] == tiny_sha and status["previous_model"] is None
 
