@@ -316,10 +316,11 @@ class HttpBridge:
 
 
 def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str = "",
-                      store_url: str | None = None, shared_group: str | None = None, extra: str = "") -> HttpBridge:
-    """Start a bridge serving its API on a free port; optionally on PostgreSQL, in a shared group, with
-    `extra` TOML tables."""
-    token, http_port = secrets.token_urlsafe(24), free_port()
+                      store_url: str | None = None, shared_group: str | None = None, extra: str = "",
+                      http_port: int | None = None) -> HttpBridge:
+    """Start a bridge serving its API on `http_port` (default a free port); optionally on PostgreSQL, in
+    a shared group, with `extra` TOML tables."""
+    token, http_port = secrets.token_urlsafe(24), http_port or free_port()
     extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n" + extra
     config = write_bridge_config(folder, broker_port, prefix, extra=extra)
     text = config.read_text().replace(f'client_id = "bridge-{prefix}"', f'client_id = "bridge-{prefix}{name}"'
