@@ -379,6 +379,11 @@ class Telemetry(_Tolerant):
     uptime_s: float
     dropped: dict[str, Count] = Field(default_factory=dict)
     redelivery: dict[str, Count] = Field(default_factory=dict)
+    # additive (docs/protocol.md): absent from older agents, hence the defaults
+    reconnects: Count = 0
+    store_bytes: Count = 0
+    model_load_s: float | None = None
+    commands: dict[str, dict[str, Count]] = Field(default_factory=dict)
 
 
 class Event(_Tolerant):
