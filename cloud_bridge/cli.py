@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from cloud_bridge import commands, console, stats
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
+from cloud_bridge.store.access import ROLES
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -135,7 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
     policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
+    _add_access(sub, common)
     return parser
+
+
+def _add_access(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    token = sub.add_parser("token", help="manage the API's named tokens and their roles",
+                           description="Named API tokens, each with a role: viewer (reads), operator (also sends "
+                                       "and cancels commands, chats through /v1), admin (everything: policy, the "
+                                       "audit log). The registry keeps only each token's SHA-256.")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION", parser_class=_Parser)
+    add = actions.add_parser("add", parents=[common], help="create a token and print it (once)")
+    add.add_argument("name", metavar="NAME", help="who or what uses it (shown in the audit log)")
+    add.add_argument("--role", required=True, choices=ROLES)
+    actions.add_parser("list", parents=[common], help="name, role, created, last used (never the token)")
+    revoke = actions.add_parser("revoke", parents=[common], help="delete a token: it stops working at once")
+    revoke.add_argument("name", metavar="NAME")
+    audit = sub.add_parser("audit", parents=[common], help="show the audit log of mutating calls",
+                           description="Every call that changed something, API and CLI, newest first: who "
+                                       "(a token's name or cli:<unix user>), what, on what, when, the outcome.")
+    audit.add_argument("--limit", type=int, default=50, metavar="N", help="how many (default 50)")
 
 
 def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -258,7 +280,8 @@ def cmd_dead_letters(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
+        with _audited(registry, "cancel", args.command_id):
+            row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
         _warn(warnings)
         _json({"cancel": row, "target": registry.commands.get(args.command_id)}) if args.json else _out(row.id)
     return 0
@@ -273,7 +296,8 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
         if args.target is None:
             raise InvalidRequest("--set needs a TARGET: a device id or group/G")
         request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, "policy --set", args.target):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -289,6 +313,46 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
     if args.json:
         _json([console.final_json(row) for row in finals])
     return max(exit_code(row) for row in finals)
+
+
+def cmd_token(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.token_command == "list":
+            _json(registry.tokens.all()) if args.json else _out(console.tokens_table(registry))
+            return 0
+        with _audited(registry, f"token {args.token_command}", args.name):
+            if args.token_command == "revoke":
+                registry.tokens.revoke(args.name)
+                return 0
+            token = registry.tokens.add(args.name, args.role)
+    _err(f"token {args.name!r} ({args.role}); it is shown only this once, store it now:")
+    _out(token)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        _json(registry.audit.recent(args.limit)) if args.json else _out(console.audit_table(registry, args.limit))
+    return 0
+
+
+def cli_actor() -> str:
+    """`cli:<unix user>` of this process (its effective uid, not $USER)."""
+    try:
+        return f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid {os.geteuid()}"
+
+
+@contextmanager
+def _audited(registry: Registry, action: str, target: str | None) -> Iterator[None]:
+    """Record the block in the audit log: `ok`, or the error it raised (then re-raised)."""
+    try:
+        yield
+    except Exception as exc:
+        registry.audit.record(cli_actor(), action, target or "", f"error: {exc}")
+        raise
+    registry.audit.record(cli_actor(), action, target or "", "ok")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -315,7 +379,8 @@ def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
         id=args.command_id, priority=args.priority,
     )
     with _registry(config) as registry:
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, f"send {args.kind}", args.device):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait or len(queued.rows) > 1:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -376,6 +441,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "stats": cmd_stats,
     "cancel": cmd_cancel,
     "policy": cmd_policy,
+    "token": cmd_token,
+    "audit": cmd_audit,
 }
 
 

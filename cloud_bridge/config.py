@@ -36,6 +36,7 @@ Example (every key optional)::
     days = 30                   # finished commands, their replies, events, cleared alerts, state history
     chunk_days = 1              # stream chunks (the terminal reply holds the whole text)
     dead_letter_days = 30       # messages the bridge could not store (`cloud-bridge dead-letters`)
+    audit_days = 365            # the audit log (`cloud-bridge audit`)
 """
 
 from __future__ import annotations
@@ -140,11 +141,14 @@ class RetentionConfig(settings.Section):
     chunk_days: float = Field(default=1.0, ge=0, description="stream chunks older than this are deleted")
     dead_letter_days: float = Field(default=30.0, ge=0, description="dead letters (messages the bridge could "
                                     "not store) older than this are deleted")
+    audit_days: float = Field(default=365.0, ge=0, description="audit log entries older than this are deleted")
     check_interval_s: float = Field(default=3600.0, gt=0, description="how often the bridge deletes them")
 
-    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None, datetime | None]:
-        """(finished rows, stream chunks, dead letters): what is older is deleted; None keeps that kind forever."""
-        return _before(now, self.days), _before(now, self.chunk_days), _before(now, self.dead_letter_days)
+    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None, datetime | None, datetime | None]:
+        """(finished rows, stream chunks, dead letters, audit log): what is older is deleted; None keeps that kind
+        forever."""
+        return (_before(now, self.days), _before(now, self.chunk_days), _before(now, self.dead_letter_days),
+                _before(now, self.audit_days))
 
 
 def _before(now: datetime, days: float) -> datetime | None:

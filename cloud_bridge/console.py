@@ -105,6 +105,22 @@ def policies_table(registry: Registry) -> str:
     return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
 
 
+def tokens_table(registry: Registry) -> str:
+    """The API's named tokens (never the tokens themselves)."""
+    rows = [[t.name, t.role, short_ts(t.created_at), short_ts(t.last_used_at)] for t in registry.tokens.all()]
+    if not rows:
+        return "no named tokens: only the [http] token_file token (admin) works; add one with `cloud-bridge token add`"
+    return render_table(["NAME", "ROLE", "CREATED", "LAST USED"], rows)
+
+
+def audit_table(registry: Registry, limit: int = 50) -> str:
+    """The newest entries of the audit log, newest first."""
+    rows = [[short_ts(a.ts), a.actor, a.action, a.target, a.outcome[:100]] for a in registry.audit.recent(limit)]
+    if not rows:
+        return "the audit log is empty: nothing was changed through the API or the CLI yet"
+    return render_table(["TIME", "WHO", "ACTION", "TARGET", "OUTCOME"], rows)
+
+
 # --- a command's outcome ----------------------------------------------------------------------
 
 

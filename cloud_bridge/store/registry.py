@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from cloud_bridge.errors import BridgeError, RegistryMissing
 from cloud_bridge.store import schema
+from cloud_bridge.store.access import Audit, Tokens
 from cloud_bridge.store.backends import Backend, PostgresBackend, SqliteBackend, connect_sqlite
 from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
@@ -76,6 +77,8 @@ class Registry:
         self.observations = Observations(self._connection)
         self.stats = Stats(self._connection)
         self.deliveries = Deliveries(self._connection)
+        self.tokens = Tokens(self._connection)
+        self.audit = Audit(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:

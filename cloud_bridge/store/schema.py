@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -148,6 +148,21 @@ CREATE TABLE IF NOT EXISTS alert_deliveries (
     delivered_at TEXT
 );
 CREATE INDEX IF NOT EXISTS alert_deliveries_due ON alert_deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,         -- viewer | operator | admin
+    token_sha256 TEXT NOT NULL, -- hex SHA-256 of the token (the token itself is never stored)
+    created_at TEXT NOT NULL,
+    last_used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id SERIAL_ID,
+    ts TEXT NOT NULL,
+    actor TEXT NOT NULL,        -- a token's name, or cli:<unix user>
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL       -- ok, or the error
+);
 """
 
 
@@ -183,6 +198,7 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         Only("postgresql", "ALTER TABLE devices ALTER COLUMN n_gpu_layers TYPE BIGINT"),
     ),
     4: (),  # the `alert_deliveries` table (webhook outbox and delivery log) comes from SCHEMA
+    5: (),  # access: the `api_tokens` and `audit_log` tables come from SCHEMA (create() runs after)
 }
 
 
