@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
-from cloud_bridge.http import api_routes, health_routes, openai_routes, page_routes
+from cloud_bridge.http import api_routes, console_routes, health_routes, openai_routes, page_routes
 from cloud_bridge.http.audit import audit_middleware
 from cloud_bridge.http.deps import (
     TOKEN_HINT,
@@ -48,6 +48,7 @@ def create_app(registry: Registry, config: BridgeConfig, token: str,
     app.include_router(page_routes.router)
     app.include_router(health_routes.router)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
+    app.include_router(console_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authenticate)])
     app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)
     return app

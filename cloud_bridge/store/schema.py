@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -116,7 +116,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop | dead_letters (device '*')
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
-    cleared_at TEXT             -- NULL while the condition holds
+    cleared_at TEXT,            -- NULL while the condition holds
+    acknowledged_at TEXT,       -- an operator took it (console, API); NULL: nobody yet
+    acknowledged_by TEXT        -- the token's name that acknowledged it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device_id, kind) WHERE cleared_at IS NULL;
 CREATE TABLE IF NOT EXISTS counters (
@@ -199,6 +201,10 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
     ),
     4: (),  # the `alert_deliveries` table (webhook outbox and delivery log) comes from SCHEMA
     5: (),  # access: the `api_tokens` and `audit_log` tables come from SCHEMA (create() runs after)
+    6: (  # alert acknowledgement (console, POST /api/alerts/{id}/acknowledge)
+        "ALTER TABLE alerts ADD COLUMN acknowledged_at TEXT",
+        "ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT",
+    ),
 }
 
 

@@ -346,27 +346,3 @@ def bridge(mosquitto: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
     finally:
         code = stop_process(handle.process)
         assert code == 0, f"cloud-bridge serve exited {code} on SIGTERM:\n{handle.log()}"
-
-
-# --- a headless Chromium for the console tests -------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
-        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,900"):
-        options.add_argument(arg)
-    from selenium.webdriver.chrome.service import Service
-
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    yield driver
-    driver.quit()

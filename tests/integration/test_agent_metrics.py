@@ -95,7 +95,7 @@ def test_metrics_and_telemetry_report_the_same_agent(tmp_path: Path, tiny_model:
 
         # broker down: a local request is answered, its replies wait in the outbox; back up: they leave
         own_broker.stop()
-        until(lambda: value(scrape(port), "autoglm_agent_broker_connected") == 0, "the agent noticing the broker's loss")
+        until(lambda: value(scrape(port), "autoglm_agent_broker_connected") == 0, "the broker's loss noticed")
         local = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=120)
         assert local.completions.create(model="any", prompt="Valve 7 is", max_tokens=4, temperature=0).choices
         offline = scrape(port)
