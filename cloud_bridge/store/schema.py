@@ -117,7 +117,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
     cleared_at TEXT,            -- NULL while the condition holds
-    acknowledged_at TEXT,       -- an operator took it (console, API); NULL: nobody yet
+    acknowledged_at TEXT,       -- when an operator took it (console, API), NULL until then
     acknowledged_by TEXT        -- the token's name that acknowledged it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device_id, kind) WHERE cleared_at IS NULL;

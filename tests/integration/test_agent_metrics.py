@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm_wire import __version__
 from tests.support.agent_proc import AgentProcess, write_agent_config
 from tests.support.broker import Broker, free_port, wait_for_port
-from tests.support.cloud import CloudClient, chat
+from tests.support.cloud import CloudClient, chat, command
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def test_metrics_and_telemetry_report_the_same_agent(tmp_path: Path, tiny_model:
     agent, port = start(tmp_path, tiny_model, own_broker, "gw-metrics")
     try:
         cloud.wait_online("gw-metrics")
-        cloud.send("gw-metrics", chat("Pump 3 reads", max_tokens=8, temperature=0) | {"id": "m-chat-1"})
+        cloud.send("gw-metrics", command("chat", chat("Pump 3 reads", max_tokens=8, temperature=0), "m-chat-1"))
         assert cloud.wait_terminal("m-chat-1")["status"] == "succeeded"
         samples = scrape(port)
         assert value(samples, "autoglm_agent_commands", kind="chat", state="succeeded") == 1
