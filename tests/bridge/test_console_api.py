@@ -18,7 +18,7 @@ from cloud_bridge.stats import fleet_series
 from cloud_bridge.store.registry import Registry
 
 from .conftest import http_server
-from .factories import T0, at, command, offline, online, reply
+from .factories import at, command, offline, online, reply
 
 TOKEN = "console-api-token-0123456789"
 FAILED = {"code": "model_error", "message": "llama.cpp failed"}
