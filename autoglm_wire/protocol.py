@@ -384,6 +384,7 @@ class Telemetry(_Tolerant):
     store_bytes: Count = 0
     model_load_s: float | None = None
     commands: dict[str, dict[str, Count]] = Field(default_factory=dict)
+    max_tokens_limit: Count | None = None  # the device's `limits.max_tokens`
 
 
 class Event(_Tolerant):

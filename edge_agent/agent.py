@@ -191,6 +191,7 @@ class Agent:
             uptime_s=n.uptime_s, dropped=n.dropped, redelivery=self.link.redelivery.counters(),
             reconnects=n.reconnects, store_bytes=n.store_bytes,
             model_load_s=None if n.model_load_s is None else round(n.model_load_s, 3), commands=n.commands,
+            max_tokens_limit=self.config.limits.max_tokens,
         )
 
     def _load_engine(self, config: AgentConfig) -> TextEngine:

@@ -95,8 +95,8 @@ def live(timeout_s: float = Query(default=3600.0, gt=0, le=86400), registry: Reg
                 if counts != fleet:
                     fleet = counts
                     yield sse("fleet", counts)
-            yield ": tick\n\n"  # a closed connection fails this write, ending the loop
             tick += 1
             time.sleep(LIVE_TICK_S)
+            yield ": tick\n\n"  # a closed connection fails this write: no query after the client left
 
     return stream_response(events())

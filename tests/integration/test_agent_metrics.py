@@ -92,6 +92,7 @@ def test_metrics_and_telemetry_report_the_same_agent(tmp_path: Path, tiny_model:
         assert telemetry["commands"]["chat"] == {"succeeded": 1}
         assert telemetry["model_load_s"] == pytest.approx(value(samples, "autoglm_agent_model_load_seconds"), abs=1e-3)
         assert telemetry["store_bytes"] > 0 and telemetry["reconnects"] == 0
+        assert telemetry["max_tokens_limit"] == 4096  # limits.max_tokens by default
 
         # broker down: a local request is answered, its replies wait in the outbox; back up: they leave
         own_broker.stop()
