@@ -201,7 +201,10 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
     ),
     4: (),  # the `alert_deliveries` table (webhook outbox and delivery log) comes from SCHEMA
     5: (),  # access: the `api_tokens` and `audit_log` tables come from SCHEMA (create() runs after)
-    6: (  # alert acknowledgement (console, POST /api/alerts/{id}/acknowledge)
+    6: (  # alert acknowledgement (console, POST /api/alerts/{id}/acknowledge); a registry from before alerts
+        # existed gets their version-5 table first
+        "CREATE TABLE IF NOT EXISTS alerts (id SERIAL_ID, device_id TEXT NOT NULL, kind TEXT NOT NULL, "
+        "message TEXT NOT NULL, raised_at TEXT NOT NULL, cleared_at TEXT)",
         "ALTER TABLE alerts ADD COLUMN acknowledged_at TEXT",
         "ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT",
     ),
