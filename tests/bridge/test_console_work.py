@@ -30,6 +30,8 @@ from .factories import command, offline, online, reply
 TOKEN = "console-work-token-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = {"gw-1": 512, "gw-2": 1024}
+CHATS = 118  # per device, one every 30 s over the last hour
+TOTAL = 2 * CHATS + 1 + 60 + 1  # chats, the failed chat, pings, the waiting command
 
 
 def _seed(registry: Registry) -> None:
@@ -59,13 +61,13 @@ def _seed(registry: Registry) -> None:
         registry.replies.record(reply(seq[device_id], status, command_id=command_id, device_id=device_id, **fields),
                                 now - timedelta(minutes=minutes_ago))
 
-    for i in range(24):  # one chat every 2.5 minutes on each device, getting slower on gw-2
-        for device_id, speed in (("gw-1", 20.0), ("gw-2", 15.0 - i * 0.3)):
+    for i in range(CHATS):  # one chat every 30 s on each device, getting slower on gw-2
+        for device_id, speed in (("gw-1", 20.0 + i % 3), ("gw-2", 15.0 - i * 0.06)):
             command_id = f"chat-{device_id}-{i}"
             registry.commands.add(command(command_id, kind="chat", params={"prompt": "hi"}, device_id=device_id),
-                                  device_id, now - timedelta(minutes=60 - i * 2.5))
-            total = 400.0 + 40 * (i % 5) + (900.0 if i % 7 == 0 else 0.0)
-            answer(device_id, command_id, "succeeded", 60 - i * 2.5 - 0.1, output={"text": f"answer {i}"},
+                                  device_id, now - timedelta(minutes=60 - i * 0.5))
+            total = 400.0 + (i * 37) % 300 + (1500.0 if i % 9 == 0 else 0.0)
+            answer(device_id, command_id, "succeeded", 60 - i * 0.5 - 0.05, output={"text": f"answer {i}"},
                    metrics={"total_ms": total, "ttft_ms": total / 8, "queue_ms": 5.0, "tokens_per_s": speed})
     registry.commands.add(command("chat-broken", kind="chat", params={"prompt": "x"}, device_id="gw-1"), "gw-1",
                           now - timedelta(minutes=3))
@@ -110,7 +112,12 @@ def _login(browser, url: str):
 def _screenshot(browser, name: str) -> None:
     saving = os.environ.get("AUTOGLM_SAVE_SCREENSHOTS") == "1"
     folder = ROOT / "docs" / "images" if saving else Path(tempfile.gettempdir())
-    assert browser.save_screenshot(str(folder / name))
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1280, min(max(900, height + 40), 4000))  # the whole page
+    try:
+        assert browser.save_screenshot(str(folder / name))
+    finally:
+        browser.set_window_size(1280, 900)
 
 
 def test_charts_paging_and_filters(console, browser):
@@ -124,12 +131,13 @@ def test_charts_paging_and_filters(console, browser):
     assert speed == {"gw-1", "gw-2"}
     bars = {(r.get_attribute("data-name"), r.get_attribute("data-count"))
             for r in browser.find_elements(By.CSS_SELECTOR, "#chart-fleet rect")}
-    assert {("online", "2"), ("offline", "1"), ("tokens_per_s_drop", "1"), ("failed", "1"), ("pending", "61")} <= bars
+    assert {("online", "2"), ("offline", "1"), ("tokens_per_s_drop", "1"), ("failed", "1"), ("pending", "61"),
+            ("succeeded", str(2 * CHATS))} <= bars
     pager = browser.find_element(By.CSS_SELECTOR, "#commands-pager span")
-    wait.until(lambda b: pager.text == "1–50 of 110")
+    wait.until(lambda b: pager.text == f"1–50 of {TOTAL}")
     _screenshot(browser, "console-overview.png")
     browser.find_element(By.CSS_SELECTOR, '#commands-pager [data-step="1"]').click()
-    wait.until(lambda b: pager.text == "51–100 of 110")
+    wait.until(lambda b: pager.text == f"51–100 of {TOTAL}")
     Select(browser.find_element(By.ID, "command-state")).select_by_visible_text("failed")
     wait.until(lambda b: pager.text == "1–1 of 1")
     assert "chat-broken" in browser.find_element(By.ID, "commands").text
@@ -146,8 +154,8 @@ def test_device_page_acknowledges_an_alert_and_pushes_a_policy(console, browser)
     browser.get(url + "/#device=gw-3")
     panel = browser.find_element(By.ID, "device-detail")
     wait.until(lambda b: panel.get_attribute("data-device") == "gw-3" and "State history" in panel.text)
-    history = [row.text for row in panel.find_elements(By.CSS_SELECTOR, "table")[0].find_elements(By.TAG_NAME, "tr")]
-    assert [line.split()[0] for line in history[1:]] == ["offline", "online", "offline", "online"]
+    history = [row.text for row in panel.find_elements(By.CSS_SELECTOR, "#device-states tbody tr")]
+    assert [line.split()[0] for line in history] == ["offline", "online", "offline", "online"]
     assert "waiting-1" in panel.text and "ping-59" in panel.text
     panel.find_element(By.XPATH, ".//button[text()='Acknowledge']").click()
     wait.until(lambda b: "by file at" in b.find_element(By.ID, "device-detail").text)
@@ -180,8 +188,9 @@ def test_command_page_shows_the_error_and_cancels(console, browser):
     wait.until(lambda b: "queued" in b.find_element(By.ID, "command-action-status").text)
     [cancel] = [c for c in registry.commands.recent("gw-3", 5) if c.kind == "cancel"]
     assert cancel.payload["params"]["target"] == "waiting-1"
-    browser.get(url + "/#command=chat-gw-2-23")
-    wait.until(lambda b: b.find_element(By.ID, "command-detail").get_attribute("data-command") == "chat-gw-2-23")
+    browser.get(url + f"/#command=chat-gw-2-{CHATS - 1}")
+    last = f"chat-gw-2-{CHATS - 1}"
+    wait.until(lambda b: b.find_element(By.ID, "command-detail").get_attribute("data-command") == last)
     _screenshot(browser, "console-command.png")
 
 
