@@ -3,7 +3,6 @@ HTTP listener (Prometheus text, bearer token) and the same values in Telemetry; 
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm_wire import __version__
+from tests.integration.test_local_api import get
 from tests.support.agent_proc import AgentProcess, write_agent_config
 from tests.support.broker import Broker, free_port, wait_for_port
 from tests.support.cloud import CloudClient, chat, command
@@ -55,14 +55,6 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> No
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.1)
-
-
-def get(port: int, path: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_metrics_and_telemetry_report_the_same_agent(tmp_path: Path, tiny_model: Path, own_broker: Broker) -> None:
