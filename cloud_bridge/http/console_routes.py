@@ -5,12 +5,14 @@ token; each route declares its role (reads: viewer; acknowledging: operator)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import stats
@@ -72,31 +74,46 @@ def acknowledge_alert(alert_id: int, request: Request, registry: Registry = REG,
                              "`fleet` with the counts when they change; a `: tick` comment every second",
             dependencies=[VIEWER])
 def live(timeout_s: float = Query(default=3600.0, gt=0, le=86400), registry: Registry = REG) -> Any:
-    cursor = registry.feeds.last_ids()
+    feed = LiveFeed(registry)
 
-    def events() -> Iterator[str]:
-        fleet: dict[str, dict[str, int]] | None = None
+    async def events() -> AsyncIterator[str]:
         deadline = time.monotonic() + timeout_s
         tick = 0
         while time.monotonic() < deadline:
-            for row in registry.feeds.replies(cursor["replies"]):
-                cursor["replies"] = row.id
-                yield sse("reply", {"device_id": row.device_id, "command_id": row.command_id, "seq": row.seq,
-                                    "status": row.status, "received_at": row.received_at})
-            for event in registry.feeds.events(cursor["events"]):
-                cursor["events"] = event.id
-                yield sse("event", {"device_id": event.device_id, "level": event.level, "code": event.code,
-                                    "message": event.message, "ts": event.ts})
-            for change in registry.feeds.device_states(cursor["device_states"]):
-                cursor["device_states"] = change.id
-                yield sse("state", asdict(change))
-            if tick % FLEET_EVERY_TICKS == 0:
-                counts = fleet_counts(registry)
-                if counts != fleet:
-                    fleet = counts
-                    yield sse("fleet", counts)
+            for item in await run_in_threadpool(feed.news, tick % FLEET_EVERY_TICKS == 0):
+                yield item
             tick += 1
-            time.sleep(LIVE_TICK_S)
-            yield ": tick\n\n"  # a closed connection fails this write: no query after the client left
+            await asyncio.sleep(LIVE_TICK_S)  # no thread held while waiting; a client that left cancels here
+            yield ": tick\n\n"
 
     return stream_response(events())
+
+
+class LiveFeed:
+    """What `/api/live` has not sent yet: rows of the feed tables past its cursor, and the fleet counts."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._cursor = registry.feeds.last_ids()
+        self._fleet: dict[str, dict[str, int]] | None = None
+
+    def news(self, with_counts: bool) -> list[str]:
+        """The server-sent events for what is new; the counts only when `with_counts` and changed."""
+        feeds, cursor, items = self._registry.feeds, self._cursor, []
+        for row in feeds.replies(cursor["replies"]):
+            cursor["replies"] = row.id
+            items.append(sse("reply", {"device_id": row.device_id, "command_id": row.command_id, "seq": row.seq,
+                                       "status": row.status, "received_at": row.received_at}))
+        for event in feeds.events(cursor["events"]):
+            cursor["events"] = event.id
+            items.append(sse("event", {"device_id": event.device_id, "level": event.level, "code": event.code,
+                                       "message": event.message, "ts": event.ts}))
+        for change in feeds.device_states(cursor["device_states"]):
+            cursor["device_states"] = change.id
+            items.append(sse("state", asdict(change)))
+        if with_counts:
+            counts = fleet_counts(self._registry)
+            if counts != self._fleet:
+                self._fleet = counts
+                items.append(sse("fleet", counts))
+        return items
