@@ -355,6 +355,11 @@ class ModelInfo(_Tolerant):
     gpu_reason: str | None = None
 
 
+class ModelRef(_Tolerant):
+    name: str
+    sha256: str
+
+
 class Status(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
@@ -364,6 +369,8 @@ class Status(_Tolerant):
     model: ModelInfo | None = None
     kinds: list[str] | None = None
     groups: list[str] | None = None
+    previous_model: ModelRef | None = None  # issue #14: absent in older agents
+    rollout: str | None = None
 
 
 class Telemetry(_Tolerant):

@@ -22,9 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from pydantic import ValidationError
+
 from autoglm_wire import __version__
-from autoglm_wire.protocol import utc_now
-from cloud_bridge import commands, console, stats
+from autoglm_wire.protocol import describe_validation_error, utc_now
+from cloud_bridge import artifacts, commands, console, rollout_console, rollouts, stats
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
@@ -89,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Validate the config, open every file it names (TLS, signing key, token, "
                                 "credential:NAME) and the registry as `serve` would; print the effective config.")
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    sub.add_parser("devices", parents=[common], help="list devices and their state",
-                   description="List every device that reported to this bridge.")
+    devices = sub.add_parser("devices", parents=[common], help="list devices and their state",
+                             description="List every device that reported to this bridge, with its active and "
+                                         "previous model and the rollout that set it.")
+    devices.add_argument("--model", metavar="M", help="only devices whose active model is M (name or sha256 prefix)")
     _add_send(sub, common)
     commands = sub.add_parser("commands", parents=[common], help="list recent commands",
                               description="List recent commands, newest first.")
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
     policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
     _add_access(sub, common)
+    _add_models(sub, common)
     return parser
 
 
@@ -159,6 +164,48 @@ def _add_access(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                                        "(a token's name or cli:<unix user>), what, on what, when, the outcome.")
     audit.add_argument("--limit", type=int, default=50, metavar="N", help="how many (default 50)")
 
+
+def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    model = sub.add_parser("model", help="register, list and remove model artifacts (GGUF)",
+                           description="Model artifacts the bridge deploys: `add` reads a GGUF's header (architecture, "
+                                       "quantisation, parameters, context length), hashes it and copies it into "
+                                       "[models] dir, served to devices at /artifacts/<sha256> with a download token.")
+    actions = model.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    add = actions.add_parser("add", parents=[common], help="register a GGUF file")
+    add.add_argument("file", type=Path, metavar="FILE")
+    add.add_argument("--name", metavar="N", help="the model's name (default: the file name without .gguf)")
+    add.add_argument("--url", metavar="URL", help="devices download it from this mirror instead of the bridge "
+                                                  "(the file is hashed, not copied)")
+    actions.add_parser("list", parents=[common], help="list registered models")
+    remove = actions.add_parser("remove", parents=[common], help="forget a model and delete its copy")
+    remove.add_argument("model", metavar="NAME")
+
+    rollout = sub.add_parser("rollout", help="staged model rollouts: create, status, pause, resume, abort, rollback",
+                             description="Deploy a registered model to devices in waves; a wave starts when every "
+                                         "device of the previous one has reported or timed out; more than "
+                                         "--max-failures failed devices halt the rollout and roll back the devices "
+                                         "of the halted wave. `cloud-bridge serve` drives it.",
+                             epilog="example:\n  cloud-bridge rollout create --config bridge.toml --model glm-q4 "
+                                    "--target group/site-a --waves 10%,50%,100% --max-failures 1 --canary canary.json",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = rollout.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    create = actions.add_parser("create", parents=[common], help="start a rollout")
+    create.add_argument("--model", required=True, metavar="N", help="a registered model's name or sha256")
+    create.add_argument("--target", metavar="T", help="a device id or group/G")
+    create.add_argument("--filter", type=_json_object, metavar="JSON",
+                        help='instead of --target: e.g. \'{"model_name": "old", "state": "online"}\'')
+    create.add_argument("--waves", default="5%,25%,100%", metavar="P1,P2,..",
+                        help="cumulative percentages of the devices, the last 100 (default 5%%,25%%,100%%)")
+    create.add_argument("--max-failures", type=int, default=0, metavar="K",
+                        help="more than K failed devices halt the rollout (default 0)")
+    create.add_argument("--canary", type=Path, metavar="FILE", help="a JSON file: the deploy command's canary object")
+    create.add_argument("--id", metavar="ID", help="rollout id (default: a fresh one)")
+    status = actions.add_parser("status", parents=[common], help="one rollout's devices, or every rollout")
+    status.add_argument("rollout_id", nargs="?", metavar="ROLLOUT")
+    for name, what in (("pause", "start no new wave"), ("resume", "go on after a pause"),
+                       ("abort", "stop; cancel deploys not yet accepted"),
+                       ("rollback", "stop, and send a model rollback to every device that activated")):
+        actions.add_parser(name, parents=[common], help=what).add_argument("rollout_id", metavar="ROLLOUT")
 
 def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     send = sub.add_parser("send", parents=[common], help="queue a command and wait for its reply",
@@ -235,8 +282,66 @@ def _plain(value: object) -> object:
 
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _json(registry.devices.all()) if args.json else _out(console.devices_table(registry))
+        if args.json:
+            _json([d for d in registry.devices.all() if args.model is None or console.runs_model(d, args.model)])
+        else:
+            _out(console.devices_table(registry, args.model))
     return 0
+
+
+def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.action == "add":
+            with _audited(registry, "model add", args.name or args.file.name):
+                model, added = artifacts.register(registry, config.models.dir, args.file, args.name, args.url)
+            if not args.json:
+                _out(f"{'registered' if added else 'already registered:'} {model.name} {model.sha256} "
+                     f"({model.size} bytes, {model.architecture} {model.quantization})")
+                return 0
+            _json(model)
+        elif args.action == "list":
+            models = registry.models.all()
+            _json(models) if args.json else _out(rollout_console.models_table(models))
+        else:
+            with _audited(registry, "model remove", args.model):
+                model = artifacts.unregister(registry, config.models.dir, args.model)
+            _json(model) if args.json else _out(f"removed {model.name} {model.sha256}")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.action == "create":
+            with _audited(registry, "rollout create", args.target or "filter"):
+                rollout_id = rollouts.create(registry, config, _rollout_request(args)).id
+        elif args.action == "status" and args.rollout_id is None:
+            _json(registry.rollouts.recent()) if args.json else _out(rollout_console.rollouts_table(registry))
+            return 0
+        else:
+            rollout_id = args.rollout_id
+            actions = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
+                       "rollback": rollouts.rollback}
+            if args.action in actions:
+                with _audited(registry, f"rollout {args.action}", rollout_id):
+                    actions[args.action](registry, rollout_id)
+        _json(rollouts.status(registry, rollout_id)) if args.json else _out(
+            rollout_console.rollout_text(registry, rollout_id))
+    return 0
+
+
+def _rollout_request(args: argparse.Namespace) -> rollouts.RolloutRequest:
+    canary = None
+    if args.canary is not None:
+        try:
+            canary = rollouts.parse_canary(json.loads(args.canary.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"--canary {args.canary}: {exc}; give a JSON file holding the canary object") from exc
+    try:
+        return rollouts.RolloutRequest(model=args.model, target=args.target, max_failures=args.max_failures,
+                                       filter=args.filter, waves=rollouts.parse_waves(args.waves), canary=canary,
+                                       id=args.id)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from exc
 
 
 def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
@@ -443,6 +548,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "policy": cmd_policy,
     "token": cmd_token,
     "audit": cmd_audit,
+    "model": cmd_model,
+    "rollout": cmd_rollout,
 }
 
 

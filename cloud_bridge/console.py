@@ -39,20 +39,29 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def devices_table(registry: Registry) -> str:
-    """Every device the bridge has heard of, one line each."""
-    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "GPU LAYERS", "AGENT"]
-    rows = [_device_cells(d) for d in registry.devices.all()]
+def devices_table(registry: Registry, model: str | None = None) -> str:
+    """Every device the bridge has heard of (running `model`: a name or sha256 prefix), one line each."""
+    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "PREVIOUS", "ROLLOUT", "GPU LAYERS",
+               "AGENT"]
+    rows = [_device_cells(d) for d in registry.devices.all() if model is None or runs_model(d, model)]
     if not rows:
+        if model is not None:
+            return f"no device runs model {model!r}"
         return "no devices yet: none has published a status under this topic prefix"
     counters = registry.counters.all()
     footer = "\n\n" + "  ".join(f"{k}={v}" for k, v in counters.items()) if counters else ""
     return render_table(headers, rows) + footer
 
 
+def runs_model(device: DeviceRow, model: str) -> bool:
+    """Whether the device's active model is `model` (its name, or a prefix of its sha256)."""
+    return device.model_name == model or bool(device.model_sha256 and device.model_sha256.startswith(model))
+
+
 def _device_cells(d: DeviceRow) -> list[str]:
+    previous = f"{d.previous_model_name} ({(d.previous_model_sha256 or '')[:12]})" if d.previous_model_name else "-"
     return [d.device_id, d.state or "unknown", short_ts(d.since), short_ts(d.last_seen), _cell(d.model_name),
-            (d.model_sha256 or "-")[:12], _cell(d.n_gpu_layers), _cell(d.agent_version)]
+            (d.model_sha256 or "-")[:12], previous, _cell(d.rollout), _cell(d.n_gpu_layers), _cell(d.agent_version)]
 
 
 def commands_table(registry: Registry, device_id: str | None = None, limit: int = 20,

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request, Response
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.console import runs_model
 from cloud_bridge.http.deps import (
     ADMIN,
     CFG,
@@ -45,10 +46,11 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry",
+@router.get("/devices", summary="every device the bridge has heard of, with its state, active and previous model "
+                                 "and last telemetry; `model`: only those running it (name or sha256 prefix)",
             dependencies=[VIEWER])
-def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices.all()]
+def list_devices(model: str | None = None, registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(device) for device in registry.devices.all() if model is None or runs_model(device, model)]
 
 
 @router.get("/devices/{device_id}", summary="one device", dependencies=[VIEWER])
@@ -146,12 +148,13 @@ def list_dead_letters(device: str | None = None, limit: int = Query(default=50, 
 
 
 @router.get("/stats", summary="count, device failure rate and P50/P95/P99 of queue, TTFT, total time and tokens/s "
-                              "over a window (e.g. 1h), by device, kind or model")
+                              "over a window (e.g. 1h), by device, kind or model", dependencies=[VIEWER])
 def get_stats(window: str = "1h", group_by: GroupBy = "device", registry: Registry = REG) -> stats.FleetStats:
     return stats.fleet_stats(registry, window, group_by, utc_now())
 
 
-@router.get("/alert-deliveries", summary="the webhook delivery log of alert notifications, newest first")
+@router.get("/alert-deliveries", summary="the webhook delivery log of alert notifications, newest first",
+            dependencies=[VIEWER])
 def list_alert_deliveries(limit: int = Query(default=50, ge=1, le=1000),
                           registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(row) for row in registry.deliveries.recent(limit)]

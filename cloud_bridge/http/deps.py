@@ -23,7 +23,9 @@ from autoglm_wire import settings
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BadTarget, BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
 from cloud_bridge.store.access import FILE_TOKEN_NAME, Role, role_allows
+from cloud_bridge.store.models import UnknownModel
 from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rollouts import UnknownRollout
 
 STREAM_POLL_S = 0.05
 TOKEN_HINT = ("send `Authorization: Bearer <token>`: a token made by `cloud-bridge token add`, or the first line "
@@ -33,6 +35,8 @@ BRIDGE_ERRORS: dict[type[BridgeError], tuple[int, str]] = {
     DuplicateCommand: (409, "DuplicateCommand"),
     InvalidRequest: (400, "InvalidRequest"),
     BadTarget: (400, "bad_target"),
+    UnknownModel: (404, "unknown_model"),
+    UnknownRollout: (404, "unknown_rollout"),
 }
 BEARER = HTTPBearer(auto_error=False)
 CREDENTIALS = Depends(BEARER)

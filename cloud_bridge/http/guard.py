@@ -4,7 +4,7 @@ before a single body byte is read, and refuses bodies larger than `[http] max_bo
 FastAPI reads and parses a request body before it runs the route's dependencies, so without this
 guard an unauthenticated client could make the bridge buffer any amount of memory. The guard:
 
-- answers 401 (the same check and message as `deps.authenticate`, which also records the caller)
+- answers 401 (the check and message of `deps.authenticate`, which also records the caller)
   without reading the body;
 - answers 413 at once when `Content-Length` is above the limit;
 - counts the bytes of a body sent without `Content-Length` (chunked) as the app reads them and

@@ -25,9 +25,11 @@ from cloud_bridge.store.deliveries import Deliveries
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
+from cloud_bridge.store.models import Models
 from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
 from cloud_bridge.store.retention import Retention
+from cloud_bridge.store.rollouts import Rollouts
 from cloud_bridge.store.stats import Stats
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ class Registry:
         self.deliveries = Deliveries(self._connection)
         self.tokens = Tokens(self._connection)
         self.audit = Audit(self._connection)
+        self.models = Models(self._connection)
+        self.rollouts = Rollouts(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:

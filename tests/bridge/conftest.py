@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_TABLES = ("devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters, "
-             "alert_deliveries, api_tokens, audit_log")
+             "alert_deliveries, api_tokens, audit_log, models, rollouts, rollout_devices")
 
 
 @contextmanager
@@ -307,6 +307,7 @@ class HttpBridge:
     log_path: Path
     url: str
     token: str
+    config_path: Path
     api: httpx.Client
 
     def stop(self) -> int | None:
@@ -315,10 +316,11 @@ class HttpBridge:
 
 
 def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str = "",
-                      store_url: str | None = None, shared_group: str | None = None) -> HttpBridge:
-    """Start a bridge serving its API on a free port; optionally on PostgreSQL, in a shared group."""
+                      store_url: str | None = None, shared_group: str | None = None, extra: str = "") -> HttpBridge:
+    """Start a bridge serving its API on a free port; optionally on PostgreSQL, in a shared group, with
+    `extra` TOML tables."""
     token, http_port = secrets.token_urlsafe(24), free_port()
-    extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n"
+    extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n" + extra
     config = write_bridge_config(folder, broker_port, prefix, extra=extra)
     text = config.read_text().replace(f'client_id = "bridge-{prefix}"', f'client_id = "bridge-{prefix}{name}"'
                                       + (f'\nshared_group = "{shared_group}"' if shared_group else ""))
@@ -329,7 +331,7 @@ def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str 
     process = launch_bridge(config, log_path)
     url = f"http://127.0.0.1:{http_port}"
     wait_for_port(http_port)
-    return HttpBridge(process, log_path, url, token,
+    return HttpBridge(process, log_path, url, token, config,
                       httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120))
 
 
