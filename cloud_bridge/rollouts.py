@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_wire import settings
-from autoglm_wire.protocol import ChatMessage, Command, describe_validation_error, utc_now
+from autoglm_wire.model_command import Canary
+from autoglm_wire.protocol import Command, describe_validation_error, utc_now
 from cloud_bridge import artifacts, commands
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import DuplicateCommand, InvalidRequest, UnknownCommand
@@ -49,40 +49,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAVES = (5, 25, 100)
 ROLLOUT_ID_CHARS = 64
-
-
-class CanaryPrompt(BaseModel):
-    """One golden prompt of a canary (docs/protocol.md, "Model deployment")."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = Field(default=None, min_length=1)
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    max_tokens: int = Field(default=16, ge=1, le=512)
-    timeout_s: float = Field(default=60.0, gt=0, le=600)
-    regex: str | None = None
-    json_schema: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> CanaryPrompt:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError('give exactly one of "prompt" and "messages"')
-        if self.regex is not None:
-            try:
-                re.compile(self.regex)
-            except re.error as exc:
-                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
-        return self
-
-
-class Canary(BaseModel):
-    """The `canary` object of a deploy command."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[CanaryPrompt] = Field(default_factory=list, max_length=16)
-    min_speed_ratio: float = Field(default=0.5, ge=0, le=1)
-    max_rss_mb: int | None = Field(default=None, ge=1)
 
 
 class RolloutRequest(BaseModel):

@@ -35,7 +35,7 @@ class Numbers:
     reconnects: int  # connections to the broker after the first, since the agent started
     connect_failures: int  # failed connection attempts and too-short sessions, since start
     store_bytes: int  # the SQLite file with its WAL
-    model_load_s: float | None  # how long the model in force took to load
+    model_load_s: float | None  # how long the last model load took
     tokens_per_s_ewma: float | None  # decode speed, exponentially weighted over generations
     rss_bytes: int
     uptime_s: float
@@ -79,7 +79,7 @@ class NumbersCollector(Collector):
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
         if n.model_load_s is not None:
-            yield GaugeMetricFamily("autoglm_agent_model_load_seconds", "how long the model in force took to load",
+            yield GaugeMetricFamily("autoglm_agent_model_load_seconds", "how long the last model load took",
                                     value=n.model_load_s)
         if n.tokens_per_s_ewma is not None:
             yield GaugeMetricFamily("autoglm_agent_decode_tokens_per_second",
