@@ -390,6 +390,12 @@ class Telemetry(_Tolerant):
     uptime_s: float
     dropped: dict[str, Count] = Field(default_factory=dict)
     redelivery: dict[str, Count] = Field(default_factory=dict)
+    # additive (docs/protocol.md): absent from older agents, hence the defaults
+    reconnects: Count = 0
+    store_bytes: Count = 0
+    model_load_s: float | None = None
+    commands: dict[str, dict[str, Count]] = Field(default_factory=dict)
+    max_tokens_limit: Count | None = None  # the device's `limits.max_tokens`
 
 
 class Event(_Tolerant):

@@ -40,6 +40,7 @@ from edge_agent.intake import Intake
 from edge_agent.link import InboundMessage, Link, LinkOptions
 from edge_agent.local_api import LocalApi, LocalApiDeps
 from edge_agent.local_calls import LocalCalls
+from edge_agent.metrics import Numbers, store_bytes
 from edge_agent.model_deploy import ModelDeployer
 from edge_agent.model_slots import ModelSlots, Slot
 from edge_agent.outbox import OutboxLimits, SqliteOutbox
@@ -74,7 +75,8 @@ class Agent:
         self.policy_store = PolicyStore(self.file)
         assert config.models.dir is not None  # load_config sets it
         self.slots = ModelSlots(self.file, config.models.dir, config.models.slots)
-        self._engine_factory = engine_factory
+        self.model_load_s: float | None = None  # how long the last model load took
+        self._engine_factory = self._timed(engine_factory)
         self.engine = self._start_engine(config)
         self._reload_config = reload_config  # SIGHUP: re-read the config, reload the model
         self._reload_requested = threading.Event()
@@ -181,24 +183,22 @@ class Agent:
                                           correlation_data=None, message_expiry_s=None, duplicate_delivery=False))
         self.file.sync()
 
-    def not_ready(self) -> str | None:
-        """Why the agent cannot serve now (`/readyz`), or None: broker, store, model."""
-        if not self.link.connected:
-            return "not connected to the MQTT broker"
-        if self.file.write_failing:
-            return "the store cannot write (disk full or I/O error)"
-        if not self.executor.alive():
-            return "the executor is not running (the model is not loaded)"
-        return None
+    def readiness(self) -> dict[str, str | None]:
+        """`/readyz`: each check (broker, store, model) with what fails it, or None when it passes."""
+        return {
+            "broker": None if self.link.connected else "not connected to the MQTT broker",
+            "store": "the store cannot write (disk full or I/O error)" if self.file.write_failing else None,
+            "model": None if self.executor.alive() else "the executor is not running (the model is not loaded)",
+        }
 
     def start_local_api(self) -> None:
         """`[http]` enabled: serve the local API (after the model is loaded and the link started)."""
         http = self.config.http
         if not http.enabled:
             return
-        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
+        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, readiness=self.readiness,
                             model_name=lambda: self.engine.info.name, device_id=self.config.device_id,
-                            durable=self.file.sync)
+                            durable=self.file.sync, numbers=self.numbers)
         try:
             self.local_api = LocalApi(http, read_token(http), deps)
         except OSError as exc:
@@ -235,15 +235,40 @@ class Agent:
         )
         return to_bytes(status)
 
-    def telemetry(self) -> Telemetry:
+    def numbers(self) -> Numbers:
+        """The agent's numbers now: telemetry and the local `/metrics` both report these."""
         rows, size = self.outbox.depth()
-        return Telemetry(
-            device_id=self.config.device_id, ts=format_ts(utc_now()),
-            queue_depth=self.inbox.count_in_state("accepted"), outbox_depth=rows, outbox_bytes=size,
-            tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_mb=round(rss_mb(), 1),
-            gpu_layers=self.engine.info.n_gpu_layers, uptime_s=round(time.monotonic() - self.started_at, 1),
-            dropped=self.outbox.dropped, redelivery=self.link.redelivery.counters(),
+        link = self.link.stats
+        return Numbers(
+            device_id=self.config.device_id, agent_version=__version__, model=self.engine.info.name,
+            queue_depth=self.inbox.count_in_state("accepted"), outbox_rows=rows, outbox_bytes=size,
+            reconnects=max(link.connects - 1, 0), connect_failures=link.connect_failures,
+            store_bytes=store_bytes(str(self.file.path)), model_load_s=self.model_load_s,
+            tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_bytes=int(rss_mb() * 1024 * 1024),
+            uptime_s=round(time.monotonic() - self.started_at, 1), broker_connected=self.link.connected,
+            commands=self.inbox.counts(), dropped=self.outbox.dropped,
         )
+
+    def telemetry(self) -> Telemetry:
+        n = self.numbers()
+        return Telemetry(
+            device_id=n.device_id, ts=format_ts(utc_now()), queue_depth=n.queue_depth, outbox_depth=n.outbox_rows,
+            outbox_bytes=n.outbox_bytes, tokens_per_s_ewma=n.tokens_per_s_ewma,
+            rss_mb=round(n.rss_bytes / (1024 * 1024), 1), gpu_layers=self.engine.info.n_gpu_layers,
+            uptime_s=n.uptime_s, dropped=n.dropped, redelivery=self.link.redelivery.counters(),
+            reconnects=n.reconnects, store_bytes=n.store_bytes,
+            model_load_s=None if n.model_load_s is None else round(n.model_load_s, 3), commands=n.commands,
+            max_tokens_limit=self.config.limits.max_tokens,
+        )
+
+    def _timed(self, factory: EngineFactory) -> EngineFactory:
+        """`factory`, recording how long each successful load takes (`model_load_s`)."""
+        def load(config: AgentConfig) -> TextEngine:
+            started = time.monotonic()
+            engine = factory(config)
+            self.model_load_s = time.monotonic() - started
+            return engine
+        return load
 
     def _new_event(self, level: str, code: str, message: str, data: dict[str, object]) -> Event:
         return Event(device_id=self.config.device_id, ts=format_ts(utc_now()), level=level,  # type: ignore[arg-type]

@@ -10,8 +10,10 @@ only waits: the engine's deltas (streaming) and the terminal reply come from edg
 If the agent dies mid-request, the client loses its connection; the ledger answers the command
 `failed` at restart (never run twice) and that reply still reaches the cloud.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (bearer token);
-GET /healthz (alive), GET /readyz (broker connected, store writable, model loaded; 503 otherwise).
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (the
+agent's numbers in Prometheus text, edge_agent.metrics) with the bearer token; open: GET /healthz
+(alive) and GET /readyz (broker connected, store writable, model loaded; 503 otherwise), for load
+balancers and probes that carry no token.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from autoglm_wire.local_origin import LOCAL_ID_PREFIX
 from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
 from edge_agent.config import HttpConfig
 from edge_agent.local_calls import LocalCalls
+from edge_agent.metrics import CONTENT_TYPE, Numbers, exposition
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +145,11 @@ class LocalApiDeps:
 
     submit: Callable[[bytes], None]  # the command's JSON into the intake (raises StoreUnavailable)
     calls: LocalCalls
-    not_ready: Callable[[], str | None]  # why the agent is not ready, or None
+    readiness: Callable[[], dict[str, str | None]]  # each readiness check: what fails it, or None
     model_name: Callable[[], str]
     device_id: str
     durable: Callable[[], None]  # waits for the commit in progress and fsyncs it (SqliteFile.sync)
+    numbers: Callable[[], Numbers]  # the agent's numbers now (`/metrics`)
 
 
 class LocalApi:
@@ -153,6 +157,7 @@ class LocalApi:
         self.config, self.deps = config, deps
         self._token = token.encode("utf-8")
         self._stopping = threading.Event()
+        self.metrics_text = exposition(deps.numbers)
         api = self
 
         class Handler(_Handler):
@@ -206,11 +211,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "alive"})
             return
         if self.path == "/readyz":
-            reason = self.owner.deps.not_ready()
-            self._json(503 if reason else 200, {"status": "not ready", "reason": reason} if reason
-                       else {"status": "ready"})
+            checks = self.owner.deps.readiness()
+            problems = [problem for problem in checks.values() if problem]
+            body = {"status": "not ready" if problems else "ready", "reason": "; ".join(problems) or None,
+                    "checks": {name: problem or "ok" for name, problem in checks.items()}}
+            self._json(503 if problems else 200, body)
             return
-        self._guarded(self._models if self.path == "/v1/models" else None)
+        routes = {"/v1/models": self._models, "/metrics": self._metrics}
+        self._guarded(routes.get(self.path))
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         routes = {"/v1/chat/completions": "chat", "/v1/completions": "complete"}
@@ -236,6 +244,14 @@ class _Handler(BaseHTTPRequestHandler):
         deps = self.owner.deps
         self._json(200, {"object": "list", "data": [{"id": deps.model_name(), "object": "model", "created": 0,
                                                       "owned_by": deps.device_id}]})
+
+    def _metrics(self) -> None:
+        body = self.owner.metrics_text()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _body(self) -> _Request:
         length = self.headers.get("Content-Length")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
@@ -73,10 +73,16 @@ def create_command(body: commands.CommandRequest, request: Request, registry: Re
     return {"batch": queued.batch, "commands": [command_json(r) for r in queued.rows], "warnings": queued.warnings}
 
 
-@router.get("/commands", summary="recent commands, newest first", dependencies=[VIEWER])
-def list_commands(device: str | None = None, batch: str | None = None,
-                  limit: int = Query(default=50, ge=1, le=1000), registry: Registry = REG) -> list[dict[str, Any]]:
-    return [command_json(row) for row in registry.commands.recent(device, limit, batch)]
+@router.get("/commands", summary="recent commands, newest first; filters device, state, kind, batch; paging with "
+                               "limit and offset, the number matching in the `X-Total-Count` header",
+            dependencies=[VIEWER])
+def list_commands(response: Response, device: str | None = None, batch: str | None = None,
+                  state: str | None = None, kind: str | None = None,
+                  limit: int = Query(default=50, ge=1, le=1000), offset: int = Query(default=0, ge=0),
+                  registry: Registry = REG) -> list[dict[str, Any]]:
+    rows, total = registry.commands.page(device, state, kind, limit, offset, batch)
+    response.headers["X-Total-Count"] = str(total)
+    return [command_json(row) for row in rows]
 
 
 @router.get("/commands/{command_id}", summary="one command with every reply stored for it",
@@ -121,11 +127,11 @@ def list_events(device: str | None = None, limit: int = Query(default=50, ge=1, 
     return [asdict(e) for e in registry.events.recent(device, limit)]
 
 
-@router.get("/alerts", summary="abnormal-device alerts, newest first (open ones only unless all=true)",
-            dependencies=[VIEWER])
+@router.get("/alerts", summary="abnormal-device alerts, newest first (open ones only unless all=true; one device "
+                             "with device=)", dependencies=[VIEWER])
 def list_alerts(all: bool = False, limit: int = Query(default=100, ge=1, le=1000),  # noqa: A002
-                registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(a) for a in registry.alerts.recent(open_only=not all, limit=limit)]
+                device: str | None = None, registry: Registry = REG) -> list[dict[str, Any]]:
+    return [asdict(a) for a in registry.alerts.recent(open_only=not all, limit=limit, device_id=device)]
 
 
 @router.get("/audit", summary="the audit log: every mutating call (API and CLI), newest first (admin)",

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BridgeError
-from cloud_bridge.http import api_routes, health_routes, model_routes, openai_routes, page_routes
+from cloud_bridge.http import api_routes, console_routes, health_routes, model_routes, openai_routes, page_routes
 from cloud_bridge.http.audit import audit_middleware
 from cloud_bridge.http.deps import (
     TOKEN_HINT,
@@ -51,6 +51,7 @@ def create_app(registry: Registry, config: BridgeConfig, token: str,
     app.include_router(model_routes.public)
     app.include_router(api_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
     app.include_router(model_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
+    app.include_router(console_routes.router, prefix="/api", dependencies=[Depends(authenticate)])
     app.include_router(openai_routes.router, prefix="/v1", dependencies=[Depends(authenticate)])
     app.add_middleware(BodyGuard, max_body_bytes=config.http.max_body_bytes)
     app.middleware("http")(audit_middleware)  # outermost: the guard's 401s and 413s are audited too

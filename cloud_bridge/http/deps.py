@@ -10,7 +10,7 @@ retried carries `x-should-retry: false`, which the official OpenAI clients obey.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +153,7 @@ def bridge_error_response(request: Request, exc: BridgeError) -> JSONResponse:
     return api_error_response(request, ApiError(status, str(exc), code, retry=False if status < 500 else None))
 
 
-def stream_response(events: Iterator[str]) -> StreamingResponse:
+def stream_response(events: Iterator[str] | AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies."""
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

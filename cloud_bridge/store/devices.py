@@ -7,7 +7,7 @@ from datetime import datetime
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
 from cloud_bridge.store.connection import Connection
-from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
+from cloud_bridge.store.rows import DeviceRow, StateChange, stamp, wire_ts
 
 
 class Devices:
@@ -117,6 +117,12 @@ class Devices:
     def all(self) -> list[DeviceRow]:
         """Every known device, by id."""
         return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
+
+    def history(self, device_id: str, limit: int = 50) -> list[StateChange]:
+        """The device's state changes (online/offline), newest first."""
+        rows = self._db.query("SELECT * FROM device_states WHERE device_id = ? ORDER BY id DESC LIMIT ?",
+                              (device_id, limit))
+        return [StateChange(**row) for row in rows]
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""

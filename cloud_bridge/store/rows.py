@@ -194,6 +194,8 @@ class AlertRow:
     message: str
     raised_at: str
     cleared_at: str | None
+    acknowledged_at: str | None = None
+    acknowledged_by: str | None = None
 
 
 @dataclass(frozen=True)

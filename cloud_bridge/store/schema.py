@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -119,7 +119,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop | dead_letters (device '*')
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
-    cleared_at TEXT             -- NULL while the condition holds
+    cleared_at TEXT,            -- NULL while the condition holds
+    acknowledged_at TEXT,       -- when an operator took it (console, API), NULL until then
+    acknowledged_by TEXT        -- the token's name that acknowledged it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device_id, kind) WHERE cleared_at IS NULL;
 CREATE TABLE IF NOT EXISTS counters (
@@ -249,6 +251,13 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         "ALTER TABLE devices ADD COLUMN previous_model_name TEXT",
         "ALTER TABLE devices ADD COLUMN previous_model_sha256 TEXT",
         "ALTER TABLE devices ADD COLUMN rollout TEXT",
+    ),
+    7: (  # alert acknowledgement (console, POST /api/alerts/{id}/acknowledge); a registry from before alerts
+        # existed gets their version-5 table first
+        "CREATE TABLE IF NOT EXISTS alerts (id SERIAL_ID, device_id TEXT NOT NULL, kind TEXT NOT NULL, "
+        "message TEXT NOT NULL, raised_at TEXT NOT NULL, cleared_at TEXT)",
+        "ALTER TABLE alerts ADD COLUMN acknowledged_at TEXT",
+        "ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT",
     ),
 }
 
