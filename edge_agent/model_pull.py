@@ -340,7 +340,12 @@ def pull(url: str, sha256: str, models_dir: Path, *, name: str | None = None, si
             raise DownloadFailed(f"another pull of {path.name} is running (it holds {partial_path})") from None
         download = _Download(url, partial, size, tls_context(ca_file), on_progress, ProgressGate(progress_interval_s),
                              lambda remaining: check_disk(models_dir, remaining, margin))
-        check_disk(models_dir, None if size is None else max(size - download.size, 0), margin)
+        try:
+            check_disk(models_dir, None if size is None else max(size - download.size, 0), margin)
+        except NotEnoughDisk:
+            if download.size == 0:  # nothing kept: leave no empty partial file behind
+                partial_path.unlink(missing_ok=True)
+            raise
         try:
             for attempt in Retrying(retry=retry_if_exception_type(_LinkCut), stop=stop_after_attempt(attempts),
                                     wait=wait or reconnect_wait(1.0, 2.0, 30.0), reraise=True):

@@ -4,6 +4,7 @@ GGUFs built by the project served over HTTP by tests/support/file_server.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from datetime import datetime
@@ -147,6 +148,13 @@ def test_failed_deploys_leave_the_model_serving_and_say_why(
         assert "token=..." in mismatch["error"]["message"] and "t0k3n" not in mismatch["error"]["message"]
         assert mismatch["output"]["result"] == "download_failed" and mismatch["output"]["active"]["sha256"] == tiny_sha
         assert not list(models.glob("*glm-v1*")), "a file that does not match is deleted"
+
+        huge = deploy(server, served["v1"], "glm-huge")["params"]
+        huge["size"] = shutil.disk_usage(tmp_path).free + 2**40  # more than the disk holds: refused before a byte
+        full = run(cloud, device, huge)
+        assert full["status"] == "failed" and full["error"]["message"].startswith("download_failed: "), full
+        assert "free" in full["output"]["reason"] and full["output"]["active"]["sha256"] == tiny_sha
+        assert not list(models.glob("*glm-huge*")), "nothing of a download that cannot fit is written"
 
         broken = run(cloud, device, deploy(server, served["broken"], "glm-broken", rollout="r-3")["params"])
         assert broken["status"] == "failed" and broken["error"]["message"].startswith("rolled_back: "), broken
