@@ -131,12 +131,12 @@ class Ingestor:
     def __init__(self, registry: Registry, prefix: str) -> None:
         self._registry = registry
         self._prefix = prefix
-        self._store: dict[str, Callable[[Valid, datetime], Outcome]] = {
-            "status": self._status,
-            "reply": self._reply,
-            "event": self._event,
+        # per channel but status: store the batch's messages in order; for each, stored (or a duplicate)
+        self._store: dict[str, Callable[[list[Valid], datetime], list[bool]]] = {
+            "reply": self._replies,
+            "event": self._events,
             "telemetry": self._telemetry,
-            "stream": self._stream,
+            "stream": self._chunks,
         }
 
     def handle(self, message: Inbound, now: datetime) -> Outcome:
@@ -177,28 +177,42 @@ class Ingestor:
         return Valid(message, topic, payload)
 
     def _commit(self, parsed: list[Parsed], now: datetime) -> list[Outcome]:
-        """One transaction. The devices are touched first, in id order, then the commands the replies
-        answer are locked in id order: bridge replicas sharing one PostgreSQL (and the dispatch
-        loop) take row locks in the same order and never deadlock each other."""
-        topics = [p.topic for p in parsed if isinstance(p, Valid)]
-        devices = sorted({t.device_id for t in topics})
-        seen = {t.device_id for t in topics if t.channel != "status"}  # a status may be a replay or a will
-        answered = sorted({(p.payload.device_id, p.payload.command_id) for p in parsed
-                           if isinstance(p, Valid) and isinstance(p.payload, Reply) and p.payload.command_id})
+        """One transaction, one statement per table for the batch's replies, chunks, events and
+        telemetry (each in arrival order; statuses and dead letters, rare, one by one). The devices
+        are touched first, in id order, then the commands the replies answer are locked in id order:
+        bridge replicas sharing one PostgreSQL (and the dispatch loop) take row locks in the same
+        order and never deadlock each other."""
+        valid = [p for p in parsed if isinstance(p, Valid)]
+        devices = sorted({p.topic.device_id for p in valid})
+        seen = {p.topic.device_id for p in valid if p.topic.channel != "status"}  # a status may be a replay or a will
+        by_channel: dict[str, list[int]] = {}
+        for i, p in enumerate(parsed):
+            if isinstance(p, Valid):
+                by_channel.setdefault(p.topic.channel, []).append(i)
+        replies = by_channel.get("reply", [])
+        answered = sorted({(parsed[i].payload.device_id, parsed[i].payload.command_id) for i in replies
+                           if parsed[i].payload.command_id})
+        outcomes = [Outcome.IGNORED] * len(parsed)
         with self._registry.transaction():
             self._registry.devices.touch(devices, seen, now)
             self._registry.commands.lock_answered(answered)
-            return [self._one(p, now) for p in parsed]
+            for i, p in enumerate(parsed):
+                if isinstance(p, Invalid):
+                    outcomes[i] = self._dead_letter(p, now)
+            for i in by_channel.get("status", []):
+                outcomes[i] = self._status(parsed[i], now)
+            for channel, indexes in by_channel.items():
+                if channel != "status":
+                    stored = self._store[channel]([parsed[i] for i in indexes], now)
+                    for i, new in zip(indexes, stored, strict=True):
+                        outcomes[i] = Outcome.STORED if new else Outcome.DUPLICATE
+        return outcomes
 
-    def _one(self, parsed: Parsed, now: datetime) -> Outcome:
-        if parsed is None:
-            return Outcome.IGNORED
-        if isinstance(parsed, Invalid):
-            log.warning("dead-lettered a message on %s: %s", parsed.message.topic, parsed.error)
-            self._registry.dead_letters.record(parsed.message.topic, parsed.device_id, parsed.message.payload,
-                                               parsed.error, now)
-            return Outcome.DEAD_LETTERED
-        return self._store[parsed.topic.channel](parsed, now)
+    def _dead_letter(self, invalid: Invalid, now: datetime) -> Outcome:
+        log.warning("dead-lettered a message on %s: %s", invalid.message.topic, invalid.error)
+        self._registry.dead_letters.record(invalid.message.topic, invalid.device_id, invalid.message.payload,
+                                           invalid.error, now)
+        return Outcome.DEAD_LETTERED
 
     def _dead_letter_alone(self, message: Inbound, exc: Exception, now: datetime) -> Outcome:
         """Dead-letter a message whose storing failed for a cause retrying cannot cure."""
@@ -220,7 +234,7 @@ class Ingestor:
         return RegistryUnavailable(f"the registry {self._registry.path} is unavailable: "
                                    f"{type(exc).__name__}: {exc}".strip())
 
-    # --- one valid message per channel --------------------------------------------------------------
+    # --- the valid messages of one channel -------------------------------------------------------------
 
     def _status(self, valid: Valid, now: datetime) -> Outcome:
         status: Status = valid.payload
@@ -228,23 +242,15 @@ class Ingestor:
             log.info("device %s is %s", status.device_id, status.state)
         return Outcome.STORED
 
-    def _reply(self, valid: Valid, now: datetime) -> Outcome:
-        reply: Reply = valid.payload
-        if not self._registry.replies.record(reply, now):
-            log.debug("duplicate reply %s/%d ignored", reply.device_id, reply.seq)
-            return Outcome.DUPLICATE
-        return Outcome.STORED
+    def _replies(self, valid: list[Valid], now: datetime) -> list[bool]:
+        return self._registry.replies.record_many([v.payload for v in valid], now)
 
-    def _event(self, valid: Valid, now: datetime) -> Outcome:
-        if not self._registry.events.record(valid.payload, now):
-            return Outcome.DUPLICATE
-        return Outcome.STORED
+    def _events(self, valid: list[Valid], now: datetime) -> list[bool]:
+        return self._registry.events.record_many([v.payload for v in valid], now)
 
-    def _telemetry(self, valid: Valid, now: datetime) -> Outcome:
-        self._registry.devices.record_telemetry(valid.payload, now)
-        return Outcome.STORED
+    def _telemetry(self, valid: list[Valid], now: datetime) -> list[bool]:
+        self._registry.devices.record_telemetries([v.payload for v in valid], now)
+        return [True] * len(valid)
 
-    def _stream(self, valid: Valid, now: datetime) -> Outcome:
-        if not self._registry.chunks.record(valid.topic.device_id, valid.payload, now):
-            return Outcome.DUPLICATE
-        return Outcome.STORED
+    def _chunks(self, valid: list[Valid], now: datetime) -> list[bool]:
+        return self._registry.chunks.record_many([(v.topic.device_id, v.payload) for v in valid], now)

@@ -8,16 +8,49 @@ with a write, so SQLite takes the write lock up front and `busy_timeout` applies
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from cloud_bridge.store.backends import Backend
+
+T = TypeVar("T")
 
 
 def placeholders(values: Collection[object]) -> str:
     """`?, ?, ...`: one placeholder per value (for `IN (...)`)."""
     return ", ".join("?" for _ in values)
+
+
+MAX_ROWS_PER_STATEMENT = 500  # rows of one multi-row statement: far below either database's parameter cap
+
+
+def row_values(rows: Sequence[Sequence[object]]) -> tuple[str, list[object]]:
+    """`(?, ?), (?, ?), ...` for a multi-row `VALUES` list, and the rows' values flattened in order.
+
+    Both databases take one statement of many rows (`INSERT ... VALUES`, `WITH v(...) AS (VALUES ...)`)
+    as one round trip and one plan; callers cut long lists with `slices`.
+    """
+    width = len(rows[0])
+    row = "(" + ", ".join(["?"] * width) + ")"
+    return ", ".join(row for _ in rows), [value for values in rows for value in values]
+
+
+def slices(items: Sequence[T], size: int = MAX_ROWS_PER_STATEMENT) -> Iterator[Sequence[T]]:
+    """`items` in consecutive slices of at most `size`."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def first_copies(keys: Sequence[Hashable], inserted: set[Hashable]) -> list[bool]:
+    """For each key in order: whether this is the row an `INSERT ... ON CONFLICT DO NOTHING RETURNING`
+    stored (`inserted`: the keys it returned); a later copy of a key in the same list is a duplicate."""
+    fresh = set(inserted)
+    stored = []
+    for key in keys:
+        stored.append(key in fresh)
+        fresh.discard(key)
+    return stored
 
 
 class Connection:

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
-from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.connection import Connection, row_values, slices
 from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
 
 
@@ -27,14 +27,21 @@ class Devices:
         )
 
     def touch(self, device_ids: list[str], seen: set[str], now: datetime | None = None) -> None:
-        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch); those in `seen`
-        get `last_seen` = `now`, and the rest of the transaction skips doing it again per message."""
+        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch), in one statement
+        per slice; those in `seen` get `last_seen` = `now`, and the rest of the transaction skips doing
+        it again per message."""
         ts = stamp(now)
+        rows = [(device_id, ts if device_id in seen else None) for device_id in dict.fromkeys(device_ids)
+                if not (device_id in seen and self._touched.get(device_id) == ts)]
         with self._db.transaction():
-            for device_id in device_ids:
-                self.ensure(device_id, ts if device_id in seen else None)
-                if device_id in seen:
-                    self._touched[device_id] = ts
+            for part in slices(rows):
+                values, params = row_values(part)
+                self._db.execute(
+                    f"INSERT INTO devices (device_id, last_seen) VALUES {values} ON CONFLICT (device_id) "
+                    "DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
+                    params,
+                )
+            self._touched.update((device_id, ts) for device_id, seen_at in rows if seen_at is not None)
 
     def record_status(self, status: Status, now: datetime | None = None, retained: bool = False) -> bool:
         """Store a status or a last will. Returns True when the device's state changed.
@@ -90,12 +97,21 @@ class Devices:
 
     def record_telemetry(self, telemetry: Telemetry, now: datetime | None = None) -> None:
         """Keep the latest telemetry of a device."""
+        self.record_telemetries([telemetry], now)
+
+    def record_telemetries(self, telemetries: list[Telemetry], now: datetime | None = None) -> None:
+        """Keep the latest telemetry of each device (the last of the list wins), one statement per slice."""
+        latest = {t.device_id: t.model_dump_json() for t in telemetries}
+        rows = sorted(latest.items())  # the devices' row locks in id order, like touch()
         with self._db.transaction():
-            self.ensure(telemetry.device_id, stamp(now))
-            self._db.execute(
-                "UPDATE devices SET last_telemetry = ? WHERE device_id = ?",
-                (telemetry.model_dump_json(), telemetry.device_id),
-            )
+            self.touch([device_id for device_id, _ in rows], set(latest), now)
+            for part in slices(rows):
+                values, params = row_values(part)
+                self._db.execute(
+                    f"WITH v (d, t) AS (VALUES {values}) "
+                    "UPDATE devices SET last_telemetry = v.t FROM v WHERE devices.device_id = v.d",
+                    params,
+                )
 
     def record_policy(self, reply: Reply) -> None:
         """A succeeded `config` command's output is the policy now in force on the device."""
