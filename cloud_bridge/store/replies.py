@@ -45,7 +45,8 @@ class Replies(_Answers):
             self._devices.touch(sorted({reply.device_id for reply in replies}),
                                 {reply.device_id for reply in replies}, now)
             inserted: set[tuple[str, int]] = set()
-            rows = [(r.device_id, r.seq, r.command_id, r.status, payload, ts) for r, payload in zip(replies, payloads, strict=True)]
+            rows = [(r.device_id, r.seq, r.command_id, r.status, payload, ts)
+                    for r, payload in zip(replies, payloads, strict=True)]
             for part in slices(rows):
                 values, params = row_values(part)
                 inserted.update((row["device_id"], row["seq"]) for row in self._db.query(
