@@ -30,7 +30,7 @@ from autoglm_wire.local_origin import ORIGIN_LOCAL
 from autoglm_wire.protocol import Command, Reply, format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 from cloud_bridge.store.backends import IntegrityError
-from cloud_bridge.store.connection import Connection, placeholders, row_values, slices
+from cloud_bridge.store.connection import Connection, placeholders, slices
 from cloud_bridge.store.rows import CommandRow, stamp
 
 
@@ -174,13 +174,13 @@ class Commands:
 
     def _advance_once(self, answers: list[tuple[Reply, str]], ts: str) -> set[tuple[str, str]]:
         """One conditional UPDATE for replies to distinct commands; the (wire id, device) pairs it moved."""
-        values, params = row_values([
+        rowset, params = self._db.rowset(("text", "text", "text", "boolean", "text", "text"), [
             (reply.command_id, reply.device_id, reply.status, reply.is_terminal, payload,
              reply.error.model_dump_json() if reply.error else None)
             for reply, payload in answers
         ])
         rows = self._db.query(
-            f"WITH v (w, d, status, terminal, payload, error) AS (VALUES {values}) "
+            f"WITH v (w, d, status, terminal, payload, error) AS ({rowset}) "
             "UPDATE commands SET state = v.status, updated_at = ?, "
             "reply = CASE WHEN v.terminal THEN v.payload ELSE commands.reply END, "
             "error = CASE WHEN v.terminal THEN v.error END FROM v "
@@ -195,9 +195,9 @@ class Commands:
 
     def _states(self, replies: list[Reply]) -> dict[tuple[str, str], str]:
         """The current state of the commands these replies answer, by (wire id, device)."""
-        values, params = row_values([(reply.command_id, reply.device_id) for reply in replies])
+        rowset, params = self._db.rowset(("text", "text"), [(reply.command_id, reply.device_id) for reply in replies])
         rows = self._db.query(
-            f"WITH v (w, d) AS (VALUES {values}) "
+            f"WITH v (w, d) AS ({rowset}) "
             "SELECT wire_id, device_id, state FROM commands JOIN v ON wire_id = v.w AND device_id = v.d",
             params,
         )
@@ -207,9 +207,9 @@ class Commands:
         """Of the commands these replies answer, the `config` ones, as (wire id, device) pairs."""
         found: set[tuple[str, str]] = set()
         for part in slices(replies):
-            values, params = row_values([(reply.command_id, reply.device_id) for reply in part])
+            rowset, params = self._db.rowset(("text", "text"), [(reply.command_id, reply.device_id) for reply in part])
             found.update((row["wire_id"], row["device_id"]) for row in self._db.query(
-                f"WITH v (w, d) AS (VALUES {values}) SELECT wire_id, device_id FROM commands "
+                f"WITH v (w, d) AS ({rowset}) SELECT wire_id, device_id FROM commands "
                 "JOIN v ON wire_id = v.w AND device_id = v.d WHERE kind = 'config'",
                 params,
             ))
@@ -223,10 +223,10 @@ class Commands:
 
     def lock_answered(self, answered: list[tuple[str, str]]) -> None:
         """Lock the rows of the commands these (device id, command id on the wire) pairs answer, in id order."""
-        if answered:
-            pairs = ", ".join("(?, ?)" for _ in answered)
-            self._db.lock(f"SELECT id FROM commands WHERE (device_id, wire_id) IN (VALUES {pairs}) ORDER BY id",
-                          [value for pair in answered for value in pair])
+        if answered:  # one statement, however many (the ORDER BY must cover them all)
+            rowset, params = self._db.rowset(("text", "text"), answered)
+            self._db.lock(f"WITH v (d, w) AS ({rowset}) SELECT id FROM commands "
+                          "WHERE (device_id, wire_id) IN (SELECT d, w FROM v) ORDER BY id", params)
 
     def on_the_wire(self, command_id: str) -> tuple[str, str | None]:
         """(id the device uses, device) of a queued command; (command_id, None) for one never queued here."""

@@ -25,17 +25,6 @@ def placeholders(values: Collection[object]) -> str:
 MAX_ROWS_PER_STATEMENT = 500  # rows of one multi-row statement: far below either database's parameter cap
 
 
-def row_values(rows: Sequence[Sequence[object]]) -> tuple[str, list[object]]:
-    """`(?, ?), (?, ?), ...` for a multi-row `VALUES` list, and the rows' values flattened in order.
-
-    Both databases take one statement of many rows (`INSERT ... VALUES`, `WITH v(...) AS (VALUES ...)`)
-    as one round trip and one plan; callers cut long lists with `slices`.
-    """
-    width = len(rows[0])
-    row = "(" + ", ".join(["?"] * width) + ")"
-    return ", ".join(row for _ in rows), [value for values in rows for value in values]
-
-
 def slices(items: Sequence[T], size: int = MAX_ROWS_PER_STATEMENT) -> Iterator[Sequence[T]]:
     """`items` in consecutive slices of at most `size`."""
     for start in range(0, len(items), size):
@@ -96,6 +85,12 @@ class Connection:
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         with self._lock:
             return self.backend.query(sql, params)
+
+    def rowset(self, types: Sequence[str], rows: Sequence[Sequence[object]]) -> tuple[str, list[object]]:
+        """A relation of `rows` (columns of SQL `types`: text, bigint, boolean) to name in a CTE,
+        `WITH v (a, b) AS (<rowset>)`, and its parameters: one statement per table per batch instead
+        of one per row, on both backends (`slices` keeps a statement's parameters under SQLite's cap)."""
+        return self.backend.rowset(types, rows)
 
     def lock(self, select: str, params: Any = ()) -> None:
         """Lock the rows `select` returns until the transaction ends (see Backend.lock)."""

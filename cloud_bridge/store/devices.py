@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
-from cloud_bridge.store.connection import Connection, row_values, slices
+from cloud_bridge.store.connection import Connection, slices
 from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
 
 
@@ -35,10 +35,11 @@ class Devices:
                 if not (device_id in seen and self._touched.get(device_id) == ts)]
         with self._db.transaction():
             for part in slices(rows):
-                values, params = row_values(part)
+                rowset, params = self._db.rowset(("text", "text"), part)
                 self._db.execute(
-                    f"INSERT INTO devices (device_id, last_seen) VALUES {values} ON CONFLICT (device_id) "
-                    "DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
+                    f"WITH v (d, seen) AS ({rowset}) INSERT INTO devices (device_id, last_seen) "
+                    "SELECT d, seen FROM v WHERE true "  # WHERE: SQLite would read ON CONFLICT as a join's ON
+                    "ON CONFLICT (device_id) DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
                     params,
                 )
             self._touched.update((device_id, ts) for device_id, seen_at in rows if seen_at is not None)
@@ -106,9 +107,9 @@ class Devices:
         with self._db.transaction():
             self.touch([device_id for device_id, _ in rows], set(latest), now)
             for part in slices(rows):
-                values, params = row_values(part)
+                rowset, params = self._db.rowset(("text", "text"), part)
                 self._db.execute(
-                    f"WITH v (d, t) AS (VALUES {values}) "
+                    f"WITH v (d, t) AS ({rowset}) "
                     "UPDATE devices SET last_telemetry = v.t FROM v WHERE devices.device_id = v.d",
                     params,
                 )

@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 
 from autoglm_wire.protocol import Event
-from cloud_bridge.store.connection import Connection, first_copies, row_values, slices
+from cloud_bridge.store.connection import Connection, first_copies, slices
 from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.rows import AlertRow, EventRow, stamp
@@ -45,10 +45,11 @@ class Events:
             rows = [(e.device_id, e.ts, e.level, e.code, e.message, json.dumps(e.data), ts, key)
                     for e, key in zip(events, keys, strict=True)]
             for part in slices(rows):
-                values, params = row_values(part)
+                rowset, params = self._db.rowset(("text",) * 8, part)
                 inserted.update(row["dedupe_key"] for row in self._db.query(
+                    f"WITH v (d, ts, level, code, message, data, received, k) AS ({rowset}) "
                     "INSERT INTO events (device_id, ts, level, code, message, data, received_at, dedupe_key) "
-                    f"VALUES {values} ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key",
+                    "SELECT * FROM v WHERE true ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key",
                     params,
                 ))
             stored = first_copies(keys, inserted)

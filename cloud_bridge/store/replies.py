@@ -14,7 +14,7 @@ from datetime import datetime
 from autoglm_wire.local_origin import is_local_reply
 from autoglm_wire.protocol import Reply, StreamChunk
 from cloud_bridge.store.commands import Commands
-from cloud_bridge.store.connection import Connection, first_copies, row_values, slices
+from cloud_bridge.store.connection import Connection, first_copies, slices
 from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.rows import ChunkRow, ReplyRow, stamp
@@ -48,10 +48,11 @@ class Replies(_Answers):
             rows = [(r.device_id, r.seq, r.command_id, r.status, payload, ts)
                     for r, payload in zip(replies, payloads, strict=True)]
             for part in slices(rows):
-                values, params = row_values(part)
+                rowset, params = self._db.rowset(("text", "bigint", "text", "text", "text", "text"), part)
                 inserted.update((row["device_id"], row["seq"]) for row in self._db.query(
+                    f"WITH v (d, seq, c, status, payload, received) AS ({rowset}) "
                     "INSERT INTO replies (device_id, seq, command_id, status, payload, received_at) "
-                    f"VALUES {values} ON CONFLICT DO NOTHING RETURNING device_id, seq",
+                    "SELECT * FROM v WHERE true ON CONFLICT DO NOTHING RETURNING device_id, seq",
                     params,
                 ))
             stored = first_copies([(reply.device_id, reply.seq) for reply in replies], inserted)
@@ -119,10 +120,11 @@ class Chunks(_Answers):
             inserted: set[tuple[str, str, int]] = set()
             rows = [(device_id, c.command_id, c.index, c.delta, c.done, ts) for device_id, c in chunks]
             for part in slices(rows):
-                values, params = row_values(part)
+                rowset, params = self._db.rowset(("text", "text", "bigint", "text", "boolean", "text"), part)
                 inserted.update((row["device_id"], row["command_id"], row["idx"]) for row in self._db.query(
+                    f"WITH v (d, c, idx, delta, done, received) AS ({rowset}) "
                     "INSERT INTO stream_chunks (device_id, command_id, idx, delta, done, received_at) "
-                    f"VALUES {values} ON CONFLICT DO NOTHING RETURNING device_id, command_id, idx",
+                    "SELECT * FROM v WHERE true ON CONFLICT DO NOTHING RETURNING device_id, command_id, idx",
                     params,
                 ))
             stored = first_copies([(device_id, c.command_id, c.index) for device_id, c in chunks], inserted)
