@@ -6,10 +6,13 @@ Every message is stored or dead-lettered; either way the caller acknowledges it:
   not validate against its protocol model, or that names another device (or command) than its
   topic, is dead-lettered (`registry.dead_letters`, in the batch's own commit): redelivering it
   would not make it valid.
-- A batch is stored in one commit. When the commit fails for a cause that retrying cannot cure (a
-  value the database refuses, a bug), the batch is split in halves and each half stored on its
-  own, down to the one message at fault, which is dead-lettered with the error: its neighbours
-  are stored, and no single message stalls the fleet's ingest.
+- A batch is stored in one commit, with one statement per table for its replies (and one per round
+  of command state advances), chunks, events and telemetry (`store.connection.Connection.rowset`),
+  so one row the database refuses fails the whole statement. When the commit fails for a cause
+  that retrying cannot cure (a value the database refuses, a bug), the batch is split in halves
+  and each half stored on its own, down to the one message at fault, which is dead-lettered with
+  the error: its neighbours are stored (a 256-message batch with one bad row takes about 16
+  commits, not 256), and no single message stalls the fleet's ingest.
 - A transient failure (connection lost, lock timeout, disk full: `Registry.is_transient`) raises
   RegistryUnavailable with nothing written; the caller retries the batch later, unacknowledged.
 
@@ -132,7 +135,7 @@ class Ingestor:
         self._registry = registry
         self._prefix = prefix
         # per channel but status: store the batch's messages in order; for each, stored (or a duplicate)
-        self._store: dict[str, Callable[[list[Valid], datetime], list[bool]]] = {
+        self._channels: dict[str, Callable[[list[Valid], datetime], list[bool]]] = {
             "reply": self._replies,
             "event": self._events,
             "telemetry": self._telemetry,
@@ -148,8 +151,13 @@ class Ingestor:
 
         Raises RegistryUnavailable on a transient failure: then nothing of the batch was written.
         """
+        return self._store(messages, [self._parse(m) for m in messages], now)
+
+    def _store(self, messages: list[Inbound], parsed: list[Parsed], now: datetime) -> list[Outcome]:
+        """Commit the parsed batch; when that fails for a cause retrying cannot cure, store it in
+        halves (each message is parsed only once, however often its batch is split)."""
         try:
-            return self._commit([self._parse(m) for m in messages], now)
+            return self._commit(parsed, now)
         except Exception as exc:
             if self._registry.is_transient(exc):
                 raise self._unavailable(exc) from exc
@@ -158,7 +166,8 @@ class Ingestor:
             half = len(messages) // 2
             log.info("a batch of %d messages could not be stored (%s: %s); storing it in halves",
                      len(messages), type(exc).__name__, exc)
-            return self.handle_batch(messages[:half], now) + self.handle_batch(messages[half:], now)
+            return (self._store(messages[:half], parsed[:half], now)
+                    + self._store(messages[half:], parsed[half:], now))
 
     def _parse(self, message: Inbound) -> Parsed:
         if not message.topic.startswith(self._prefix + "/"):
@@ -203,7 +212,7 @@ class Ingestor:
                 outcomes[i] = self._status(parsed[i], now)
             for channel, indexes in by_channel.items():
                 if channel != "status":
-                    stored = self._store[channel]([parsed[i] for i in indexes], now)
+                    stored = self._channels[channel]([parsed[i] for i in indexes], now)
                     for i, new in zip(indexes, stored, strict=True):
                         outcomes[i] = Outcome.STORED if new else Outcome.DUPLICATE
         return outcomes
