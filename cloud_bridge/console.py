@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from cloud_bridge.store.devices import DeviceQuery
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow, DeviceRow
 
@@ -39,12 +40,13 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def devices_table(registry: Registry) -> str:
-    """Every device the bridge has heard of, one line each."""
+def devices_table(registry: Registry, devices: list[DeviceRow] | None = None) -> str:
+    """These devices (default: every device the bridge has heard of), one line each."""
     headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "GPU LAYERS", "AGENT"]
-    rows = [_device_cells(d) for d in registry.devices.all()]
+    rows = [_device_cells(d) for d in (registry.devices.all() if devices is None else devices)]
     if not rows:
-        return "no devices yet: none has published a status under this topic prefix"
+        return ("no device matches" if devices is not None and registry.devices.page(DeviceQuery(limit=1))[1]
+                else "no devices yet: none has published a status under this topic prefix")
     counters = registry.counters.all()
     footer = "\n\n" + "  ".join(f"{k}={v}" for k, v in counters.items()) if counters else ""
     return render_table(headers, rows) + footer

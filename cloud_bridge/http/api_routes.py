@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
+from cloud_bridge.store.devices import MAX_PAGE, DeviceQuery
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 from cloud_bridge.store.stats import GroupBy
@@ -32,9 +33,18 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/devices", summary="every device the bridge has heard of, with its state and last telemetry")
-def list_devices(registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices.all()]
+@router.get("/devices", summary="devices the bridge has heard of, by id, a page at a time (total in X-Total-Count)")
+def list_devices(response: Response, limit: int = Query(default=100, ge=1, le=MAX_PAGE),
+                 offset: int = Query(default=0, ge=0),
+                 state: str | None = Query(default=None, description="the state last reported: online, offline"),
+                 group: str | None = Query(default=None, description="a group the device announced"),
+                 model: str | None = Query(default=None, description="the active model's name, or its sha256 "
+                                                                      "(or a prefix of it)"),
+                 q: str | None = Query(default=None, description="a substring of the device id (any case)"),
+                 registry: Registry = REG) -> list[dict[str, Any]]:
+    rows, total = registry.devices.page(DeviceQuery(state, group, model, q, limit, offset))
+    response.headers["X-Total-Count"] = str(total)
+    return [asdict(device) for device in rows]
 
 
 @router.get("/devices/{device_id}", summary="one device")

@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
 from cloud_bridge.store.connection import Connection, slices
 from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
+
+MAX_PAGE = 1000  # devices one page() returns at most
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally by `LIKE ... ESCAPE '\\'`."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """Which devices to list (every field given must match) and which page of them, by device id."""
+
+    state: str | None = None  # the state last reported (online, offline, ...)
+    group: str | None = None  # a group the device announced
+    model: str | None = None  # the active model's name, or its sha256 (or a prefix of it)
+    q: str | None = None  # a substring of the device id, case-insensitive
+    limit: int = 100
+    offset: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition (portable: both backends) and its parameters."""
+        conditions, params = ["1 = 1"], []
+        if self.state is not None:
+            conditions.append("state = ?")
+            params.append(self.state)
+        if self.group is not None:
+            # `groups` is the JSON list json.dumps wrote: it holds the quoted name. A case-sensitive
+            # substring test on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
+            conditions.append("length(groups) <> length(replace(groups, ?, ''))")
+            params.append(json.dumps(self.group))
+        if self.model is not None:
+            conditions.append("(model_name = ? OR model_sha256 LIKE ? ESCAPE '\\')")
+            params += [self.model, f"{_like_escaped(self.model.lower())}%"]
+        if self.q is not None:
+            conditions.append("lower(device_id) LIKE ? ESCAPE '\\'")
+            params.append(f"%{_like_escaped(self.q.lower())}%")
+        return " AND ".join(conditions), params
 
 
 class Devices:
@@ -130,6 +170,16 @@ class Devices:
     def all(self) -> list[DeviceRow]:
         """Every known device, by id."""
         return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
+
+    def page(self, query: DeviceQuery) -> tuple[list[DeviceRow], int]:
+        """One page of the devices `query` selects, by id, and how many it selects in all."""
+        if not 1 <= query.limit <= MAX_PAGE or query.offset < 0:
+            raise ValueError(f"limit must be 1..{MAX_PAGE} and offset >= 0, not {query.limit} and {query.offset}")
+        where, params = query.where()
+        total = self._db.query(f"SELECT count(*) AS n FROM devices WHERE {where}", params)[0]["n"]
+        rows = self._db.query(f"SELECT * FROM devices WHERE {where} ORDER BY device_id LIMIT ? OFFSET ?",
+                              [*params, query.limit, query.offset])
+        return [DeviceRow.from_row(row) for row in rows], total
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""
