@@ -244,12 +244,20 @@ class Commands:
         )
         return {row["device_id"]: row["n"] for row in rows}
 
-    def outcomes(self, device_id: str, limit: int) -> list[str]:
-        """States of the device's last `limit` commands it ran to the end (`succeeded` or `failed`), newest
-        first: rejections, cancellations and expiries say nothing about the device's health."""
-        rows = self._db.query(
-            "SELECT state FROM commands WHERE device_id = ? AND state IN ('succeeded', 'failed') "
-            "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
-            (device_id, limit),
-        )
-        return [row["state"] for row in rows]
+    def outcomes_of(self, device_ids: list[str], limit: int) -> dict[str, list[str]]:
+        """States of each device's last `limit` commands it ran to the end (`succeeded` or `failed`), newest
+        first: rejections, cancellations and expiries say nothing about the device's health. One
+        statement per slice of devices."""
+        found: dict[str, list[str]] = {device_id: [] for device_id in device_ids}
+        for part in slices(device_ids):
+            rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
+            rows = self._db.query(
+                f"WITH v (d) AS ({rowset}) SELECT device_id, state FROM (SELECT device_id, state, row_number() "
+                "OVER (PARTITION BY device_id ORDER BY updated_at DESC, rowid DESC) AS n FROM commands "
+                "WHERE device_id IN (SELECT d FROM v) AND state IN ('succeeded', 'failed')) AS c "
+                "WHERE n <= ? ORDER BY device_id, n",
+                [*params, limit],
+            )
+            for row in rows:
+                found[row["device_id"]].append(row["state"])
+        return found

@@ -94,15 +94,32 @@ class Replies(_Answers):
         )
         return [ReplyRow.from_row(row) for row in rows]
 
-    def decode_speeds(self, device_id: str, limit: int) -> list[float]:
-        """`tokens_per_s` of the device's last `limit` succeeded generations, newest first."""
+    def newest_id(self) -> int:
+        """The highest reply row id (0 when there is none)."""
+        return self._db.query("SELECT coalesce(max(id), 0) AS m FROM replies")[0]["m"]
+
+    def devices_after(self, reply_id: int) -> set[str]:
+        """The devices with a reply stored under a row id above `reply_id`."""
+        return {row["device_id"] for row in self._db.query("SELECT DISTINCT device_id FROM replies WHERE id > ?",
+                                                             (reply_id,))}
+
+    def decode_speeds_of(self, device_ids: list[str], limit: int) -> dict[str, list[float]]:
+        """`tokens_per_s` of each device's last `limit` succeeded generations, newest first; one
+        statement per slice of devices."""
         tps = self._db.backend.json_number("payload", "metrics", "tokens_per_s")
-        rows = self._db.query(
-            f"SELECT {tps} AS tps FROM replies "
-            f"WHERE device_id = ? AND status = 'succeeded' AND {tps} IS NOT NULL ORDER BY id DESC LIMIT ?",
-            (device_id, limit),
-        )
-        return [float(row["tps"]) for row in rows]
+        speeds: dict[str, list[float]] = {device_id: [] for device_id in device_ids}
+        for part in slices(device_ids):
+            rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
+            rows = self._db.query(
+                f"WITH v (d) AS ({rowset}) SELECT device_id, tps FROM (SELECT device_id, {tps} AS tps, "
+                "row_number() OVER (PARTITION BY device_id ORDER BY id DESC) AS n FROM replies "
+                f"WHERE device_id IN (SELECT d FROM v) AND status = 'succeeded' AND {tps} IS NOT NULL) AS r "
+                "WHERE n <= ? ORDER BY device_id, n",
+                [*params, limit],
+            )
+            for row in rows:
+                speeds[row["device_id"]].append(float(row["tps"]))
+        return speeds
 
 
 class Chunks(_Answers):
