@@ -167,6 +167,16 @@ class Devices:
         rows = self._db.query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
         return DeviceRow.from_row(rows[0]) if rows else None
 
+    def many(self, device_ids: list[str]) -> list[DeviceRow]:
+        """The known devices among `device_ids`, by id (one statement per slice of them)."""
+        rows: list[DeviceRow] = []
+        for part in slices(sorted(set(device_ids))):
+            rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
+            rows += [DeviceRow.from_row(row) for row in self._db.query(
+                f"WITH v (d) AS ({rowset}) SELECT * FROM devices WHERE device_id IN (SELECT d FROM v) "
+                "ORDER BY device_id", params)]
+        return rows
+
     def all(self) -> list[DeviceRow]:
         """Every known device, by id."""
         return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
