@@ -55,6 +55,7 @@ from autoglm_wire.protocol import ModelInfo, Reply, Status, Telemetry, format_ts
 from autoglm_wire.topics import DeviceTopics  # noqa: E402
 
 ANSWERED_KINDS = ("ping", "chat", "complete")
+TOKEN = "fleet-bench-token"  # the bridge's API token in the measurement
 MODEL = ModelInfo(name="sim-glm", sha256="5e" * 32, arch="glm4", quant="Q4_0", n_gpu_layers=0)
 
 
@@ -324,7 +325,7 @@ def _bridge_config(folder: Path, port: int, prefix: str, store: str, replica: in
         lines += ["[store]", f'path = "{store}"']
     lines += ["[dispatch]", "resend_interval_s = 30"]
     if http_port is not None and replica == 0:
-        (folder / "token").write_text("fleet-bench-token\n")
+        (folder / "token").write_text(TOKEN + "\n")
         lines += ["[http]", "enabled = true", f"port = {http_port}", f'token_file = "{folder / "token"}"']
     path = folder / f"bridge-{replica}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -342,21 +343,24 @@ def _start_bridges(folder: Path, port: int, prefix: str, store: str, replicas: i
     return procs
 
 
-def _queue_commands(registry: Any, targets: list[str], rate: float, stop: threading.Event,
+def _queue_commands(http_port: int, token: str, targets: list[str], rate: float, stop: threading.Event,
                     queued: list[int]) -> None:
-    """Queue `rate` ping commands per second, round robin over `targets`, in 100 ms slices."""
-    from cloud_bridge.commands import CommandRequest, queue_command
+    """Queue `rate` ping commands per second, round robin over `targets`: every 100 ms, one
+    `POST /api/commands` whose filter names the devices due (the bridge queues one row per device,
+    in its own process, as an operator's tool would)."""
+    import httpx
 
     i, start = 0, time.monotonic()
-    while not stop.is_set():
-        due = int((time.monotonic() - start) * rate) - queued[0]
-        if due > 0:
-            with registry.transaction():
-                for _ in range(due):
-                    queue_command(registry, CommandRequest(target=targets[i % len(targets)], kind="ping"))
-                    i += 1
-            queued[0] += due
-        stop.wait(0.1)
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", headers={"Authorization": f"Bearer {token}"},
+                      timeout=60) as http:
+        while not stop.is_set():
+            due = int((time.monotonic() - start) * rate) - queued[0]
+            if due > 0:
+                names = [targets[(i + k) % len(targets)] for k in range(due)]
+                i += due
+                http.post("/api/commands", json={"filter": {"device_ids": names}, "kind": "ping"}).raise_for_status()
+                queued[0] += due
+            stop.wait(0.1)
 
 
 def _latencies(registry: Any, since: str) -> tuple[list[float], int, int]:
@@ -445,7 +449,7 @@ def run_scenario(args: argparse.Namespace) -> int:
             waited = _wait_registered(registry, args.devices, 600)
             print(f"bridge  all {args.devices} devices registered online {waited:.1f} s later")
             if args.api_only:
-                p50, p95 = api_p95(http_port, "fleet-bench-token")
+                p50, p95 = api_p95(http_port, TOKEN)
                 print(f"api     GET /api/devices?limit=100 with {args.devices} devices: P50 {p50:.1f} ms, "
                       f"P95 {p95:.1f} ms")
                 return 0
@@ -455,7 +459,7 @@ def run_scenario(args: argparse.Namespace) -> int:
             cpu0 = [_cpu_s(p.pid) for p in bridges]
             t0 = time.monotonic()
             pacer = threading.Thread(target=_queue_commands, daemon=True,
-                                     args=(registry, targets, args.devices / args.command_s, stop, queued))
+                                     args=(http_port, TOKEN, targets, args.devices / args.command_s, stop, queued))
             pacer.start()
             time.sleep(args.duration)
             stop.set()
@@ -474,9 +478,14 @@ def run_scenario(args: argparse.Namespace) -> int:
                   f"P95 {p95 * 1000:.0f} ms, P99 {p99 * 1000:.0f} ms; {open_} unfinished 30 s after the load")
             print("cpu     bridge " + ", ".join(f"replica {i}: {c * 100:.0f}% of a core" for i, c in enumerate(cpu))
                   + f"; fleet drops {fleet.drops}; fleet errors {len(fleet.errors)}")
-            p50, p95 = api_p95(http_port, "fleet-bench-token", n=100)
+            p50, p95 = api_p95(http_port, TOKEN, n=100)
             print(f"api     GET /api/devices?limit=100 under load: P50 {p50:.1f} ms, P95 {p95:.1f} ms")
             registry.close()
+        except BaseException:
+            for replica in range(len(bridges)):
+                print(f"--- bridge {replica} log (tail) ---\n"
+                      + "\n".join((folder / f"bridge-{replica}.log").read_text(errors="replace").splitlines()[-20:]))
+            raise
         finally:
             if fleet is not None:
                 fleet.stop()
