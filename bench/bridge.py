@@ -12,12 +12,14 @@
 
   python bench/bridge.py                                    # 5000 replies, 2000 commands
   python bench/bridge.py --replies 20000 --commands 5000 --pg-url postgresql://postgres@127.0.0.1/postgres
+  python bench/bridge.py --replies 20000 --replicas     # also 1 and 2 replica processes on one PostgreSQL
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -149,6 +151,47 @@ def bridge_ingest(port: int, n: int, store: dict, registry: Registry) -> float:
     return n / (end - start)
 
 
+def replicas_ingest(port: int, n: int, url: str, replicas: int, folder: Path) -> float:
+    """Like bridge_ingest, with `replicas` `cloud-bridge serve` processes sharing the subscription
+    (`mqtt.shared_group`) and one PostgreSQL registry; each replica's session gets its share queued."""
+    prefix = "rp" + os.urandom(2).hex()
+    exe = Path(sys.executable).parent / "cloud-bridge"
+    configs = []
+    for k in range(replicas):
+        config = folder / f"{prefix}-{k}.toml"
+        config.write_text(f'log_level = "warning"\n[mqtt]\nport = {port}\ntopic_prefix = "{prefix}"\n'
+                          f'client_id = "bench-{prefix}-{k}"\nshared_group = "bench"\n'
+                          f'[store]\nurl = "{url}"\n[alerts]\ncheck_interval_s = 3600\n')
+        configs.append(config)
+
+    def start() -> list[subprocess.Popen[bytes]]:
+        return [subprocess.Popen([str(exe), "serve", "--config", str(c)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL) for c in configs]
+
+    def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+    registry = Registry.connect(url)
+    try:
+        procs = start()  # creates each replica's persistent session and shared subscription
+        time.sleep(3.0)
+        stop(procs)
+        before = registry.replies.count()
+        _publish_all(port, prefix, _payloads(n))
+        start_t = time.monotonic()
+        procs = start()
+        try:
+            end = _wait(lambda: registry.replies.count() >= before + n)
+        finally:
+            stop(procs)
+    finally:
+        registry.close()
+    return n / (end - start_t)
+
+
 def dispatch(port: int, m: int, folder: Path) -> float:
     prefix = "dp" + os.urandom(2).hex()
     registry = Registry.open(folder / "dispatch.db")
@@ -203,6 +246,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replies", type=int, default=5000)
     parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--replicas", action="store_true",
+                        help="also time 1 and 2 `cloud-bridge serve` processes on one PostgreSQL (shared subscription)")
     parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,6 +268,11 @@ def main() -> int:
                     rate = bridge_ingest(broker.port, args.replies, {"url": url}, registry)
                     registry.close()
                     print(f"ingest  bridge -> Postgres {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
+                    if args.replicas:
+                        one = replicas_ingest(broker.port, args.replies, url, 1, folder)
+                        two = replicas_ingest(broker.port, args.replies, url, 2, folder)
+                        print(f"ingest  1 replica process  {one:9.0f} replies/s  ({one / raw:.2f} x raw)")
+                        print(f"ingest  2 replica processes {two:8.0f} replies/s  ({two / one:.2f} x one replica)")
                 finally:
                     drop()
             rate = dispatch(broker.port, args.commands, folder)
