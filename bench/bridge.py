@@ -246,13 +246,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replies", type=int, default=5000)
     parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--broker-inflight", type=int, default=20,
+                        help="mosquitto max_inflight_messages (20, its default): the bridge acknowledges after its "
+                             "commit, so this window over the commit time bounds its ingest")
     parser.add_argument("--replicas", action="store_true",
                         help="also time 1 and 2 `cloud-bridge serve` processes on one PostgreSQL (shared subscription)")
     parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        broker = Broker(folder / "broker").start()
+        broker = Broker(folder / "broker")
+        with broker.config.open("a") as config:  # the broker -> consumer window (mosquitto's default is 20)
+            config.write(f"max_inflight_messages {args.broker_inflight}\n")
+        broker.start()
         try:
             raw = raw_ingest(broker.port, args.replies)
             print(f"ingest  raw paho counter   {raw:9.0f} replies/s")

@@ -438,7 +438,10 @@ def run_scenario(args: argparse.Namespace) -> int:
     fd_limit = _raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        broker = Broker(folder / "broker").start()
+        broker = Broker(folder / "broker")
+        with broker.config.open("a") as config:  # the broker -> bridge window (mosquitto's default is 20)
+            config.write(f"max_inflight_messages {args.broker_inflight}\n")
+        broker.start()
         store, cleanup = _pg_database(args.pg_url) if args.pg_url else (str(folder / "registry.db"), _nothing)
         prefix = "fleet"
         http_port = free_port()
@@ -521,6 +524,9 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--pg-url", default=None, help="an admin URL: a scratch database is made and dropped "
                                                        "(default: SQLite)")
+    parser.add_argument("--broker-inflight", type=int, default=1000,
+                        help="mosquitto max_inflight_messages: unacknowledged QoS 1 messages per client; the bridge "
+                             "acknowledges after its commit, so this window over the commit time bounds its ingest")
     parser.add_argument("--api-only", action="store_true", help="register the fleet, then time GET /api/devices")
     return run_scenario(parser.parse_args())
 
