@@ -12,15 +12,13 @@
 
   python bench/bridge.py                                    # 5000 replies, 2000 commands
   python bench/bridge.py --replies 20000 --commands 5000 --pg-url postgresql://postgres@127.0.0.1/postgres
-  python bench/bridge.py --replies 20000 --replicas     # also 1 and 2 replica processes on one PostgreSQL
+  python bench/bridge.py --replies 10000 --broker-inflight 1000   # the broker's window to the consumer
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -152,53 +150,6 @@ def bridge_ingest(port: int, n: int, store: dict, registry: Registry) -> float:
     return n / (end - start)
 
 
-def replicas_ingest(port: int, n: int, url: str, replicas: int, folder: Path) -> float:
-    """Like bridge_ingest, with `replicas` `cloud-bridge serve` processes sharing the subscription
-    (`mqtt.shared_group`) and one PostgreSQL registry."""
-    prefix = "rp" + os.urandom(2).hex()
-    exe = Path(sys.executable).parent / "cloud-bridge"
-    configs = []
-    for k in range(replicas):
-        config = folder / f"{prefix}-{k}.toml"
-        config.write_text(f'log_level = "warning"\n[mqtt]\nport = {port}\ntopic_prefix = "{prefix}"\n'
-                          f'client_id = "bench-{prefix}-{k}"\nshared_group = "bench"\n'
-                          f'[store]\nurl = "{url}"\n[alerts]\ncheck_interval_s = 3600\n')
-        configs.append(config)
-
-    def start() -> list[subprocess.Popen[bytes]]:
-        return [subprocess.Popen([str(exe), "serve", "--config", str(c)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL) for c in configs]
-
-    def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-
-    registry = Registry.connect(url)
-    procs = start()
-    try:
-        # mosquitto queues nothing for a shared subscription whose members are all offline, so the
-        # replicas stay connected but are stopped (SIGSTOP) while the backlog is published: the
-        # broker spreads it over their sessions' queues, then SIGCONT lets them drain it.
-        time.sleep(5.0)  # connected and subscribed
-        for proc in procs:
-            proc.send_signal(signal.SIGSTOP)
-        before = registry.replies.count()
-        _publish_all(port, prefix, _payloads(n))
-        for proc in procs:
-            proc.send_signal(signal.SIGCONT)
-        first = _wait(lambda: registry.replies.count() > before)
-        stored = registry.replies.count() - before
-        end = _wait(lambda: registry.replies.count() >= before + n)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGCONT)
-        stop(procs)
-        registry.close()
-    return (n - stored) / (end - first)  # from the first reply stored: waking up is not ingest
-
-
 def dispatch(port: int, m: int, folder: Path) -> float:
     prefix = "dp" + os.urandom(2).hex()
     registry = Registry.open(folder / "dispatch.db")
@@ -256,8 +207,6 @@ def main() -> int:
     parser.add_argument("--broker-inflight", type=int, default=20,
                         help="mosquitto max_inflight_messages (20, its default): the bridge acknowledges after its "
                              "commit, so this window over the commit time bounds its ingest")
-    parser.add_argument("--replicas", action="store_true",
-                        help="also time 1 and 2 `cloud-bridge serve` processes on one PostgreSQL (shared subscription)")
     parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,11 +230,6 @@ def main() -> int:
                     rate = bridge_ingest(broker.port, args.replies, {"url": url}, registry)
                     registry.close()
                     print(f"ingest  bridge -> Postgres {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
-                    if args.replicas:
-                        one = replicas_ingest(broker.port, args.replies, url, 1, folder)
-                        two = replicas_ingest(broker.port, args.replies, url, 2, folder)
-                        print(f"ingest  1 replica process  {one:9.0f} replies/s  ({one / raw:.2f} x raw)")
-                        print(f"ingest  2 replica processes {two:8.0f} replies/s  ({two / one:.2f} x one replica)")
                 finally:
                     drop()
             rate = dispatch(broker.port, args.commands, folder)
