@@ -182,7 +182,8 @@ def dispatch(port: int, m: int, folder: Path) -> float:
     return m / (end - start)
 
 
-def _pg_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
+def pg_scratch_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
+    """A scratch database made with `admin_url` (its URL, and how to drop it); None if unreachable."""
     try:
         import psycopg
 
@@ -222,7 +223,7 @@ def main() -> int:
             rate = bridge_ingest(broker.port, args.replies, {"path": str(folder / "ingest.db")}, sqlite)
             sqlite.close()
             print(f"ingest  bridge -> SQLite   {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
-            pg = _pg_database(args.pg_url)
+            pg = pg_scratch_database(args.pg_url)
             if pg is not None:
                 url, drop = pg
                 try:

@@ -402,20 +402,6 @@ def api_p95(port: int, token: str, n: int = 200) -> tuple[float, float]:
     return _percentile(times, 50), _percentile(times, 95)
 
 
-def _pg_database(admin_url: str) -> tuple[str, Callable[[], None]]:
-    import psycopg
-
-    admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
-    name = f"autoglm_fleet_{os.urandom(4).hex()}"
-    admin.execute(f"CREATE DATABASE {name}")
-
-    def drop() -> None:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
-
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
-
-
 def _wait_registered(registry: Any, n: int, timeout_s: float) -> float:
     from cloud_bridge.store.devices import DeviceQuery
 
@@ -432,6 +418,7 @@ def _nothing() -> None:
 
 
 def run_scenario(args: argparse.Namespace) -> int:
+    from bench.bridge import pg_scratch_database
     from cloud_bridge.store.registry import Registry
     from tests.support.broker import Broker, free_port
 
@@ -442,7 +429,10 @@ def run_scenario(args: argparse.Namespace) -> int:
         with broker.config.open("a") as config:  # the broker -> bridge window (mosquitto's default is 20)
             config.write(f"max_inflight_messages {args.broker_inflight}\n")
         broker.start()
-        store, cleanup = _pg_database(args.pg_url) if args.pg_url else (str(folder / "registry.db"), _nothing)
+        scratch = pg_scratch_database(args.pg_url) if args.pg_url else None
+        if args.pg_url and scratch is None:
+            return 1
+        store, cleanup = scratch or (str(folder / "registry.db"), _nothing)
         prefix = "fleet"
         http_port = free_port()
         bridges: list[subprocess.Popen[bytes]] = []
