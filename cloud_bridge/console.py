@@ -42,7 +42,8 @@ def _cell(value: object) -> str:
 
 def devices_table(registry: Registry, devices: list[DeviceRow] | None = None) -> str:
     """These devices (default: every device the bridge has heard of), one line each."""
-    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "GPU LAYERS", "AGENT"]
+    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "PREVIOUS", "ROLLOUT", "GPU LAYERS",
+               "AGENT"]
     rows = [_device_cells(d) for d in (registry.devices.all() if devices is None else devices)]
     if not rows:
         return ("no device matches" if devices is not None and registry.devices.page(DeviceQuery(limit=1))[1]
@@ -53,8 +54,9 @@ def devices_table(registry: Registry, devices: list[DeviceRow] | None = None) ->
 
 
 def _device_cells(d: DeviceRow) -> list[str]:
+    previous = f"{d.previous_model_name} ({(d.previous_model_sha256 or '')[:12]})" if d.previous_model_name else "-"
     return [d.device_id, d.state or "unknown", short_ts(d.since), short_ts(d.last_seen), _cell(d.model_name),
-            (d.model_sha256 or "-")[:12], _cell(d.n_gpu_layers), _cell(d.agent_version)]
+            (d.model_sha256 or "-")[:12], previous, _cell(d.rollout), _cell(d.n_gpu_layers), _cell(d.agent_version)]
 
 
 def commands_table(registry: Registry, device_id: str | None = None, limit: int = 20,
@@ -105,6 +107,22 @@ def policies_table(registry: Registry) -> str:
     if not rows:
         return "no devices yet"
     return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
+
+
+def tokens_table(registry: Registry) -> str:
+    """The API's named tokens (never the tokens themselves)."""
+    rows = [[t.name, t.role, short_ts(t.created_at), short_ts(t.last_used_at)] for t in registry.tokens.all()]
+    if not rows:
+        return "no named tokens: only the [http] token_file token (admin) works; add one with `cloud-bridge token add`"
+    return render_table(["NAME", "ROLE", "CREATED", "LAST USED"], rows)
+
+
+def audit_table(registry: Registry, limit: int = 50) -> str:
+    """The newest entries of the audit log, newest first."""
+    rows = [[short_ts(a.ts), a.actor, a.action, a.target, a.outcome[:100]] for a in registry.audit.recent(limit)]
+    if not rows:
+        return "the audit log is empty: nothing was changed through the API or the CLI yet"
+    return render_table(["TIME", "WHO", "ACTION", "TARGET", "OUTCOME"], rows)
 
 
 # --- a command's outcome ----------------------------------------------------------------------

@@ -49,6 +49,7 @@ from cloud_bridge.store.rows import wire_ts
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MODEL_PROGRESS = "model_progress"  # the Event code of a `model` deploy's progress (docs/protocol.md)
 
 MODELS: dict[str, type[BaseModel]] = {
     "status": Status, "reply": Reply, "event": Event, "telemetry": Telemetry, "stream": StreamChunk,
@@ -255,7 +256,12 @@ class Ingestor:
         return self._registry.replies.record_many([v.payload for v in valid], now)
 
     def _events(self, valid: list[Valid], now: datetime) -> list[bool]:
-        return self._registry.events.record_many([v.payload for v in valid], now)
+        events: list[Event] = [v.payload for v in valid]
+        stored = self._registry.events.record_many(events, now)
+        for event, new in zip(events, stored, strict=True):
+            if new and event.code == MODEL_PROGRESS:  # a rollout's per-device progress bar
+                self._registry.rollouts.record_progress(event.device_id, event.data, now)
+        return stored
 
     def _telemetry(self, valid: list[Valid], now: datetime) -> list[bool]:
         self._registry.devices.record_telemetries([v.payload for v in valid], now)

@@ -124,7 +124,8 @@ class Devices:
         model = status.model
         self._db.execute(
             "UPDATE devices SET agent_version = ?, model_name = ?, model_sha256 = ?, n_gpu_layers = ?, "
-            "groups = ?, kinds = ? WHERE device_id = ?",
+            "groups = ?, kinds = ?, previous_model_name = ?, previous_model_sha256 = ?, rollout = ? "
+            "WHERE device_id = ?",
             (
                 status.agent_version,
                 model.name if model else None,
@@ -132,6 +133,9 @@ class Devices:
                 model.n_gpu_layers if model else None,
                 json.dumps(status.groups or []),
                 json.dumps(status.kinds or []),
+                status.previous_model.name if status.previous_model else None,
+                status.previous_model.sha256 if status.previous_model else None,
+                status.rollout,
                 status.device_id,
             ),
         )

@@ -53,6 +53,9 @@ class DeviceRow:
     last_telemetry: dict[str, Any] | None
     policy: dict[str, Any] | None = None
     status_ts: str | None = None  # `ts` of the newest timestamped Status applied
+    previous_model_name: str | None = None  # the slot a `model` rollback returns to (None: older agent)
+    previous_model_sha256: str | None = None
+    rollout: str | None = None  # the rollout of the last deploy that changed the model
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> DeviceRow:

@@ -127,6 +127,10 @@ def test_a_version_1_registry_is_upgraded_in_place_and_keeps_its_rows(empty_stor
         assert registry.devices.get("old-gw").status_ts == format_ts(T0)
         registry.dead_letters.record("autoglm/old-gw/reply", "old-gw", b"\x00\xff", "not JSON", at(5))
         assert registry.dead_letters.recent()[0].payload == b"\x00\xff"
+        assert registry.tokens.identify(registry.tokens.add("ops", "operator")).role == "operator", "version 4"
+        old = registry.devices.get("old-gw")
+        assert (old.previous_model_name, old.previous_model_sha256, old.rollout) == (None, None, None)
+        assert registry.models.all() == [] and registry.rollouts.recent() == []
     finally:
         registry.close()
 
