@@ -41,6 +41,17 @@ def test_devices_and_commands_print_json_for_scripts(config, capsys):
     assert (row["id"], row["priority"], row["state"]) == ("p1", 7, "pending") and "raw_payload" not in row
 
 
+def test_devices_takes_the_filters_of_the_api(config, capsys):
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--json", "--match", "A")
+    assert code == 0 and [d["device_id"] for d in json.loads(out)] == ["gw-a"]
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--group", "lab", "--limit", "1", "--offset", "1")
+    assert code == 0 and "gw-b" in out and "gw-a" not in out
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--state", "offline")
+    assert code == 0 and out.strip() == "no device matches"
+    code, _, err = run(capsys, "devices", "--config", str(config), "--limit", "0")
+    assert code == EXIT_USAGE and "--limit must be" in err
+
+
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
     code, out, err = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}',
                          "--no-wait")
