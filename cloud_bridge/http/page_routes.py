@@ -1,7 +1,9 @@
 """`/`: the console page (`cloud_bridge/web/console.html`), open without a token: the page asks for
 it and keeps it in the browser's localStorage, then calls `/api` with it. `/docs`: Swagger UI on
 `/openapi.json`, its script, style and icon served here from the `fastapi-offline` package (pinned
-Swagger UI 5), never from a CDN, so it works offline; its Authorize button takes an API token."""
+Swagger UI 5), never from a CDN, so it works offline; its Authorize button takes an API token.
+`/vendor/uplot-1.6.32/`: the console's charting library, uPlot 1.6.32 (MIT), vendored under
+`cloud_bridge/web/vendor/` and open like `/`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from cloud_bridge.http.deps import ApiError
 router = APIRouter()
 ASSETS = "/docs/assets"
 ASSET_TYPES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+UPLOT = "vendor/uplot-1.6.32"
+UPLOT_TYPES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css",
+               "LICENSE": "text/plain; charset=utf-8"}
 
 
 def _web(name: str) -> str:
@@ -41,3 +46,12 @@ def docs_asset(name: str) -> Response:
         raise ApiError(404, f"no docs asset {name!r}; the page uses {', '.join(sorted(ASSET_TYPES))}", "not_found")
     data = resources.files("fastapi_offline").joinpath(f"static/{name}").read_bytes()
     return Response(data, media_type=ASSET_TYPES[name], headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get("/" + UPLOT + "/{name}", include_in_schema=False)
+def uplot_file(name: str) -> Response:
+    """One of the vendored uPlot files the console uses (its script, style and license)."""
+    if name not in UPLOT_TYPES:
+        raise ApiError(404, f"no file {name!r} in /{UPLOT}; it holds {', '.join(sorted(UPLOT_TYPES))}", "not_found")
+    data = resources.files("cloud_bridge").joinpath(f"web/{UPLOT}/{name}").read_bytes()
+    return Response(data, media_type=UPLOT_TYPES[name], headers={"Cache-Control": "public, max-age=86400"})

@@ -6,6 +6,7 @@ tests/conftest.py later).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -119,6 +120,16 @@ def browser() -> Iterator[Any]:
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     yield driver
     driver.quit()
+
+
+def requested_urls(browser: Any) -> list[str]:
+    """Every URL the page requested since the last call, from Chromium's network log."""
+    urls = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
 
 
 # --- mosquitto -----------------------------------------------------------------------------------

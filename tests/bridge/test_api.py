@@ -174,3 +174,19 @@ def test_docs_are_swagger_ui_with_every_asset_served_here_and_no_external_url(re
         missing = anonymous.get("/docs/assets/index.html")
         assert missing.status_code == 404 and "swagger-ui-bundle.js" in missing.json()["error"]["message"]
         assert anonymous.get("/redoc").status_code == 404
+
+
+def test_the_console_loads_uplot_from_the_bridge_with_its_content_types(registry):
+    types = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css", "LICENSE": "text/plain"}
+    with TestClient(create_app(registry, BridgeConfig(), TOKEN)) as anonymous:
+        page = anonymous.get("/").text
+        assert re.findall(r'<(?:script src|link rel="stylesheet" href)="([^"]*)"', page) == [
+            "/vendor/uplot-1.6.32/uPlot.min.css", "/vendor/uplot-1.6.32/uPlot.iife.min.js"]
+        for name, content_type in types.items():
+            served = anonymous.get(f"/vendor/uplot-1.6.32/{name}")
+            assert served.status_code == 200 and served.headers["content-type"].startswith(content_type), name
+        assert anonymous.get("/vendor/uplot-1.6.32/uPlot.iife.min.js").text.startswith(
+            "/*! https://github.com/leeoniya/uPlot (v1.6.32) */")
+        assert "MIT License" in anonymous.get("/vendor/uplot-1.6.32/LICENSE").text
+        missing = anonymous.get("/vendor/uplot-1.6.32/uPlot.esm.js")
+        assert missing.status_code == 404 and "uPlot.iife.min.js" in missing.json()["error"]["message"]

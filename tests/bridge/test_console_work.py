@@ -1,5 +1,6 @@
 """The console as a place to work, in a real headless Chromium against `create_app` served by uvicorn
-on a registry with a recent history: charts drawn from /api/stats/series and /api/fleet, paging and
+on a registry with a recent history: charts drawn from /api/stats/series and /api/fleet (uPlot, served
+by the bridge: no request leaves it), paging and
 filters, the device page (state history, alerts acknowledged, a policy pushed), the command page
 (cancel), live updates pushed over /api/live (the page no longer polls), the send form bounded by the
 device's limit, and a group send streaming every member. A thread plays the devices on the registry.
@@ -23,7 +24,7 @@ from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.app import create_app
 from cloud_bridge.store.registry import Registry
 
-from .conftest import http_server
+from .conftest import http_server, requested_urls
 from .factories import command, offline, online, reply
 
 TOKEN = "console-work-token-0123456789"
@@ -112,21 +113,49 @@ def _screenshot(browser, name: str) -> None:
         browser.set_window_size(1280, 900)
 
 
+def _series(browser, chart: str) -> list[str]:
+    """The series of the uPlot in `#chart`, from its legend (not live: the time axis has no row)."""
+    from selenium.webdriver.common.by import By
+
+    labels = browser.find_elements(By.CSS_SELECTOR, f"#{chart} .uplot .u-legend .u-series .u-label")
+    return [label.text for label in labels]
+
+
+def _pixels(browser, chart: str, color: str) -> int:
+    """How many pixels of the chart's canvas are drawn in `color` ("#rrggbb")."""
+    return browser.execute_script("""
+        const canvas = document.querySelector("#" + arguments[0] + " canvas"), want = arguments[1];
+        const rgb = [1, 3, 5].map((i) => parseInt(want.slice(i, i + 2), 16));
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let n = 0;
+        for (let i = 0; i < data.length; i += 4)
+          if (rgb.every((v, j) => Math.abs(data[i + j] - v) < 8) && data[i + 3] > 200) n++;
+        return n;""", chart, color)
+
+
 def test_charts_paging_and_filters(console, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     url, _ = console
+    requested_urls(browser)  # drop what earlier pages requested
     wait = _login(browser, url)
-    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, '#chart-latency path[data-series="p99"]'))
-    speed = {p.get_attribute("data-series") for p in browser.find_elements(By.CSS_SELECTOR, "#chart-speed path")}
-    assert speed == {"gw-1", "gw-2"}
+    wait.until(lambda b: _series(b, "chart-latency") == ["p50", "p95", "p99"])
+    assert _series(browser, "chart-speed") == ["gw-1", "gw-2"]
+    # lines drawn: p50 and p99 (p95 lies under p99 in this history), gw-1 and gw-2
+    for chart, color in (("chart-latency", "#1f77b4"), ("chart-latency", "#2ca02c"), ("chart-speed", "#1f77b4"),
+                         ("chart-speed", "#d62728")):
+        assert _pixels(browser, chart, color) > 100, f"{chart} draws nothing in {color}"
     bars = {(r.get_attribute("data-name"), r.get_attribute("data-count"))
             for r in browser.find_elements(By.CSS_SELECTOR, "#chart-fleet rect")}
     assert {("online", "2"), ("offline", "1"), ("tokens_per_s_drop", "1"), ("failed", "1"), ("pending", "61"),
             ("succeeded", str(2 * CHATS))} <= bars
     pager = browser.find_element(By.CSS_SELECTOR, "#commands-pager span")
     wait.until(lambda b: pager.text == f"1–50 of {TOTAL}")
+    urls = requested_urls(browser)
+    assert url + "/vendor/uplot-1.6.32/uPlot.iife.min.js" in urls and url + "/vendor/uplot-1.6.32/uPlot.min.css" in urls
+    elsewhere = [u for u in urls if not u.startswith(url + "/") and not u.startswith("data:")]
+    assert not elsewhere, f"the console loaded from elsewhere: {elsewhere}"
     _screenshot(browser, "console-overview.png")
     browser.find_element(By.CSS_SELECTOR, '#commands-pager [data-step="1"]').click()
     wait.until(lambda b: pager.text == f"51–100 of {TOTAL}")

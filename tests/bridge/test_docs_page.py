@@ -3,26 +3,14 @@ of `/openapi.json`, and every request the page makes goes to the bridge itself (
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.app import create_app
 
-from .conftest import http_server
+from .conftest import http_server, requested_urls
 
 TOKEN = "docs-token-0123456789abcdef"
-
-
-def requested_urls(browser) -> list[str]:
-    """Every URL the page requested, from Chromium's network log."""
-    urls = []
-    for entry in browser.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
 
 
 def test_docs_render_every_operation_with_nothing_loaded_from_elsewhere(registry, browser):
