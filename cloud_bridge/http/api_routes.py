@@ -1,6 +1,6 @@
-"""`/api`: devices, commands (one device, a group or a filter; cancel; priorities), replies, events,
-alerts, dead letters. Mounted by `app.create_app` behind the bearer token. A command created here is queued by
-`commands` exactly as `cloud-bridge send` queues it, and the dispatch loop publishes it."""
+"""`/api`: devices, group membership, commands (one device, a group or a filter; cancel; priorities),
+replies, events, alerts, dead letters. Mounted by `app.create_app` behind the bearer token. A command
+created here is queued by `commands` exactly as `cloud-bridge send` queues it, and the dispatch loop publishes it."""
 
 from __future__ import annotations
 
@@ -121,3 +121,25 @@ def get_stats(window: str = "1h", group_by: GroupBy = "device", registry: Regist
 def list_alert_deliveries(limit: int = Query(default=50, ge=1, le=1000),
                           registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(row) for row in registry.deliveries.recent(limit)]
+
+
+@router.get("/groups", summary="group membership as the registry assigns it: group -> device ids")
+def list_groups(registry: Registry = REG) -> dict[str, list[str]]:
+    return registry.groups.members()
+
+
+@router.put("/groups/{group}/members/{device_id}", summary="assign a device to a group (what routing and the ACL use)")
+def add_group_member(group: str, device_id: str, registry: Registry = REG) -> dict[str, Any]:
+    try:
+        added = registry.groups.add(device_id, group)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_request", retry=False) from exc
+    return {"group": group, "device_id": device_id, "added": added}
+
+
+@router.delete("/groups/{group}/members/{device_id}", summary="take a device out of a group")
+def remove_group_member(group: str, device_id: str, registry: Registry = REG) -> dict[str, Any]:
+    if not registry.groups.remove(device_id, group):
+        raise ApiError(404, f"{device_id!r} is not assigned group {group!r}; list them with GET /api/groups",
+                       "unknown_membership", retry=False)
+    return {"group": group, "device_id": device_id, "removed": True}

@@ -293,7 +293,7 @@ def _wait_until_accepted(registry: Registry, row: CommandRow, timeout_s: float) 
 @router.get("/models", summary="devices and groups usable as `model`")
 def list_models(registry: Registry = REG) -> dict[str, Any]:
     devices = registry.devices.all()
-    names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.groups})
+    names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.routable_groups})
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "autoglm-edge"}
                                        for n in names]}
 

@@ -76,7 +76,7 @@ class Devices:
         model = status.model
         self._db.execute(
             "UPDATE devices SET agent_version = ?, model_name = ?, model_sha256 = ?, n_gpu_layers = ?, "
-            "groups = ?, kinds = ? WHERE device_id = ?",
+            "claimed_groups = ?, kinds = ? WHERE device_id = ?",
             (
                 status.agent_version,
                 model.name if model else None,
@@ -106,13 +106,21 @@ class Devices:
         )
 
     def get(self, device_id: str) -> DeviceRow | None:
-        """The device, or None if it never sent anything."""
+        """The device, or None if it never sent anything (nor was assigned a group)."""
         rows = self._db.query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
-        return DeviceRow.from_row(rows[0]) if rows else None
+        if not rows:
+            return None
+        groups = self._db.query("SELECT group_name FROM device_groups WHERE device_id = ?", (device_id,))
+        return DeviceRow.from_row(rows[0], [g["group_name"] for g in groups])
 
     def all(self) -> list[DeviceRow]:
-        """Every known device, by id."""
-        return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
+        """Every known device, by id, with the groups the registry assigns it."""
+        memberships = self._db.query("SELECT device_id, group_name FROM device_groups")
+        rows = self._db.query("SELECT * FROM devices ORDER BY device_id")
+        groups: dict[str, list[str]] = {}
+        for membership in memberships:
+            groups.setdefault(membership["device_id"], []).append(membership["group_name"])
+        return [DeviceRow.from_row(row, groups.get(row["device_id"], [])) for row in rows]
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""

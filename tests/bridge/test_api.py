@@ -27,7 +27,8 @@ def client(registry):
 
 def _fleet(registry) -> None:
     for device_id in ("gw-a", "gw-b"):
-        registry.devices.record_status(online(device_id), T0)
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab")
     registry.devices.record_status(Status(device_id="gw-c", state="offline"), T0)
 
 

@@ -8,11 +8,12 @@ from .factories import T0, at, offline, online
 
 
 def test_an_online_status_records_the_device_identity(registry):
-    assert registry.devices.record_status(online(), at(1))
+    assert registry.devices.record_status(online(groups=["lab"]), at(1))
     device = registry.devices.get("dev-1")
     assert (device.state, device.since, device.last_seen) == ("online", format_ts(at(1)), format_ts(at(1)))
     assert (device.model_name, device.model_sha256, device.n_gpu_layers) == ("glm-4-tiny", "ab" * 32, 0)
-    assert device.groups == ["lab"] and "chat" in device.kinds and device.agent_version == "0.1.0"
+    assert device.claimed_groups == ["lab"] and "chat" in device.kinds and device.agent_version == "0.1.0"
+    assert device.groups == [] and device.routable_groups == []  # membership is the registry's, not the claim
 
 
 def test_the_last_will_marks_the_device_offline_and_keeps_its_identity(registry):

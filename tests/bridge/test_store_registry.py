@@ -80,7 +80,7 @@ CREATE TABLE events (id SERIAL_ID, device_id TEXT NOT NULL, ts TEXT NOT NULL, le
 INSERT INTO stream_chunks VALUES (1, 'old-gw', 'c0', 0, 'hi', TRUE, '2026-11-21T10:00:00.000Z');
 INSERT INTO events (device_id, ts, level, code, message, data, received_at) VALUES ('old-gw',
     '2026-11-21T10:00:00.000Z', 'info', 'tick', 'old', '{}', '2026-11-21T10:00:00.000Z');
-INSERT INTO devices (device_id, state) VALUES ('old-gw', 'online');
+INSERT INTO devices (device_id, state, groups) VALUES ('old-gw', 'online', '["lab"]');
 """
 
 
@@ -115,6 +115,10 @@ def test_a_version_1_registry_is_upgraded_in_place_and_keeps_its_rows(empty_stor
     try:
         assert registry.devices.get("old-gw").state == "online" and registry.devices.get("old-gw").policy is None
         assert registry.commands.add(command(), "old-gw", T0).priority == 0
+        # v5: what it announced is kept as a claim; membership starts empty until imported
+        assert (registry.devices.get("old-gw").claimed_groups, registry.devices.get("old-gw").groups) == (["lab"], [])
+        assert registry.groups.import_claimed(T0) == ([("old-gw", "lab")], [])
+        assert registry.groups.members() == {"lab": ["old-gw"]}
         assert registry.alerts.recent() == [] and registry.feeds.chunks(0)[0].delta == "hi"
         assert registry._connection.backend.schema_version() == schema.SCHEMA_VERSION
         assert registry.chunks.record("new-gw", chunk(0, "again", "c0"), at(1)), "one command id on two devices"
