@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--for", dest="for_s", type=float, metavar="S", help="stop after S seconds")
     alerts = sub.add_parser("alerts", parents=[common], help="list abnormal-device alerts",
                             description="List open alerts (offline too long, error rate, outbox growing, "
-                                        "tokens/s dropping); thresholds are the [alerts] keys.")
+                                        "tokens/s dropping, announced groups differing from the registry's); "
+                                        "thresholds are the [alerts] keys.")
     alerts.add_argument("--all", action="store_true", help="also the cleared ones")
     alerts.add_argument("--deliveries", action="store_true",
                         help="the webhook delivery log of alert notifications instead")
