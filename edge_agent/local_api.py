@@ -27,63 +27,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from autoglm_wire.local_origin import LOCAL_ID_PREFIX
+from autoglm_wire.openai_requests import REQUEST_BY_KIND, OpenAIRequest, RequestError
 from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
 from edge_agent.config import HttpConfig
 from edge_agent.local_calls import LocalCalls
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 ERROR_STATUS = {"invalid_command": 400, "unauthorized": 403, "unsupported_kind": 400, "busy": 429,
                 "expired": 504, "cancelled": 499}
 WAIT_TICK_S = 1.0  # how often a waiting request checks that the server is not stopping
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored
-
-
-class _TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart]
-
-
-class _SchemaSpec(_Body):
-    schema_: dict[str, Any] = Field(alias="schema")
-
-
-class _ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: _SchemaSpec | None = None
-
-
-class _StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Request(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    response_format: _ResponseFormat | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    messages: list[_Message] | None = None
-    prompt: str | list[str] | None = None
 
 
 class ApiError(Exception):
@@ -95,29 +53,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
 
 
-def command_params(request: _Request, kind: str) -> dict[str, Any]:
+def command_params(request: OpenAIRequest) -> dict[str, Any]:
     """The protocol params of a chat or complete command for an OpenAI request (400 if it lacks them)."""
-    params: dict[str, Any] = {}
-    if kind == "chat":
-        if not request.messages:
-            raise ApiError(400, "messages: at least one message is required", "invalid_value")
-        params["messages"] = [{"role": ROLES[m.role], "content": m.content if isinstance(m.content, str)
-                               else "".join(p.text for p in m.content)} for m in request.messages]
-    else:
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt or []
-        if len(prompts) != 1:
-            raise ApiError(400, f"prompt: one prompt per request ({len(prompts)} given)", "invalid_value")
-        params["prompt"] = prompts[0]
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        if fmt.type == "json_schema" and fmt.json_schema is None:
-            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_value")
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"}
-        params["response_format"] = {"type": "json_schema", "schema": schema}
-    fields = {"max_tokens": request.max_completion_tokens or request.max_tokens, "temperature": request.temperature,
-              "top_p": request.top_p, "seed": request.seed,
-              "stop": [request.stop] if isinstance(request.stop, str) else request.stop}
-    return {**params, **{k: v for k, v in fields.items() if v is not None}}
+    try:
+        return request.params()
+    except RequestError as exc:
+        raise ApiError(400, exc.message, exc.code) from exc
 
 
 def new_command(kind: str, params: dict[str, Any]) -> tuple[str, bytes]:
@@ -237,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"object": "list", "data": [{"id": deps.model_name(), "object": "model", "created": 0,
                                                       "owned_by": deps.device_id}]})
 
-    def _body(self) -> _Request:
+    def _body(self, kind: str) -> OpenAIRequest:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
@@ -248,14 +189,14 @@ class _Handler(BaseHTTPRequestHandler):
                                 f"{self.owner.config.max_body_bytes} (http.max_body_bytes)", "request_too_large")
         raw = self.rfile.read(int(length))
         try:
-            return _Request.model_validate(json.loads(raw))
+            return REQUEST_BY_KIND[kind].model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
             detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
             raise ApiError(400, f"the body is not a valid request: {detail}", "invalid_value") from exc
 
     def _generate(self, kind: str) -> None:
-        request = self._body()
-        command_id, payload = new_command(kind, command_params(request, kind))
+        request = self._body(kind)
+        command_id, payload = new_command(kind, command_params(request))
         calls = self.owner.deps.calls
         events = calls.open(command_id)
         try:
@@ -266,8 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
                                kind="server_error") from exc
             shape = _Shape(kind, command_id, self.owner.deps.model_name())
             if request.stream:
-                self._stream(events, shape, request.stream_options is not None
-                             and request.stream_options.include_usage)
+                self._stream(events, shape, request.include_usage)
             else:
                 self._json(200, shape.whole(self._final(events)))
         finally:
