@@ -8,7 +8,10 @@ same `Intake.handle` as an MQTT delivery (size cap, limits, policy, dedupe, the 
 same executor workers, answered through the outbox to the cloud like any other. The HTTP thread
 only waits: the engine's deltas (streaming) and the terminal reply come from edge_agent.local_calls.
 If the agent dies mid-request, the client loses its connection; the ledger answers the command
-`failed` at restart (never run twice) and that reply still reaches the cloud.
+`failed` at restart (never run twice) and that reply still reaches the cloud. If the client goes
+away first (its socket closes while it waits, or a streamed write fails), the request's command is
+cancelled by a local `cancel` command through the same intake (within CLIENT_CHECK_S while it
+waits). A streamed request's command carries `stream: true`, so its chunks reach the cloud too.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (bearer token);
 GET /healthz (alive), GET /readyz (broker connected, store writable, model loaded; 503 otherwise).
@@ -20,6 +23,8 @@ import hmac
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -41,7 +46,11 @@ log = logging.getLogger(__name__)
 
 ERROR_STATUS = {"invalid_command": 400, "unauthorized": 403, "unsupported_kind": 400, "busy": 429,
                 "expired": 504, "cancelled": 499}
-WAIT_TICK_S = 1.0  # how often a waiting request checks that the server is not stopping
+CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client and the server are still there
+
+
+class ClientGone(Exception):
+    """The client of a request closed its connection before the answer was complete."""
 
 
 class ApiError(Exception):
@@ -120,19 +129,31 @@ class LocalApi:
             return False
         return hmac.compare_digest(header[len("Bearer "):].strip().encode("utf-8"), self._token)
 
-    def wait(self, events: queue.SimpleQueue[Any]) -> tuple[str, Any]:
+    def wait(self, events: queue.SimpleQueue[Any], client: socket.socket) -> tuple[str, Any]:
         """The call's next event. The terminal reply arrives from inside its storing transaction:
-        it is answered only once that transaction is committed and on disk."""
+        it is answered only once that transaction is committed and on disk. Raises ClientGone when
+        the client's connection closes while it waits."""
         while not self._stopping.is_set():
             try:
-                tag, value = events.get(timeout=WAIT_TICK_S)
+                tag, value = events.get(timeout=CLIENT_CHECK_S)
             except queue.Empty:
+                if closed_by_peer(client):
+                    raise ClientGone from None
                 continue
             if tag == "done":
                 self.deps.durable()
             return tag, value
         raise ApiError(503, "the agent is stopping; the command's reply will reach the cloud", "stopping",
                        kind="server_error")
+
+
+def closed_by_peer(client: socket.socket) -> bool:
+    """Whether the other end closed (or reset) the connection; bytes waiting to be read are not a close."""
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed on this side
+        return True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -170,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
             route()
         except ApiError as exc:
             self._json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):  # the client left; its command runs on
+        except (BrokenPipeError, ConnectionResetError):  # the client left after its command ended
             log.info("local API client %s disconnected before its answer", self.client_address[0])
 
     def _models(self) -> None:
@@ -196,7 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _generate(self, kind: str) -> None:
         request = self._body(kind)
-        command_id, payload = new_command(kind, command_params(request))
+        params = command_params(request)
+        if request.stream:
+            params["stream"] = True  # the cloud gets the chunks too (P/D/stream/<id>), as for its own commands
+        command_id, payload = new_command(kind, params)
         calls = self.owner.deps.calls
         events = calls.open(command_id)
         try:
@@ -206,23 +230,38 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(503, f"the device cannot store the command now: {exc}", "store_unavailable",
                                kind="server_error") from exc
             shape = _Shape(kind, command_id, self.owner.deps.model_name())
-            if request.stream:
-                self._stream(events, shape, request.include_usage)
-            else:
-                self._json(200, shape.whole(self._final(events)))
+            try:
+                if request.stream:
+                    self._stream(events, shape, request.include_usage)
+                else:
+                    self._json(200, shape.whole(self._final(events)))
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                self._cancel(command_id)
         finally:
             calls.close(command_id)
 
+    def _cancel(self, command_id: str) -> None:
+        """The client left before its answer: cancel its command (a no-op answer if it already ended)."""
+        log.info("local API client %s disconnected before its answer; cancelling command %s",
+                 self.client_address[0], command_id)
+        _, payload = new_command("cancel", {"target": command_id})
+        try:
+            self.owner.deps.submit(payload)
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailable: the command runs to its end instead
+            log.warning("could not cancel command %s of a departed client (%s); it runs to its end",
+                        command_id, exc)
+
     def _final(self, events: queue.SimpleQueue[Any]) -> Reply:
         while True:
-            tag, value = self.owner.wait(events)
+            tag, value = self.owner.wait(events, self.connection)
             if tag == "done":
                 if value.status != "succeeded":
                     raise reply_error(value)
                 return value
 
     def _stream(self, events: queue.SimpleQueue[Any], shape: _Shape, include_usage: bool) -> None:
-        tag, value = self.owner.wait(events)
+        tag, value = self.owner.wait(events, self.connection)
         if tag == "done" and value.status != "succeeded":
             raise reply_error(value)  # rejected or failed before any text: a plain HTTP error
         self.send_response(200)
@@ -236,7 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while tag == "delta":
                 self._event(shape.chunk(value, None))
-                tag, value = self.owner.wait(events)
+                tag, value = self.owner.wait(events, self.connection)
         except ApiError as exc:  # stopping: the stream ends with the error, as OpenAI's do
             self._event(exc.body())
             return
