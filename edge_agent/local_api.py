@@ -132,13 +132,16 @@ class LocalApi:
     def wait(self, events: queue.SimpleQueue[Any], client: socket.socket) -> tuple[str, Any]:
         """The call's next event. The terminal reply arrives from inside its storing transaction:
         it is answered only once that transaction is committed and on disk. Raises ClientGone when
-        the client's connection closes while it waits."""
+        the client's connection has closed (checked at every event: deltas also flow for a request
+        that is not streamed, and a check is one non-blocking poll)."""
         while not self._stopping.is_set():
             try:
                 tag, value = events.get(timeout=CLIENT_CHECK_S)
             except queue.Empty:
-                if closed_by_peer(client):
-                    raise ClientGone from None
+                tag = None
+            if closed_by_peer(client):
+                raise ClientGone
+            if tag is None:
                 continue
             if tag == "done":
                 self.deps.durable()
