@@ -114,3 +114,19 @@ def test_check_config_opens_the_token_file_relative_to_the_config(tmp_path: Path
     assert cli.main(["check-config", str(config)]) == 0
     out, err = capsys.readouterr()
     assert "ok: http: local API on 127.0.0.1:8089" in err and "t" * 32 not in out + err
+
+
+def test_closed_by_peer_tells_a_closed_connection_from_one_with_bytes_waiting() -> None:
+    import socket
+
+    from edge_agent.local_api import closed_by_peer
+
+    ours, theirs = socket.socketpair()
+    with ours:
+        assert not closed_by_peer(ours)
+        theirs.sendall(b"x")  # a pipelined byte is not a close
+        assert not closed_by_peer(ours)
+        theirs.close()
+        ours.recv(1)
+        assert closed_by_peer(ours)
+    assert closed_by_peer(ours)  # closed on this side too
