@@ -24,6 +24,7 @@ from pydantic import (
 
 from autoglm_wire.errors import BadJson, ErrorCode, InvalidCommand, PayloadTooLarge, UnknownKind
 from autoglm_wire.lifecycle import ReplyStatus, is_terminal
+from autoglm_wire.model_command import ModelParams
 
 PROTOCOL_VERSION = 1
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -175,6 +176,7 @@ PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
     "onnx": OnnxParams,
     "cancel": CancelParams,
     "config": ConfigParams,
+    "model": ModelParams,  # issue #14: autoglm_wire/model_command.py
 }
 
 
@@ -355,6 +357,13 @@ class ModelInfo(_Tolerant):
     gpu_reason: str | None = None
 
 
+class ModelRef(_Tolerant):
+    """A model by name and sha256 (the previous slot in Status; `model` commands' output)."""
+
+    name: str
+    sha256: str
+
+
 class Status(_Tolerant):
     v: Literal[1] = 1
     device_id: DeviceId
@@ -364,6 +373,8 @@ class Status(_Tolerant):
     model: ModelInfo | None = None
     kinds: list[str] | None = None
     groups: list[str] | None = None
+    previous_model: ModelRef | None = None  # issue #14: absent (older agents) reads as None
+    rollout: str | None = None
 
 
 class Telemetry(_Tolerant):
@@ -379,6 +390,12 @@ class Telemetry(_Tolerant):
     uptime_s: float
     dropped: dict[str, Count] = Field(default_factory=dict)
     redelivery: dict[str, Count] = Field(default_factory=dict)
+    # additive (docs/protocol.md): absent from older agents, hence the defaults
+    reconnects: Count = 0
+    store_bytes: Count = 0
+    model_load_s: float | None = None
+    commands: dict[str, dict[str, Count]] = Field(default_factory=dict)
+    max_tokens_limit: Count | None = None  # the device's `limits.max_tokens`
 
 
 class Event(_Tolerant):

@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -20,12 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from pydantic import ValidationError
+
 from autoglm_wire import __version__
-from autoglm_wire.protocol import utc_now
-from cloud_bridge import commands, console, stats
+from autoglm_wire.protocol import describe_validation_error, utc_now
+from cloud_bridge import artifacts, commands, console, rollout_console, rollouts, stats
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
+from cloud_bridge.store.access import ROLES
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -86,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Validate the config, open every file it names (TLS, signing key, token, "
                                 "credential:NAME) and the registry as `serve` would; print the effective config.")
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    sub.add_parser("devices", parents=[common], help="list devices and their state",
-                   description="List every device that reported to this bridge.")
+    devices = sub.add_parser("devices", parents=[common], help="list devices and their state",
+                             description="List every device that reported to this bridge, with its active and "
+                                         "previous model and the rollout that set it.")
+    devices.add_argument("--model", metavar="M", help="only devices whose active model is M (name or sha256 prefix)")
     _add_send(sub, common)
     commands = sub.add_parser("commands", parents=[common], help="list recent commands",
                               description="List recent commands, newest first.")
@@ -137,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
     policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
     _add_group(sub, common)
+    _add_access(sub, common)
+    _add_models(sub, common)
     return parser
 
 
@@ -160,6 +169,66 @@ def _add_group(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                                    "every device the groups its last status announced. Review the result with "
                                    "`cloud-bridge group list` before regenerating the ACL.")
 
+
+def _add_access(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    token = sub.add_parser("token", help="manage the API's named tokens and their roles",
+                           description="Named API tokens, each with a role: viewer (reads), operator (also sends "
+                                       "and cancels commands, chats through /v1), admin (everything: policy, the "
+                                       "audit log). The registry keeps only each token's SHA-256.")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION", parser_class=_Parser)
+    add = actions.add_parser("add", parents=[common], help="create a token and print it (once)")
+    add.add_argument("name", metavar="NAME", help="who or what uses it (shown in the audit log)")
+    add.add_argument("--role", required=True, choices=ROLES)
+    actions.add_parser("list", parents=[common], help="name, role, created, last used (never the token)")
+    revoke = actions.add_parser("revoke", parents=[common], help="delete a token: it stops working at once")
+    revoke.add_argument("name", metavar="NAME")
+    audit = sub.add_parser("audit", parents=[common], help="show the audit log of mutating calls",
+                           description="Every call that changed something, API and CLI, newest first: who "
+                                       "(a token's name or cli:<unix user>), what, on what, when, the outcome.")
+    audit.add_argument("--limit", type=int, default=50, metavar="N", help="how many (default 50)")
+
+
+def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    model = sub.add_parser("model", help="register, list and remove model artifacts (GGUF)",
+                           description="Model artifacts the bridge deploys: `add` reads a GGUF's header (architecture, "
+                                       "quantisation, parameters, context length), hashes it and copies it into "
+                                       "[models] dir, served to devices at /artifacts/<sha256> with a download token.")
+    actions = model.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    add = actions.add_parser("add", parents=[common], help="register a GGUF file")
+    add.add_argument("file", type=Path, metavar="FILE")
+    add.add_argument("--name", metavar="N", help="the model's name (default: the file name without .gguf)")
+    add.add_argument("--url", metavar="URL", help="devices download it from this mirror instead of the bridge "
+                                                  "(the file is hashed, not copied)")
+    actions.add_parser("list", parents=[common], help="list registered models")
+    remove = actions.add_parser("remove", parents=[common], help="forget a model and delete its copy")
+    remove.add_argument("model", metavar="NAME")
+
+    rollout = sub.add_parser("rollout", help="staged model rollouts: create, status, pause, resume, abort, rollback",
+                             description="Deploy a registered model to devices in waves; a wave starts when every "
+                                         "device of the previous one has reported or timed out; more than "
+                                         "--max-failures failed devices halt the rollout and roll back the devices "
+                                         "of the halted wave. `cloud-bridge serve` drives it.",
+                             epilog="example:\n  cloud-bridge rollout create --config bridge.toml --model glm-q4 "
+                                    "--target group/site-a --waves 10%,50%,100% --max-failures 1 --canary canary.json",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = rollout.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    create = actions.add_parser("create", parents=[common], help="start a rollout")
+    create.add_argument("--model", required=True, metavar="N", help="a registered model's name or sha256")
+    create.add_argument("--target", metavar="T", help="a device id or group/G")
+    create.add_argument("--filter", type=_json_object, metavar="JSON",
+                        help='instead of --target: e.g. \'{"model_name": "old", "state": "online"}\'')
+    create.add_argument("--waves", default="5%,25%,100%", metavar="P1,P2,..",
+                        help="cumulative percentages of the devices, the last 100 (default 5%%,25%%,100%%)")
+    create.add_argument("--max-failures", type=int, default=0, metavar="K",
+                        help="more than K failed devices halt the rollout (default 0)")
+    create.add_argument("--canary", type=Path, metavar="FILE", help="a JSON file: the deploy command's canary object")
+    create.add_argument("--id", metavar="ID", help="rollout id (default: a fresh one)")
+    status = actions.add_parser("status", parents=[common], help="one rollout's devices, or every rollout")
+    status.add_argument("rollout_id", nargs="?", metavar="ROLLOUT")
+    for name, what in (("pause", "start no new wave"), ("resume", "go on after a pause"),
+                       ("abort", "stop; cancel deploys not yet accepted"),
+                       ("rollback", "stop, and send a model rollback to every device that activated")):
+        actions.add_parser(name, parents=[common], help=what).add_argument("rollout_id", metavar="ROLLOUT")
 
 def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     send = sub.add_parser("send", parents=[common], help="queue a command and wait for its reply",
@@ -236,8 +305,66 @@ def _plain(value: object) -> object:
 
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        _json(registry.devices.all()) if args.json else _out(console.devices_table(registry))
+        if args.json:
+            _json([d for d in registry.devices.all() if args.model is None or console.runs_model(d, args.model)])
+        else:
+            _out(console.devices_table(registry, args.model))
     return 0
+
+
+def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.action == "add":
+            with _audited(registry, "model add", args.name or args.file.name):
+                model, added = artifacts.register(registry, config.models.dir, args.file, args.name, args.url)
+            if not args.json:
+                _out(f"{'registered' if added else 'already registered:'} {model.name} {model.sha256} "
+                     f"({model.size} bytes, {model.architecture} {model.quantization})")
+                return 0
+            _json(model)
+        elif args.action == "list":
+            models = registry.models.all()
+            _json(models) if args.json else _out(rollout_console.models_table(models))
+        else:
+            with _audited(registry, "model remove", args.model):
+                model = artifacts.unregister(registry, config.models.dir, args.model)
+            _json(model) if args.json else _out(f"removed {model.name} {model.sha256}")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.action == "create":
+            with _audited(registry, "rollout create", args.target or "filter"):
+                rollout_id = rollouts.create(registry, config, _rollout_request(args)).id
+        elif args.action == "status" and args.rollout_id is None:
+            _json(registry.rollouts.recent()) if args.json else _out(rollout_console.rollouts_table(registry))
+            return 0
+        else:
+            rollout_id = args.rollout_id
+            actions = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
+                       "rollback": rollouts.rollback}
+            if args.action in actions:
+                with _audited(registry, f"rollout {args.action}", rollout_id):
+                    actions[args.action](registry, rollout_id)
+        _json(rollouts.status(registry, rollout_id)) if args.json else _out(
+            rollout_console.rollout_text(registry, rollout_id))
+    return 0
+
+
+def _rollout_request(args: argparse.Namespace) -> rollouts.RolloutRequest:
+    canary = None
+    if args.canary is not None:
+        try:
+            canary = rollouts.parse_canary(json.loads(args.canary.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"--canary {args.canary}: {exc}; give a JSON file holding the canary object") from exc
+    try:
+        return rollouts.RolloutRequest(model=args.model, target=args.target, max_failures=args.max_failures,
+                                       filter=args.filter, waves=rollouts.parse_waves(args.waves), canary=canary,
+                                       id=args.id)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from exc
 
 
 def cmd_commands(args: argparse.Namespace, config: BridgeConfig) -> int:
@@ -281,7 +408,8 @@ def cmd_dead_letters(args: argparse.Namespace, config: BridgeConfig) -> int:
 
 def cmd_cancel(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
-        row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
+        with _audited(registry, "cancel", args.command_id):
+            row, warnings = commands.cancel(registry, args.command_id, dispatch=config.dispatch)
         _warn(warnings)
         _json({"cancel": row, "target": registry.commands.get(args.command_id)}) if args.json else _out(row.id)
     return 0
@@ -296,7 +424,8 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
         if args.target is None:
             raise InvalidRequest("--set needs a TARGET: a device id or group/G")
         request = commands.CommandRequest(target=args.target, kind="config", params=args.policy)
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, "policy --set", args.target):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -325,14 +454,16 @@ def cmd_group(args: argparse.Namespace, config: BridgeConfig) -> int:
             else:
                 _out(console.groups_table(registry))
         elif args.action == "import-claimed":
-            added, skipped = registry.groups.import_claimed()
+            with _audited(registry, "group import-claimed", "*"):
+                added, skipped = registry.groups.import_claimed()
             for device_id, group in added:
                 _out(f"{device_id}: assigned {group}")
             for device_id, group in skipped:
                 _err(f"{device_id}: announces {group!r}, which is not a valid group name; not assigned")
             _out(f"{len(added)} assignment(s) imported; check them with `cloud-bridge group list`")
         else:
-            _group_change(registry, args)
+            with _audited(registry, f"group {args.action}", f"group/{args.group} {args.device}"):
+                _group_change(registry, args)
     return 0
 
 
@@ -348,6 +479,46 @@ def _group_change(registry: Registry, args: argparse.Namespace) -> None:
     else:
         raise InvalidRequest(f"{args.device} is not assigned {args.group}; see `cloud-bridge group list`")
     _err("regenerate the broker ACL (group list --toml | make_acl.py --groups) so its subscriptions follow")
+
+
+def cmd_token(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.token_command == "list":
+            _json(registry.tokens.all()) if args.json else _out(console.tokens_table(registry))
+            return 0
+        with _audited(registry, f"token {args.token_command}", args.name):
+            if args.token_command == "revoke":
+                registry.tokens.revoke(args.name)
+                return 0
+            token = registry.tokens.add(args.name, args.role)
+    _err(f"token {args.name!r} ({args.role}); it is shown only this once, store it now:")
+    _out(token)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        _json(registry.audit.recent(args.limit)) if args.json else _out(console.audit_table(registry, args.limit))
+    return 0
+
+
+def cli_actor() -> str:
+    """`cli:<unix user>` of this process (its effective uid, not $USER)."""
+    try:
+        return f"cli:{pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid {os.geteuid()}"
+
+
+@contextmanager
+def _audited(registry: Registry, action: str, target: str | None) -> Iterator[None]:
+    """Record the block in the audit log: `ok`, or the error it raised (then re-raised)."""
+    try:
+        yield
+    except Exception as exc:
+        registry.audit.record(cli_actor(), action, target or "", f"error: {exc}")
+        raise
+    registry.audit.record(cli_actor(), action, target or "", "ok")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -374,7 +545,8 @@ def cmd_send(args: argparse.Namespace, config: BridgeConfig) -> int:
         id=args.command_id, priority=args.priority,
     )
     with _registry(config) as registry:
-        queued = commands.send(registry, request, dispatch=config.dispatch)
+        with _audited(registry, f"send {args.kind}", args.device):
+            queued = commands.send(registry, request, dispatch=config.dispatch)
         _warn(queued.warnings)
         if args.no_wait or len(queued.rows) > 1:
             _json(queued.rows) if args.json else _out("\n".join(row.id for row in queued.rows))
@@ -436,6 +608,10 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "cancel": cmd_cancel,
     "policy": cmd_policy,
     "group": cmd_group,
+    "token": cmd_token,
+    "audit": cmd_audit,
+    "model": cmd_model,
+    "rollout": cmd_rollout,
 }
 
 

@@ -56,6 +56,7 @@ class DeviceFilter(BaseModel):
     group: str | None = None
     state: Literal["online", "offline"] | None = None
     model_sha256: str | None = Field(default=None, description="prefix of the model file's sha256")
+    model_name: str | None = Field(default=None, description="the active model's name")
     agent_version: str | None = None
 
     def matches(self, device: DeviceRow) -> bool:
@@ -64,6 +65,7 @@ class DeviceFilter(BaseModel):
             self.group is None or self.group in device.routable_groups,
             self.state is None or device.state == self.state,
             self.model_sha256 is None or (device.model_sha256 or "").startswith(self.model_sha256),
+            self.model_name is None or device.model_name == self.model_name,
             self.agent_version is None or device.agent_version == self.agent_version,
         ]
         return all(checks)

@@ -36,6 +36,17 @@ Example (every key optional)::
     days = 30                   # finished commands, their replies, events, cleared alerts, state history
     chunk_days = 1              # stream chunks (the terminal reply holds the whole text)
     dead_letter_days = 30       # messages the bridge could not store (`cloud-bridge dead-letters`)
+    audit_days = 365            # the audit log (`cloud-bridge audit`)
+
+    [models]                    # GGUF artifacts (`cloud-bridge model add`), served at /artifacts/<sha256>
+    dir = "models"
+    public_url = "http://bridge.example:8080"   # how devices reach the HTTP server
+    secret_file = "artifact-secret"             # HMAC key of the download tokens (made on first use)
+    token_ttl_s = 172800
+
+    [rollouts]                  # staged model rollouts (`cloud-bridge rollout create`)
+    device_timeout_s = 86400
+    finish_timeout_s = 3600
 """
 
 from __future__ import annotations
@@ -140,15 +151,44 @@ class RetentionConfig(settings.Section):
     chunk_days: float = Field(default=1.0, ge=0, description="stream chunks older than this are deleted")
     dead_letter_days: float = Field(default=30.0, ge=0, description="dead letters (messages the bridge could "
                                     "not store) older than this are deleted")
+    audit_days: float = Field(default=365.0, ge=0, description="audit log entries older than this are deleted")
     check_interval_s: float = Field(default=3600.0, gt=0, description="how often the bridge deletes them")
 
-    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None, datetime | None]:
-        """(finished rows, stream chunks, dead letters): what is older is deleted; None keeps that kind forever."""
-        return _before(now, self.days), _before(now, self.chunk_days), _before(now, self.dead_letter_days)
+    def cutoffs(self, now: datetime) -> tuple[datetime | None, datetime | None, datetime | None, datetime | None]:
+        """(finished rows, stream chunks, dead letters, audit log): what is older is deleted; None keeps that kind
+        forever."""
+        return (_before(now, self.days), _before(now, self.chunk_days), _before(now, self.dead_letter_days),
+                _before(now, self.audit_days))
 
 
 def _before(now: datetime, days: float) -> datetime | None:
     return now - timedelta(days=days) if days else None
+
+
+class ModelsConfig(settings.Section):
+    """`[models]`: GGUF artifacts the bridge registers and serves to devices (cloud_bridge.artifacts)."""
+
+    dir: Path = Field(default=Path("models"), description="content-addressed folder of registered GGUFs "
+                      "(<sha256>.gguf); shared by every replica that serves them")
+    public_url: str | None = Field(default=None, pattern=r"^https?://",
+                                   description="the bridge's HTTP address as devices reach it, e.g. "
+                                   "\"https://bridge.example:8080\"; default http://[http] host:port")
+    secret_file: Path = Field(default=Path("artifact-secret"), description="HMAC key of download tokens (made on "
+                              "first use, 0600); the same file on every replica")
+    token_ttl_s: float = Field(default=172800.0, gt=0, description="how long a deploy command's download url "
+                               "stays valid; longer than [rollouts] device_timeout_s, so that a device which "
+                               "returns within that time can still download and resume")
+
+
+class RolloutConfig(settings.Section):
+    """`[rollouts]`: how staged model rollouts wait for devices (cloud_bridge.rollouts)."""
+
+    device_timeout_s: float = Field(default=86400.0, gt=0, description="a device that has not accepted its "
+                                    "deploy command this long after its wave started is timed out (the command "
+                                    "expires; an offline device returning later does not deploy)")
+    finish_timeout_s: float = Field(default=3600.0, gt=0, description="a device that accepted its deploy gets "
+                                    "this long past device_timeout_s to report its end, then it is timed out")
+    check_interval_s: float = Field(default=1.0, gt=0, description="how often the service loop drives rollouts")
 
 
 class SigningConfig(settings.Section):
@@ -204,6 +244,8 @@ class BridgeConfig(settings.TomlSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     security: SigningConfig = Field(default_factory=SigningConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -215,9 +257,14 @@ def load_config(path: Path) -> BridgeConfig:
 
 
 def _resolve_relative_paths(config: BridgeConfig, base: Path) -> BridgeConfig:
-    """Make `store.path`, `http.token_file` and `mqtt.password_file` absolute, relative to the config's folder."""
+    """Make `store.path`, `http.token_file`, `mqtt.password_file`, `models.dir` and `models.secret_file`
+    absolute, relative to the config's folder."""
     store = config.store.model_copy(update={"path": settings.resolve_relative(config.store.path, base)})
+    models = config.models.model_copy(update={"dir": settings.resolve_relative(config.models.dir, base),
+                                              "secret_file": settings.resolve_relative(config.models.secret_file,
+                                                                                       base)})
     http = config.http
     if http.token_file is not None:
         http = http.model_copy(update={"token_file": settings.resolve_relative(http.token_file, base)})
-    return config.model_copy(update={"store": store, "http": http, "mqtt": config.mqtt.resolved_against(base)})
+    return config.model_copy(update={"store": store, "http": http, "mqtt": config.mqtt.resolved_against(base),
+                                     "models": models})

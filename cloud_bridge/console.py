@@ -39,20 +39,29 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def devices_table(registry: Registry) -> str:
-    """Every device the bridge has heard of, one line each."""
-    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "GPU LAYERS", "AGENT"]
-    rows = [_device_cells(d) for d in registry.devices.all()]
+def devices_table(registry: Registry, model: str | None = None) -> str:
+    """Every device the bridge has heard of (running `model`: a name or sha256 prefix), one line each."""
+    headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "PREVIOUS", "ROLLOUT", "GPU LAYERS",
+               "AGENT"]
+    rows = [_device_cells(d) for d in registry.devices.all() if model is None or runs_model(d, model)]
     if not rows:
+        if model is not None:
+            return f"no device runs model {model!r}"
         return "no devices yet: none has published a status under this topic prefix"
     counters = registry.counters.all()
     footer = "\n\n" + "  ".join(f"{k}={v}" for k, v in counters.items()) if counters else ""
     return render_table(headers, rows) + footer
 
 
+def runs_model(device: DeviceRow, model: str) -> bool:
+    """Whether the device's active model is `model` (its name, or a prefix of its sha256)."""
+    return device.model_name == model or bool(device.model_sha256 and device.model_sha256.startswith(model))
+
+
 def _device_cells(d: DeviceRow) -> list[str]:
+    previous = f"{d.previous_model_name} ({(d.previous_model_sha256 or '')[:12]})" if d.previous_model_name else "-"
     return [d.device_id, d.state or "unknown", short_ts(d.since), short_ts(d.last_seen), _cell(d.model_name),
-            (d.model_sha256 or "-")[:12], _cell(d.n_gpu_layers), _cell(d.agent_version)]
+            (d.model_sha256 or "-")[:12], previous, _cell(d.rollout), _cell(d.n_gpu_layers), _cell(d.agent_version)]
 
 
 def commands_table(registry: Registry, device_id: str | None = None, limit: int = 20,
@@ -128,6 +137,22 @@ def policies_table(registry: Registry) -> str:
     if not rows:
         return "no devices yet"
     return render_table(["DEVICE", "GROUPS", "POLICY IN FORCE"], rows)
+
+
+def tokens_table(registry: Registry) -> str:
+    """The API's named tokens (never the tokens themselves)."""
+    rows = [[t.name, t.role, short_ts(t.created_at), short_ts(t.last_used_at)] for t in registry.tokens.all()]
+    if not rows:
+        return "no named tokens: only the [http] token_file token (admin) works; add one with `cloud-bridge token add`"
+    return render_table(["NAME", "ROLE", "CREATED", "LAST USED"], rows)
+
+
+def audit_table(registry: Registry, limit: int = 50) -> str:
+    """The newest entries of the audit log, newest first."""
+    rows = [[short_ts(a.ts), a.actor, a.action, a.target, a.outcome[:100]] for a in registry.audit.recent(limit)]
+    if not rows:
+        return "the audit log is empty: nothing was changed through the API or the CLI yet"
+    return render_table(["TIME", "WHO", "ACTION", "TARGET", "OUTCOME"], rows)
 
 
 # --- a command's outcome ----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from cloud_bridge.store.rows import wire_ts
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MODEL_PROGRESS = "model_progress"  # the Event code of a `model` deploy's progress (docs/protocol.md)
 
 MODELS: dict[str, type[BaseModel]] = {
     "status": Status, "reply": Reply, "event": Event, "telemetry": Telemetry, "stream": StreamChunk,
@@ -236,8 +237,11 @@ class Ingestor:
         return Outcome.STORED
 
     def _event(self, valid: Valid, now: datetime) -> Outcome:
-        if not self._registry.events.record(valid.payload, now):
+        event: Event = valid.payload
+        if not self._registry.events.record(event, now):
             return Outcome.DUPLICATE
+        if event.code == MODEL_PROGRESS:  # a rollout's per-device progress bar
+            self._registry.rollouts.record_progress(event.device_id, event.data, now)
         return Outcome.STORED
 
     def _telemetry(self, valid: Valid, now: datetime) -> Outcome:

@@ -29,6 +29,8 @@ TELEMETRY_GAUGES = {  # telemetry field -> (Prometheus name, help)
     "outbox_depth": ("cloud_bridge_device_outbox_depth", "messages waiting in the device's outbox"),
     "rss_mb": ("cloud_bridge_device_rss_megabytes", "resident memory of the device's agent"),
     "queue_depth": ("cloud_bridge_device_queue_depth", "commands queued on the device"),
+    "reconnects": ("cloud_bridge_device_reconnects", "broker reconnects of the device's agent since it started"),
+    "store_bytes": ("cloud_bridge_device_store_bytes", "size of the device's SQLite store"),
 }
 
 

@@ -38,7 +38,7 @@ from autoglm_wire.notify import sd_notify, watchdog_interval_s
 from autoglm_wire.protocol import utc_now
 from autoglm_wire.signing import sign_payload
 from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
-from cloud_bridge import webhooks
+from cloud_bridge import rollouts, webhooks
 from cloud_bridge.alerts import check_fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, Decision, decide, message_expiry_s
@@ -326,10 +326,13 @@ class BridgeService:
     # --- dispatch --------------------------------------------------------------------------------
 
     def _run_dispatch(self) -> None:
-        next_check = next_prune = 0.0
+        next_check = next_prune = next_rollouts = 0.0
         while not self._stop.is_set():
             try:
                 self._dispatch.settle(_drain(self._link.results, None, 10_000))
+                if time.monotonic() >= next_rollouts:  # before the pass: a wave's commands go out at once
+                    next_rollouts = time.monotonic() + self._config.rollouts.check_interval_s
+                    rollouts.drive_all(self._registry, self._config, self._clock())
                 self._dispatch.run_once(self._clock())
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self._config.alerts.check_interval_s

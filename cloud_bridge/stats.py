@@ -1,14 +1,17 @@
 """Fleet statistics over a window (`GET /api/stats`, `cloud-bridge stats`): per device, kind or model,
 the count of finished generations, the device failure rate and P50/P95/P99 of queue time, time to
-first token, total time and decode tokens/s. The SQL is in cloud_bridge.store.stats."""
+first token, total time and decode tokens/s; the same over time buckets (`GET /api/stats/series`, the
+console's charts). The SQL is in cloud_bridge.store.stats."""
 
 from __future__ import annotations
 
+import math
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
+from autoglm_wire.protocol import format_ts
 from cloud_bridge.console import render_table
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.store.registry import Registry
@@ -45,6 +48,23 @@ class FleetStats(BaseModel):
     groups: list[GroupStats]
 
 
+class SeriesPoint(GroupStats):
+    """One group's numbers in one time bucket starting at `t`."""
+
+    t: str
+
+
+class FleetSeries(BaseModel):
+    window: str
+    since: str
+    bucket_s: int
+    group_by: GroupBy | None
+    points: list[SeriesPoint]
+
+
+MAX_BUCKETS = 500
+
+
 def window_seconds(window: str) -> float:
     """`30s`, `15m`, `1h`, `7d` in seconds; raises InvalidRequest saying the format."""
     match = _WINDOW.match(window.strip())
@@ -54,17 +74,34 @@ def window_seconds(window: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
+def _numbers(name: str, values: dict) -> dict:
+    """GroupStats fields of a group's row from cloud_bridge.store.stats."""
+    def cut(timing: str) -> Percentiles:
+        return Percentiles(**{p: values.get(f"{timing}_{p}") for p in ("p50", "p95", "p99")})
+
+    return {"group": name, "count": values["count"], "failed": values["failed"],
+            "error_rate": values["failed"] / values["count"], "queue_ms": cut("queue_ms"), "ttft_ms": cut("ttft_ms"),
+            "total_ms": cut("total_ms"), "tokens_per_s": cut("tokens_per_s")}
+
+
 def fleet_stats(registry: Registry, window: str, group_by: GroupBy, now: datetime) -> FleetStats:
     since = stamp(now - timedelta(seconds=window_seconds(window)))
-    groups = []
-    for name, values in registry.stats.summary(since, group_by).items():
-        def cut(timing: str, v: dict = values) -> Percentiles:
-            return Percentiles(**{p: v.get(f"{timing}_{p}") for p in ("p50", "p95", "p99")})
-
-        groups.append(GroupStats(group=name, count=values["count"], failed=values["failed"],
-                                 error_rate=values["failed"] / values["count"], queue_ms=cut("queue_ms"),
-                                 ttft_ms=cut("ttft_ms"), total_ms=cut("total_ms"), tokens_per_s=cut("tokens_per_s")))
+    groups = [GroupStats(**_numbers(name, values)) for name, values in registry.stats.summary(since, group_by).items()]
     return FleetStats(window=window, since=since, group_by=group_by, groups=groups)
+
+
+def fleet_series(registry: Registry, window: str, buckets: int, group_by: GroupBy | None,
+                 now: datetime) -> FleetSeries:
+    """The window cut into `buckets` equal time buckets (whole seconds, aligned on multiples of their
+    length since 1970): per bucket and group (or the whole fleet), the numbers of `fleet_stats`."""
+    seconds = window_seconds(window)
+    if not 1 <= buckets <= MAX_BUCKETS:
+        raise InvalidRequest(f"buckets {buckets} is out of range: ask for 1 to {MAX_BUCKETS}")
+    bucket_s = max(1, math.ceil(seconds / buckets))
+    since = stamp(now - timedelta(seconds=seconds))
+    points = [SeriesPoint(t=format_ts(datetime.fromtimestamp(start, UTC)), **_numbers(name, values))
+              for (start, name), values in registry.stats.series(since, bucket_s, group_by).items()]
+    return FleetSeries(window=window, since=since, bucket_s=bucket_s, group_by=group_by, points=points)
 
 
 def stats_table(stats: FleetStats) -> str:

@@ -6,7 +6,6 @@ the main thread does the rest.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -18,10 +17,21 @@ from autoglm_wire.errors import ConfigError, InvalidCommand
 from autoglm_wire.lifecycle import State
 from autoglm_wire.mqtt_session import BrokerOptions
 from autoglm_wire.notify import sd_notify, watchdog_interval_s
-from autoglm_wire.protocol import ConfigParams, Event, ParsedCommand, Status, Telemetry, format_ts, to_bytes, utc_now
+from autoglm_wire.protocol import (
+    ConfigParams,
+    Event,
+    ModelRef,
+    ParsedCommand,
+    Status,
+    Telemetry,
+    format_ts,
+    to_bytes,
+    utc_now,
+)
 from autoglm_wire.signing import CommandVerifier, VerifyPolicy, load_trusted_keys
 from autoglm_wire.topics import DeviceTopics, group_cmd
 from edge_agent import policy
+from edge_agent.canary import rss_mb
 from edge_agent.config import AgentConfig
 from edge_agent.engine import EngineReload, TextEngine
 from edge_agent.executor import Executor, Outcome, onnx_handlers
@@ -30,6 +40,9 @@ from edge_agent.intake import Intake
 from edge_agent.link import InboundMessage, Link, LinkOptions
 from edge_agent.local_api import LocalApi, LocalApiDeps
 from edge_agent.local_calls import LocalCalls
+from edge_agent.metrics import Numbers, store_bytes
+from edge_agent.model_deploy import ModelDeployer
+from edge_agent.model_slots import ModelSlots, Slot
 from edge_agent.outbox import OutboxLimits, SqliteOutbox
 from edge_agent.policy_store import PolicyStore
 from edge_agent.preflight import read_token
@@ -39,16 +52,12 @@ log = logging.getLogger(__name__)
 
 LEDGER_CHECK_S = 3600.0  # how often finished commands past `store.ledger_days` are forgotten (and at start)
 EngineFactory = Callable[[AgentConfig], TextEngine]
+CONFIG_MODEL_META = "model_config_path"  # the `[model] path` last adopted as a slot (a new one is adopted at start)
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MiB (Linux /proc)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-    except OSError:
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+def with_slot(config: AgentConfig, slot: Slot) -> AgentConfig:
+    """The config serving `slot`: its file and name in `[model]`, every other model setting kept."""
+    return config.model_copy(update={"model": config.model.model_copy(update={"path": slot.path, "name": slot.name})})
 
 
 class Agent:
@@ -64,8 +73,11 @@ class Agent:
         self.outbox = SqliteOutbox(self.file, self.topics, limits)
         self.inbox = SqliteInbox(self.file, self.outbox)
         self.policy_store = PolicyStore(self.file)
-        self.engine = engine_factory(config)
-        self._engine_factory = engine_factory
+        assert config.models.dir is not None  # load_config sets it
+        self.slots = ModelSlots(self.file, config.models.dir, config.models.slots)
+        self.model_load_s: float | None = None  # how long the last model load took
+        self._engine_factory = self._timed(engine_factory)
+        self.engine = self._start_engine(config)
         self._reload_config = reload_config  # SIGHUP: re-read the config, reload the model
         self._reload_requested = threading.Event()
         self.started_at = time.monotonic()
@@ -102,12 +114,67 @@ class Agent:
         self.policy = policy.initial(self.policy_store.load(), config.telemetry_interval_s, config.limits.max_tokens)
         self.executor.policy = lambda: self.policy
         self.executor.handlers["config"] = self._config_command
+        self.deployer = ModelDeployer(
+            self.slots, config.models, self.executor,
+            load=lambda slot: self._engine_factory(with_slot(self.config, slot)),
+            event=lambda level, code, message, data: self._event(level, code, message, **data),
+            announce=self._model_changed)
+        self.executor.handlers["model"] = self.deployer.handle
         self.intake = Intake(config, self.topics, verifier, self.inbox, self.outbox, self.executor,
                              on_stored=self.link.kick)
         self.local_calls = LocalCalls()  # `[http]`: local API requests waiting on their commands
         self.outbox.on_reply = self.local_calls.on_reply
         self.executor.local_delta = self.local_calls.on_delta
         self.local_api: LocalApi | None = None
+
+    def _start_engine(self, config: AgentConfig) -> TextEngine:
+        """The model recorded active in the store (then the previous slots, if its file is gone or
+        fails to load or to hash the same); the config's `[model] path` on the first start or when
+        it names another file than the one adopted last (an operator's edit wins once), recorded
+        as the active slot."""
+        adopted = self.file.meta(CONFIG_MODEL_META)
+        if adopted == str(config.model.path):
+            for slot in self.slots.slots():
+                engine = self._try_slot(config, slot)
+                if engine is not None:
+                    return engine
+        engine = self._engine_factory(config)
+        self._adopt_config_model(config, engine)
+        return engine
+
+    def _try_slot(self, config: AgentConfig, slot: Slot) -> TextEngine | None:
+        try:
+            engine = self._engine_factory(with_slot(config, slot))
+        except Exception as exc:  # noqa: BLE001 - the next slot, then the config's model
+            log.error("model slot %s (%s) cannot be loaded: %s; trying the next", slot.name, slot.path, exc)
+            return None
+        if engine.info.sha256 != slot.sha256:
+            log.error("model slot %s: %s has sha256 %s, not the recorded %s; trying the next", slot.name, slot.path,
+                      engine.info.sha256, slot.sha256)
+            engine.close()
+            return None
+        if slot != self.slots.active():
+            log.warning("serving the previous model slot %s: the active one could not be loaded", slot.name)
+            self.slots.activate(slot, self.slots.rollout())
+        self.config = with_slot(config, slot)
+        log.info("model slot %s (sha256 %s) is active: loaded %s", slot.name, slot.sha256[:12], slot.path)
+        return engine
+
+    def _adopt_config_model(self, config: AgentConfig, engine: TextEngine) -> None:
+        """The config's model becomes the active slot (first start, a changed `[model] path`, SIGHUP)."""
+        path = config.model.path
+        slot = Slot(engine.info.name, path, engine.info.sha256, path.stat().st_size)
+        if slot.sha256 != getattr(self.slots.active(), "sha256", None):
+            self.slots.activate(slot)
+        with self.file.write():
+            self.file.set_meta(CONFIG_MODEL_META, str(path))
+
+    def _model_changed(self, engine: TextEngine, slot: Slot) -> None:
+        """On the worker thread, after a `model` command changed (or restored) the model: announce it."""
+        self.engine = engine
+        self.config = with_slot(self.config, slot)
+        self.outbox.enqueue_status(self._status_payload())
+        self.link.kick()
 
     def _submit_local(self, payload: bytes) -> None:
         """A local API request's command: taken by the intake exactly as an MQTT delivery on this
@@ -117,24 +184,22 @@ class Agent:
                                           local=True))
         self.file.sync()
 
-    def not_ready(self) -> str | None:
-        """Why the agent cannot serve now (`/readyz`), or None: broker, store, model."""
-        if not self.link.connected:
-            return "not connected to the MQTT broker"
-        if self.file.write_failing:
-            return "the store cannot write (disk full or I/O error)"
-        if not self.executor.alive():
-            return "the executor is not running (the model is not loaded)"
-        return None
+    def readiness(self) -> dict[str, str | None]:
+        """`/readyz`: each check (broker, store, model) with what fails it, or None when it passes."""
+        return {
+            "broker": None if self.link.connected else "not connected to the MQTT broker",
+            "store": "the store cannot write (disk full or I/O error)" if self.file.write_failing else None,
+            "model": None if self.executor.alive() else "the executor is not running (the model is not loaded)",
+        }
 
     def start_local_api(self) -> None:
         """`[http]` enabled: serve the local API (after the model is loaded and the link started)."""
         http = self.config.http
         if not http.enabled:
             return
-        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, not_ready=self.not_ready,
+        deps = LocalApiDeps(submit=self._submit_local, calls=self.local_calls, readiness=self.readiness,
                             model_name=lambda: self.engine.info.name, device_id=self.config.device_id,
-                            durable=self.file.sync)
+                            durable=self.file.sync, numbers=self.numbers)
         try:
             self.local_api = LocalApi(http, read_token(http), deps)
         except OSError as exc:
@@ -166,18 +231,45 @@ class Agent:
         status = Status(
             device_id=self.config.device_id, state="online", ts=format_ts(utc_now()), agent_version=__version__,
             model=self.engine.info, kinds=sorted(self.executor.kinds), groups=list(self.config.mqtt.groups),
+            previous_model=ModelRef(**previous.ref()) if (previous := self.slots.previous()) else None,
+            rollout=self.slots.rollout(),
         )
         return to_bytes(status)
 
-    def telemetry(self) -> Telemetry:
+    def numbers(self) -> Numbers:
+        """The agent's numbers now: telemetry and the local `/metrics` both report these."""
         rows, size = self.outbox.depth()
-        return Telemetry(
-            device_id=self.config.device_id, ts=format_ts(utc_now()),
-            queue_depth=self.inbox.count_in_state("accepted"), outbox_depth=rows, outbox_bytes=size,
-            tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_mb=round(rss_mb(), 1),
-            gpu_layers=self.engine.info.n_gpu_layers, uptime_s=round(time.monotonic() - self.started_at, 1),
-            dropped=self.outbox.dropped, redelivery=self.link.redelivery.counters(),
+        link = self.link.stats
+        return Numbers(
+            device_id=self.config.device_id, agent_version=__version__, model=self.engine.info.name,
+            queue_depth=self.inbox.count_in_state("accepted"), outbox_rows=rows, outbox_bytes=size,
+            reconnects=max(link.connects - 1, 0), connect_failures=link.connect_failures,
+            store_bytes=store_bytes(str(self.file.path)), model_load_s=self.model_load_s,
+            tokens_per_s_ewma=self.executor.tokens_per_s_ewma, rss_bytes=int(rss_mb() * 1024 * 1024),
+            uptime_s=round(time.monotonic() - self.started_at, 1), broker_connected=self.link.connected,
+            commands=self.inbox.counts(), dropped=self.outbox.dropped,
         )
+
+    def telemetry(self) -> Telemetry:
+        n = self.numbers()
+        return Telemetry(
+            device_id=n.device_id, ts=format_ts(utc_now()), queue_depth=n.queue_depth, outbox_depth=n.outbox_rows,
+            outbox_bytes=n.outbox_bytes, tokens_per_s_ewma=n.tokens_per_s_ewma,
+            rss_mb=round(n.rss_bytes / (1024 * 1024), 1), gpu_layers=self.engine.info.n_gpu_layers,
+            uptime_s=n.uptime_s, dropped=n.dropped, redelivery=self.link.redelivery.counters(),
+            reconnects=n.reconnects, store_bytes=n.store_bytes,
+            model_load_s=None if n.model_load_s is None else round(n.model_load_s, 3), commands=n.commands,
+            max_tokens_limit=self.config.limits.max_tokens,
+        )
+
+    def _timed(self, factory: EngineFactory) -> EngineFactory:
+        """`factory`, recording how long each successful load takes (`model_load_s`)."""
+        def load(config: AgentConfig) -> TextEngine:
+            started = time.monotonic()
+            engine = factory(config)
+            self.model_load_s = time.monotonic() - started
+            return engine
+        return load
 
     def _new_event(self, level: str, code: str, message: str, data: dict[str, object]) -> Event:
         return Event(device_id=self.config.device_id, ts=format_ts(utc_now()), level=level,  # type: ignore[arg-type]
@@ -185,6 +277,7 @@ class Agent:
 
     def _event(self, level: str, code: str, message: str, **data: object) -> None:
         self.outbox.enqueue_event(self._new_event(level, code, message, data))
+        self.link.kick()
 
     # --- main loop -------------------------------------------------------------------------------
 
@@ -199,7 +292,8 @@ class Agent:
         if self.file.quarantined is not None:
             self._event("error", "store_quarantined", "the SQLite store failed its integrity check and was "
                         "replaced by a fresh one", quarantined_as=str(self.file.quarantined))
-        recovered = self.executor.recover()
+        recovered = self.executor.recover(self.deployer.recovered)
+        self.deployer.settle()
         self._event("info", "agent_started", f"agent {__version__} started", recovered_running=recovered,
                     model=self.engine.info.name, model_sha256=self.engine.info.sha256,
                     gpu=self.engine.gpu_reason)
@@ -253,13 +347,19 @@ class Agent:
             self._event("error", "model_reload_failed", f"config not reloaded: {exc}")
             return
         old = self.config
+        active = self.slots.active()
+        adopt = str(new.model.path) != self.file.meta(CONFIG_MODEL_META) or active is None
+        if not adopt:
+            assert active is not None
+            new = with_slot(new, active)  # `[model] path` unchanged: the active slot, with the new settings
         log.info("SIGHUP: reloading the model from %s", new.model.path)
-        self.executor.reload_engine(EngineReload(load_new=lambda: self._engine_factory(new),
-                                                 load_old=lambda: self._engine_factory(old),
-                                                 done=lambda engine, error: self._engine_reloaded(new, engine, error)))
+        self.executor.reload_engine(EngineReload(
+            load_new=lambda: self._engine_factory(new), load_old=lambda: self._engine_factory(old),
+            done=lambda engine, error: self._engine_reloaded(new, engine, error, adopt)))
 
-    def _engine_reloaded(self, new: AgentConfig, engine: TextEngine, error: Exception | None) -> None:
-        """On the worker thread, after a reload: announce the model now in force (status + event)."""
+    def _engine_reloaded(self, new: AgentConfig, engine: TextEngine, error: Exception | None, adopt: bool) -> None:
+        """On the worker thread, after a reload: announce the model now in force (status + event); a
+        new `[model] path` becomes the active slot."""
         self.engine = engine
         if error is not None:
             log.error("model reload failed, still serving %s: %s", engine.info.name, error)
@@ -267,6 +367,8 @@ class Agent:
                         model_sha256=engine.info.sha256)
         else:
             self.config = self.config.model_copy(update={"model": new.model, "templates": new.templates})
+            if adopt:
+                self._adopt_config_model(new, engine)
             log.info("model reloaded: %s sha256 %s (%s)", engine.info.name, engine.info.sha256, engine.gpu_reason)
             self._event("info", "model_reloaded", f"now serving {engine.info.name}", model=engine.info.name,
                         model_sha256=engine.info.sha256, gpu=engine.gpu_reason)

@@ -12,6 +12,10 @@ POINTS = (
     "command_running",  # a command claimed, its handler not started; early start: run, reply not stored (executor)
     "reply_stored",  # a terminal reply committed, not yet published (executor)
     "row_published",  # an outbox row handed to paho, its PUBACK not processed (link)
+    "model_downloaded",  # a deploy's file verified and renamed into place, its activation not asked (model_deploy)
+    "model_loading",  # an activation journalled `loading`, the old model still loaded (model_deploy)
+    "model_canary",  # the new model loaded, journalled `canary`, its canary not run (model_deploy)
+    "model_activated",  # the new slot committed active, the reply not stored (model_deploy)
 )
 
 

@@ -6,6 +6,7 @@ Examples:
   edge-agent tune --model glm.gguf --target tokens_per_s --max-latency-ms 500 --budget-s 300 --out profile.toml
   EDGE_AGENT_MQTT__HOST=broker.lan edge-agent check-config edge-agent.toml
   edge-agent model pull https://mirror.lan/glm-edge-1.5b-q4_0.gguf --sha256 HEX --config /etc/edge-agent/edge-agent.toml
+  edge-agent model list --config /etc/edge-agent/edge-agent.toml
 
 `run` and `check-config` open every file the config names (TLS files, trusted keys, password,
 `credential:NAME`, the model, the store's folder) as this user before anything heavy.
@@ -21,12 +22,14 @@ import argparse
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from autoglm_wire import __version__
 from autoglm_wire.errors import ConfigError, ProtocolError
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.model_pull import Progress, PullError, pull
+from edge_agent.model_slots import read_slots, slot_rows
 from edge_agent.preflight import check_agent
 
 EXIT_PROTOCOL = 1
@@ -96,6 +99,21 @@ def _model_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_list(args: argparse.Namespace) -> int:
+    """The model slots recorded in the agent's store: the active one first, then the previous ones."""
+    rows = slot_rows(read_slots(load_config(Path(args.config)).store.path))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no model slot recorded yet: the agent records its [model] path at its first start", file=sys.stderr)
+        return 0
+    for row in rows:
+        when = datetime.fromtimestamp(row["activated_at"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"{row['role']:<8}  {row['name']:<32}  {row['sha256'][:16]}  {row['size']:>12}  {when}  {row['path']}")
+    return 0
+
+
 def _progress_bar(progress: Progress) -> None:
     mib = progress.done / 2**20
     rate = f"{progress.bytes_per_s / 2**20:6.1f} MiB/s"
@@ -143,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--ca-file", type=Path, default=None, help="CA of the server (default: [models] ca_file, "
                        "then the system's CAs)")
     fetch.set_defaults(func=_model_pull)
+    listing = model.add_parser("list", help="the model slots in the agent's store (active, then previous)")
+    listing.add_argument("--config", required=True, help="the agent's config (its [store] path)")
+    listing.add_argument("--json", action="store_true", help="print the slots as JSON")
+    listing.set_defaults(func=_model_list)
     return parser
 
 

@@ -62,6 +62,7 @@ class ModelsConfig(Section):
     dir: Path | None = Field(default=None, description="default: a `models` folder beside the store file")
     ca_file: Path | None = Field(default=None, description="CA for HTTPS downloads; default: the system's CAs")
     download_attempts: int = Field(default=8, ge=1, le=1000)
+    slots: int = Field(default=2, ge=1, le=100, description="models kept: the active one and the previous ones")
 
 
 class OnnxConfig(Section):

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from autoglm_wire.protocol import (
 )
 from autoglm_wire.topics import DeviceTopics
 from edge_agent import checkpoints
-from edge_agent.engine import EngineReload, Generation, TextEngine
+from edge_agent.engine import EngineSwap, Generation, TextEngine
 from edge_agent.engine.onnx import OnnxModels
 from edge_agent.engine.settings import OnnxModelConfig
 from edge_agent.engine.stream import ChunkStreamer
@@ -58,6 +59,10 @@ class Outcome:
     output: dict[str, Any] | None
     metrics: dict[str, Any]
     error: ProtocolError | None = None
+    deferred: bool = False  # the handler goes on in the background and calls `Executor.finish` later
+
+
+DEFERRED = Outcome(State.RUNNING, None, {}, deferred=True)
 
 
 Handler = Callable[[ParsedCommand, threading.Event], Outcome]
@@ -129,7 +134,7 @@ class Executor:
         self._handoff: tuple[StoredCommand, ParsedCommand] | EarlyStart | None = None
         self._local = threading.local()  # `early`: the worker's current run, when it was started early
         self._busy = 0  # workers running a command
-        self._reload: EngineReload | None = None
+        self._reloads: deque[EngineSwap] = deque()  # engine swaps waiting for the running commands to end
         self._swapping = False
         self._threads: list[threading.Thread] = []
         self.tokens_per_s_ewma: float | None = None
@@ -148,14 +153,15 @@ class Executor:
 
     # --- lifecycle of the worker -----------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Give every command left `running` by a crash its terminal reply. Returns how many."""
+    def recover(self, resolve: Callable[[StoredCommand], Outcome | None] = lambda command: None) -> int:
+        """Give every command left `running` by a crash its terminal reply. Returns how many.
+        `resolve` may answer one itself (a `model` command: from the activation journal)."""
         interrupted = self._inbox.in_state(State.RUNNING)
         for command in interrupted:
             error = Internal(
                 "the agent stopped while this command was running (crash or power loss); it was not run "
                 "again. Send it with a new id to retry", command.id)
-            self._finish(command.id, Outcome(State.FAILED, None, {}, error))
+            self._finish(command.id, resolve(command) or Outcome(State.FAILED, None, {}, error))
         return len(interrupted)
 
     def start(self) -> None:
@@ -220,18 +226,19 @@ class Executor:
     def engine(self) -> TextEngine:
         return self._engine
 
-    def reload_engine(self, reload: EngineReload) -> None:
-        """Swap the text engine between commands, on a worker thread once no worker runs one."""
+    def reload_engine(self, reload: EngineSwap) -> None:
+        """Swap the text engine between commands, on a worker thread once no worker runs one
+        (swaps asked for meanwhile run one after the other, in order)."""
         with self._lock:
-            self._reload = reload
+            self._reloads.append(reload)
         self._wake.set()
 
     def _reload_if_requested(self) -> None:
         """Wait while a reload waits for running commands or another worker swaps; then swap if asked."""
         with self._changed:
-            while self._swapping or (self._reload is not None and self._busy):
+            while self._swapping or (self._reloads and self._busy):
                 self._changed.wait()
-            reload, self._reload = self._reload, None
+            reload = self._reloads.popleft() if self._reloads else None
             self._swapping = reload is not None
         if reload is None:
             return
@@ -282,7 +289,7 @@ class Executor:
         me = threading.current_thread().name
         with self._lock:
             self._idle.discard(me)
-            if self._reload is not None:
+            if self._reloads:
                 return None
             handoff, self._handoff = self._handoff, None
             self._busy += 1
@@ -322,9 +329,13 @@ class Executor:
             if tracked:
                 with self._lock:
                     self._running.pop(command.id, None)
-        if ran is not None:
+        if ran is not None and not ran[0].deferred:
             outcome, queue_ms = ran
             self._finish(command.id, outcome, {"queue_ms": queue_ms})
+
+    def finish(self, command_id: str, outcome: Outcome) -> None:
+        """The terminal reply of a command whose handler answered DEFERRED (any thread)."""
+        self._finish(command_id, outcome)
 
     def _claim_and_execute(self, command: StoredCommand, parsed: ParsedCommand | None,
                            cancel: threading.Event) -> tuple[Outcome, float] | None:

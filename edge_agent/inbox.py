@@ -170,6 +170,15 @@ class SqliteInbox:
         with self._file.lock:
             return self._db.execute("SELECT COUNT(*) FROM commands WHERE state = ?", [state]).fetchone()[0]
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Commands in the ledger by kind, then state (telemetry's `commands`, the agent's /metrics)."""
+        with self._file.lock:
+            rows = self._db.execute("SELECT kind, state, COUNT(*) FROM commands GROUP BY kind, state").fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for kind, state, n in rows:
+            counts.setdefault(kind, {})[state] = n
+        return counts
+
     def forget_finished(self, before: float, batch: int = 1000) -> int:
         """Delete finished commands last changed before `before` (epoch seconds), `batch` rows per
         transaction so intake waits little; returns how many. Their replies already sit in the

@@ -13,8 +13,10 @@ away first (its socket closes while it waits, or a streamed write fails), the re
 cancelled by a local `cancel` command through the same intake (within CLIENT_CHECK_S while it
 waits). A streamed request's command carries `stream: true`, so its chunks reach the cloud too.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (bearer token);
-GET /healthz (alive), GET /readyz (broker connected, store writable, model loaded; 503 otherwise).
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (the
+agent's numbers in Prometheus text, edge_agent.metrics) with the bearer token; open: GET /healthz
+(alive) and GET /readyz (broker connected, store writable, model loaded; 503 otherwise), for load
+balancers and probes that carry no token.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from autoglm_wire.openai_requests import REQUEST_BY_KIND, OpenAIRequest, Request
 from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
 from edge_agent.config import HttpConfig
 from edge_agent.local_calls import LocalCalls
+from edge_agent.metrics import CONTENT_TYPE, Numbers, exposition
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,11 @@ class LocalApiDeps:
 
     submit: Callable[[bytes], None]  # the command's JSON into the intake (raises StoreUnavailable)
     calls: LocalCalls
-    not_ready: Callable[[], str | None]  # why the agent is not ready, or None
+    readiness: Callable[[], dict[str, str | None]]  # each readiness check: what fails it, or None
     model_name: Callable[[], str]
     device_id: str
     durable: Callable[[], None]  # waits for the commit in progress and fsyncs it (SqliteFile.sync)
+    numbers: Callable[[], Numbers]  # the agent's numbers now (`/metrics`)
 
 
 class LocalApi:
@@ -103,6 +107,7 @@ class LocalApi:
         self.config, self.deps = config, deps
         self._token = token.encode("utf-8")
         self._stopping = threading.Event()
+        self.metrics_text = exposition(deps.numbers)
         api = self
 
         class Handler(_Handler):
@@ -171,11 +176,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "alive"})
             return
         if self.path == "/readyz":
-            reason = self.owner.deps.not_ready()
-            self._json(503 if reason else 200, {"status": "not ready", "reason": reason} if reason
-                       else {"status": "ready"})
+            checks = self.owner.deps.readiness()
+            problems = [problem for problem in checks.values() if problem]
+            body = {"status": "not ready" if problems else "ready", "reason": "; ".join(problems) or None,
+                    "checks": {name: problem or "ok" for name, problem in checks.items()}}
+            self._json(503 if problems else 200, body)
             return
-        self._guarded(self._models if self.path == "/v1/models" else None)
+        routes = {"/v1/models": self._models, "/metrics": self._metrics}
+        self._guarded(routes.get(self.path))
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         routes = {"/v1/chat/completions": "chat", "/v1/completions": "complete"}
@@ -201,6 +209,14 @@ class _Handler(BaseHTTPRequestHandler):
         deps = self.owner.deps
         self._json(200, {"object": "list", "data": [{"id": deps.model_name(), "object": "model", "created": 0,
                                                       "owned_by": deps.device_id}]})
+
+    def _metrics(self) -> None:
+        body = self.owner.metrics_text()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _body(self, kind: str) -> OpenAIRequest:
         length = self.headers.get("Content-Length")

@@ -15,9 +15,11 @@ import fcntl
 import hashlib
 import http.client
 import os
+import queue
 import re
 import shutil
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -33,6 +35,7 @@ from tenacity.wait import wait_base
 from autoglm_wire.backoff import reconnect_wait
 
 CHUNK_BYTES = 1024 * 1024
+WRITE_QUEUE_BLOCKS = 16  # received blocks waiting for the disk: at most 16 MiB in memory
 SYNC_EVERY_BYTES = 64 * 1024 * 1024  # what a power cut can cost of a partial file
 DISK_MARGIN_BYTES = 256 * 1024 * 1024  # left free after the download, for the store and the logs
 SOCKET_TIMEOUT_S = 30.0
@@ -237,33 +240,76 @@ class _Download:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 self._learn_total(int(length))
-        while block := response.read(CHUNK_BYTES):
-            if self.total is not None and self.size + len(block) > self.total:
-                raise ChecksumMismatch(f"{self.url} sent more than {self.total} bytes")
-            self.partial.write(block)
-            self.hasher.update(block)
-            self.size += len(block)
-            self.unsynced += len(block)
-            if self.unsynced >= SYNC_EVERY_BYTES:
-                self.sync()
-            self._report()
+        received = self.size
+        writer = _Writer(self._store)
+        try:
+            while block := response.read1(CHUNK_BYTES):  # what has arrived: on disk and reported at once
+                if self.total is not None and received + len(block) > self.total:
+                    raise ChecksumMismatch(f"{self.url} sent more than {self.total} bytes")
+                writer.put(block)
+                received += len(block)
+                self._report(received)
+        finally:
+            writer.close()  # every block received is on disk and hashed (self.size) before anything else
         self.sync()
         if self.total is not None and self.size < self.total:
             raise _LinkCut(f"{self.url} ended at byte {self.size} of {self.total}")
         if self.total is None:
             self.total = self.size
-        self._report()
+        self._report(self.size)
+
+    def _store(self, block: bytes) -> None:
+        """On the writer's thread: one block written and hashed."""
+        self.partial.write(block)
+        self.hasher.update(block)
+        self.size += len(block)
+        self.unsynced += len(block)
+        if self.unsynced >= SYNC_EVERY_BYTES:
+            self.sync()
 
     def sync(self) -> None:
         self.partial.flush()
         os.fsync(self.partial.fileno())
         self.unsynced = 0
 
-    def _report(self) -> None:
+    def _report(self, done: int) -> None:
         now = time.monotonic()
-        if self.on_progress is not None and self.gate.due(now, self.size, self.total):
-            fetched = self.size - self.resumed_from
-            self.on_progress(Progress(self.size, self.total, fetched / max(now - self.started, 1e-6)))
+        if self.on_progress is not None and self.gate.due(now, done, self.total):
+            fetched = done - self.resumed_from
+            self.on_progress(Progress(done, self.total, fetched / max(now - self.started, 1e-6)))
+
+
+class _Writer:
+    """Writes and hashes the received blocks on a thread of its own, so the disk and the hash overlap
+    the network (file writes and sha256 release the GIL) instead of adding to it. At most
+    WRITE_QUEUE_BLOCKS blocks wait in memory; a write error is raised by the next `put` or `close`."""
+
+    def __init__(self, store: Callable[[bytes], None]) -> None:
+        self._store = store
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=WRITE_QUEUE_BLOCKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="model-pull-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store(block)
+                except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread
+                    self._error = exc
+
+    def put(self, block: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(block)
+
+    def close(self) -> None:
+        """Wait until every block put is stored; raises the write error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def pull(url: str, sha256: str, models_dir: Path, *, name: str | None = None, size: int | None = None,
@@ -294,7 +340,12 @@ def pull(url: str, sha256: str, models_dir: Path, *, name: str | None = None, si
             raise DownloadFailed(f"another pull of {path.name} is running (it holds {partial_path})") from None
         download = _Download(url, partial, size, tls_context(ca_file), on_progress, ProgressGate(progress_interval_s),
                              lambda remaining: check_disk(models_dir, remaining, margin))
-        check_disk(models_dir, None if size is None else max(size - download.size, 0), margin)
+        try:
+            check_disk(models_dir, None if size is None else max(size - download.size, 0), margin)
+        except NotEnoughDisk:
+            if download.size == 0:  # nothing kept: leave no empty partial file behind
+                partial_path.unlink(missing_ok=True)
+            raise
         try:
             for attempt in Retrying(retry=retry_if_exception_type(_LinkCut), stop=stop_after_attempt(attempts),
                                     wait=wait or reconnect_wait(1.0, 2.0, 30.0), reraise=True):

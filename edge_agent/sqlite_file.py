@@ -80,6 +80,25 @@ END;
 CREATE TRIGGER IF NOT EXISTS outbox_size_delete AFTER DELETE ON outbox BEGIN
     UPDATE outbox_size SET rows = rows - 1, bytes = bytes - OLD.bytes;
 END;
+-- Model slots and the activation journal (edge_agent/model_slots.py, issue #14): which GGUF the
+-- agent serves is decided here, never inferred from file names. Added to stores of schema 1 as is.
+CREATE TABLE IF NOT EXISTS model_slots (
+    sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    activated_at REAL NOT NULL,
+    active INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS model_journal (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    command_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    target TEXT NOT NULL,
+    rollout TEXT,
+    updated_at REAL NOT NULL
+);
 """
 
 

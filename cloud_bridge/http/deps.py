@@ -1,5 +1,6 @@
-"""What every router of the HTTP layer depends on: the registry and config of the app, the bearer
-token check, the error shape and how bridge errors map to HTTP statuses, streamed responses.
+"""What every router of the HTTP layer depends on: the registry and config of the app, who the caller
+is (`authenticate`) and the role each route needs (`VIEWER`, `OPERATOR`, `ADMIN`), the error shape and
+how bridge errors map to HTTP statuses, streamed responses.
 
 Errors have one shape everywhere, OpenAI's: `{"error": {"message", "type", "param", "code"}}`, request
 validation errors included (400, `param` the first offending field). An error that must not be
@@ -9,7 +10,8 @@ retried carries `x-should-retry: false`, which the official OpenAI clients obey.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, Request
@@ -20,16 +22,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from autoglm_wire import settings
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import BadTarget, BridgeError, ConfigError, DuplicateCommand, InvalidRequest, UnknownCommand
+from cloud_bridge.store.access import FILE_TOKEN_NAME, Role, role_allows
+from cloud_bridge.store.models import UnknownModel
 from cloud_bridge.store.registry import Registry
+from cloud_bridge.store.rollouts import UnknownRollout
 
 STREAM_POLL_S = 0.05
-TOKEN_HINT = ("send `Authorization: Bearer <token>`; the token is the first line of the file named by "
-              "[http] token_file in the bridge's config")
+TOKEN_HINT = ("send `Authorization: Bearer <token>`: a token made by `cloud-bridge token add`, or the first line "
+              "of the file named by [http] token_file in the bridge's config")
 BRIDGE_ERRORS: dict[type[BridgeError], tuple[int, str]] = {
     UnknownCommand: (404, "UnknownCommand"),
     DuplicateCommand: (409, "DuplicateCommand"),
     InvalidRequest: (400, "InvalidRequest"),
     BadTarget: (400, "bad_target"),
+    UnknownModel: (404, "unknown_model"),
+    UnknownRollout: (404, "unknown_rollout"),
 }
 BEARER = HTTPBearer(auto_error=False)
 CREDENTIALS = Depends(BEARER)
@@ -62,12 +69,55 @@ def read_token(path: Path) -> str:
     return token
 
 
-def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None = CREDENTIALS) -> None:
-    """Refuses (401) a call without the app's bearer token. The one token check: the body guard
-    (cloud_bridge/http/guard.py) calls it before any body byte is read."""
-    token: str = request.app.state.token
-    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
-        raise ApiError(401, f"missing or wrong API token: {TOKEN_HINT}", "invalid_api_key", "authentication_error")
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a token's name and its role."""
+
+    name: str
+    role: Role
+
+
+def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = CREDENTIALS) -> Caller:
+    """The caller of a request: the `[http] token_file` token (admin, named `file`) or a token of the
+    registry; refuses (401) a call with neither. Reads only the header, never the body."""
+    if credentials is None:
+        raise ApiError(401, f"missing API token: {TOKEN_HINT}", "invalid_api_key", "authentication_error")
+    token = credentials.credentials
+    if secrets.compare_digest(token.encode(), request.app.state.token.encode()):
+        caller = Caller(FILE_TOKEN_NAME, "admin")
+    else:
+        row = registry_of(request).tokens.identify(token)
+        if row is None:
+            raise ApiError(401, f"wrong API token: {TOKEN_HINT}", "invalid_api_key", "authentication_error")
+        caller = Caller(row.name, row.role)
+    request.state.caller = caller
+    return caller
+
+
+CALLER = Depends(authenticate)
+
+
+def requires(role: Role) -> Callable[..., Caller]:
+    """A dependency: the caller, refused (403) unless their role allows what needs `role`."""
+
+    def check(caller: Caller = CALLER) -> Caller:
+        return ensure_role(caller, role, "this call")
+
+    return check
+
+
+def ensure_role(caller: Caller, role: Role, what: str) -> Caller:
+    """`caller`, or a 403 in OpenAI's shape when their role does not allow `what`, which needs `role`."""
+    if not role_allows(caller.role, role):
+        raise ApiError(403, f"token {caller.name!r} has role {caller.role}; {what} needs {role} or more "
+                            "(roles: viewer < operator < admin; `cloud-bridge token add NAME --role R`)",
+                       "insufficient_role", "permission_error", retry=False)
+    return caller
+
+
+VIEWER = Depends(requires("viewer"))      # reads
+OPERATOR = Depends(requires("operator"))  # sends and cancels commands, chats through /v1
+ADMIN = Depends(requires("admin"))        # policy (`config` commands), the audit log
 
 
 def registry_of(request: Request) -> Registry:
@@ -103,7 +153,7 @@ def bridge_error_response(request: Request, exc: BridgeError) -> JSONResponse:
     return api_error_response(request, ApiError(status, str(exc), code, retry=False if status < 500 else None))
 
 
-def stream_response(events: Iterator[str]) -> StreamingResponse:
+def stream_response(events: Iterator[str] | AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies."""
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -4,7 +4,8 @@ before a single body byte is read, and refuses bodies larger than `[http] max_bo
 FastAPI reads and parses a request body before it runs the route's dependencies, so without this
 guard an unauthenticated client could make the bridge buffer any amount of memory. The guard:
 
-- answers 401 (the same check and message as `deps.authorized`) without reading the body;
+- answers 401 (the check and message of `deps.authenticate`, which also records the caller)
+  without reading the body;
 - answers 413 at once when `Content-Length` is above the limit;
 - counts the bytes of a body sent without `Content-Length` (chunked) as the app reads them and
   answers 413 as soon as the count passes the limit; the rest is never read into memory
@@ -17,7 +18,7 @@ from fastapi import Request
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cloud_bridge.http.deps import BEARER, ApiError, api_error_response, authorized
+from cloud_bridge.http.deps import BEARER, ApiError, api_error_response, authenticate
 
 GUARDED_PREFIXES = ("/api/", "/v1/")
 
@@ -43,7 +44,7 @@ class BodyGuard:
             return
         request = Request(scope)
         try:
-            authorized(request, await BEARER(request))
+            authenticate(request, await BEARER(request))
             length = Headers(scope=scope).get("content-length")
             if length is not None and length.isdigit() and int(length) > self.limit:
                 raise too_large(self.limit)

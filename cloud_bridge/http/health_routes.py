@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.http.deps import CREDENTIALS, authorized
+from cloud_bridge.http.deps import CREDENTIALS, authenticate, ensure_role
 from cloud_bridge.metrics import RegistryCollector
 from cloud_bridge.store.registry import Registry
 
@@ -32,7 +32,7 @@ def metrics_registry(registry: Registry, config: BridgeConfig) -> CollectorRegis
 def metrics(request: Request, credentials: HTTPAuthorizationCredentials | None = CREDENTIALS) -> Response:
     config: BridgeConfig = request.app.state.config
     if not config.metrics.is_open(config.http.host):
-        authorized(request, credentials)
+        ensure_role(authenticate(request, credentials), "viewer", "/metrics")
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -43,7 +43,7 @@ from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.errors import DuplicateCommand
-from cloud_bridge.http.deps import CFG, REG, STREAM_POLL_S, ApiError, stream_response
+from cloud_bridge.http.deps import CFG, OPERATOR, REG, STREAM_POLL_S, VIEWER, ApiError, stream_response
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
@@ -107,6 +107,7 @@ def pick_device(registry: Registry, body: GenerationRequest) -> str:
 def start_command(request: Request, registry: Registry, config: BridgeConfig, body: GenerationRequest,
                   kind: str, params: dict[str, Any]) -> CommandRow:
     """Queue the command for `body`, or find the one an earlier attempt of the same request queued."""
+    request.state.audit_target = body.model
     ignored = body.ignored()
     if ignored:
         log.warning("%s: ignored request fields %s", request.url.path, ", ".join(ignored))
@@ -213,7 +214,7 @@ def _wait_until_accepted(registry: Registry, row: CommandRow, timeout_s: float) 
 # --- routes --------------------------------------------------------------------------------------
 
 
-@router.get("/models", summary="devices and groups usable as `model`")
+@router.get("/models", summary="devices and groups usable as `model`", dependencies=[VIEWER])
 def list_models(registry: Registry = REG) -> dict[str, Any]:
     devices = registry.devices.all()
     names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.routable_groups})
@@ -221,13 +222,15 @@ def list_models(registry: Registry = REG) -> dict[str, Any]:
                                        for n in names]}
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions, run on a device over MQTT")
+@router.post("/chat/completions", summary="OpenAI chat completions, run on a device over MQTT (operator)",
+             dependencies=[OPERATOR])
 def chat_completions(body: ChatCompletionRequest, request: Request, registry: Registry = REG,
                      config: BridgeConfig = CFG) -> Any:
     return _generate(request, registry, config, body, "chat", command_params(body), ChatShape(body.model))
 
 
-@router.post("/completions", summary="OpenAI (legacy) text completions, run on a device as `complete`")
+@router.post("/completions", summary="OpenAI (legacy) text completions, run on a device as `complete` (operator)",
+             dependencies=[OPERATOR])
 def completions(body: CompletionRequest, request: Request, registry: Registry = REG,
                 config: BridgeConfig = CFG) -> Any:
     return _generate(request, registry, config, body, "complete", command_params(body), TextShape(body.model))

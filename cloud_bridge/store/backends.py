@@ -58,6 +58,8 @@ class Backend(Protocol):
 
     def json_number(self, column: str, *path: str) -> str: ...
 
+    def epoch_seconds(self, column: str) -> str: ...
+
     def lock(self, select: str, params: Any = ()) -> None: ...
 
     def is_transient(self, error: BaseException) -> bool: ...
@@ -126,6 +128,10 @@ class SqliteBackend:
         where = f"'$.{'.'.join(path)}'"
         value = f"json_extract({column}, {where})"
         return f"(CASE WHEN json_type({column}, {where}) IN ('integer', 'real') THEN {value} END)"
+
+    def epoch_seconds(self, column: str) -> str:
+        """Whole seconds since 1970 of a stored timestamp column (ISO 8601, UTC, `Z`)."""
+        return f"CAST(strftime('%s', {column}) AS INTEGER)"
 
     def lock(self, select: str, params: Any = ()) -> None:
         """Nothing to do: a writing SQLite transaction holds the whole database."""
@@ -222,6 +228,10 @@ class PostgresBackend:
         text = f"(({column})::jsonb #>> {where})"
         return (f"(CASE WHEN jsonb_typeof(({column})::jsonb #> {where}) = 'number' AND abs({text}::numeric) < 1e300 "
                 f"THEN {text}::float END)")
+
+    def epoch_seconds(self, column: str) -> str:
+        """Whole seconds since 1970 of a stored timestamp column (ISO 8601, UTC, `Z`)."""
+        return f"CAST(FLOOR(EXTRACT(EPOCH FROM CAST({column} AS timestamptz))) AS BIGINT)"
 
     def lock(self, select: str, params: Any = ()) -> None:
         """Lock the rows `select` returns until the transaction ends, in the order it returns them."""

@@ -84,6 +84,18 @@ class Commands:
         )
         return [CommandRow.from_row(row) for row in rows]
 
+    def page(self, device_id: str | None = None, state: str | None = None, kind: str | None = None,
+             limit: int = 50, offset: int = 0, batch: str | None = None) -> tuple[list[CommandRow], int]:
+        """Newest first, filtered by device, state, kind and batch (each optional): `limit` rows after
+        skipping `offset`, and how many match in all."""
+        where = ("(? IS NULL OR device_id = ?) AND (? IS NULL OR state = ?) AND (? IS NULL OR kind = ?) "
+                 "AND (? IS NULL OR batch = ?)")
+        params = (device_id, device_id, state, state, kind, kind, batch, batch)
+        total = int(self._db.query(f"SELECT COUNT(*) AS n FROM commands WHERE {where}", params)[0]["n"])
+        rows = self._db.query(f"SELECT * FROM commands WHERE {where} ORDER BY created_at DESC, rowid DESC "
+                              "LIMIT ? OFFSET ?", (*params, limit, offset))
+        return [CommandRow.from_row(row) for row in rows], total
+
     def active(self) -> list[CommandRow]:
         """Commands the bridge still has to deliver (`pending` or `sent`): highest priority, then oldest first."""
         rows = self._db.query(

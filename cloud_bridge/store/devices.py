@@ -7,7 +7,7 @@ from datetime import datetime
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
 from cloud_bridge.store.connection import Connection
-from cloud_bridge.store.rows import DeviceRow, stamp, wire_ts
+from cloud_bridge.store.rows import DeviceRow, StateChange, stamp, wire_ts
 
 
 class Devices:
@@ -76,7 +76,8 @@ class Devices:
         model = status.model
         self._db.execute(
             "UPDATE devices SET agent_version = ?, model_name = ?, model_sha256 = ?, n_gpu_layers = ?, "
-            "claimed_groups = ?, kinds = ? WHERE device_id = ?",
+            "claimed_groups = ?, kinds = ?, previous_model_name = ?, previous_model_sha256 = ?, rollout = ? "
+            "WHERE device_id = ?",
             (
                 status.agent_version,
                 model.name if model else None,
@@ -84,6 +85,9 @@ class Devices:
                 model.n_gpu_layers if model else None,
                 json.dumps(status.groups or []),
                 json.dumps(status.kinds or []),
+                status.previous_model.name if status.previous_model else None,
+                status.previous_model.sha256 if status.previous_model else None,
+                status.rollout,
                 status.device_id,
             ),
         )
@@ -121,6 +125,12 @@ class Devices:
         for membership in memberships:
             groups.setdefault(membership["device_id"], []).append(membership["group_name"])
         return [DeviceRow.from_row(row, groups.get(row["device_id"], [])) for row in rows]
+
+    def history(self, device_id: str, limit: int = 50) -> list[StateChange]:
+        """The device's state changes (online/offline), newest first."""
+        rows = self._db.query("SELECT * FROM device_states WHERE device_id = ? ORDER BY id DESC LIMIT ?",
+                              (device_id, limit))
+        return [StateChange(**row) for row in rows]
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""

@@ -78,10 +78,19 @@ class Alerts:
                               (device_id, kind))
         return AlertRow(**rows[0]) if rows else None
 
-    def recent(self, open_only: bool = True, limit: int = 100) -> list[AlertRow]:
-        """Alerts, newest first; by default only those whose condition still holds."""
+    def recent(self, open_only: bool = True, limit: int = 100, device_id: str | None = None) -> list[AlertRow]:
+        """Alerts, newest first; by default only those whose condition still holds; optionally of one device."""
         rows = self._db.query(
-            "SELECT * FROM alerts WHERE (? = 0 OR cleared_at IS NULL) ORDER BY id DESC LIMIT ?",
-            (int(open_only), limit),
+            "SELECT * FROM alerts WHERE (? = 0 OR cleared_at IS NULL) AND (? IS NULL OR device_id = ?) "
+            "ORDER BY id DESC LIMIT ?",
+            (int(open_only), device_id, device_id, limit),
         )
         return [AlertRow(**row) for row in rows]
+
+    def acknowledge(self, alert_id: int, by: str, now: datetime | None = None) -> AlertRow | None:
+        """Mark the alert taken by `by` (first acknowledgement wins; later ones change nothing).
+        None when there is no such alert."""
+        self._db.execute("UPDATE alerts SET acknowledged_at = ?, acknowledged_by = ? "
+                         "WHERE id = ? AND acknowledged_at IS NULL", (stamp(now), by, alert_id))
+        rows = self._db.query("SELECT * FROM alerts WHERE id = ?", (alert_id,))
+        return AlertRow(**rows[0]) if rows else None

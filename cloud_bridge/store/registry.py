@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from cloud_bridge.errors import BridgeError, RegistryMissing
 from cloud_bridge.store import schema
+from cloud_bridge.store.access import Audit, Tokens
 from cloud_bridge.store.backends import Backend, PostgresBackend, SqliteBackend, connect_sqlite
 from cloud_bridge.store.commands import Commands
 from cloud_bridge.store.connection import Connection
@@ -25,9 +26,11 @@ from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
 from cloud_bridge.store.groups import Groups
+from cloud_bridge.store.models import Models
 from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
 from cloud_bridge.store.retention import Retention
+from cloud_bridge.store.rollouts import Rollouts
 from cloud_bridge.store.stats import Stats
 
 if TYPE_CHECKING:
@@ -78,6 +81,10 @@ class Registry:
         self.observations = Observations(self._connection)
         self.stats = Stats(self._connection)
         self.deliveries = Deliveries(self._connection)
+        self.tokens = Tokens(self._connection)
+        self.audit = Audit(self._connection)
+        self.models = Models(self._connection)
+        self.rollouts = Rollouts(self._connection)
 
     @classmethod
     def connect(cls, url: str) -> Registry:

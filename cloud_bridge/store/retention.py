@@ -17,11 +17,12 @@ class Retention:
         self._db = connection
 
     def prune(self, before: datetime | None, chunks_before: datetime | None,
-              dead_letters_before: datetime | None = None, batch: int = PRUNE_BATCH) -> dict[str, int]:
+              dead_letters_before: datetime | None = None, audit_before: datetime | None = None,
+              batch: int = PRUNE_BATCH) -> dict[str, int]:
         """Delete what is finished and older than `before` (commands in a terminal state and
         replies of commands no longer active, events, cleared alerts, device state history, alert
-        notifications no longer pending), stream
-        chunks older than `chunks_before` and dead letters older than `dead_letters_before`; None
+        notifications no longer pending), stream chunks older than `chunks_before`, dead letters older
+        than `dead_letters_before` and audit log entries older than `audit_before`; None
         keeps that kind. Works in transactions of at most `batch` rows, so ingest is never held up
         for long. Returns the rows deleted, by table."""
         terminal = placeholders(TERMINAL_STATES)
@@ -38,6 +39,7 @@ class Retention:
             ("alert_deliveries", "SELECT id FROM alert_deliveries WHERE created_at < ? AND state <> 'pending'",
              before, ()),
             ("dead_letters", "SELECT id FROM dead_letters WHERE received_at < ?", dead_letters_before, ()),
+            ("audit_log", "SELECT id FROM audit_log WHERE ts < ?", audit_before, ()),
         ]
         deleted: dict[str, int] = {}
         for table, select, cutoff, params in plans:

@@ -54,6 +54,9 @@ class DeviceRow:
     policy: dict[str, Any] | None = None
     status_ts: str | None = None  # `ts` of the newest timestamped Status applied
     claimed_groups: list[str] = field(default_factory=list)  # what its last online Status announced: a hint
+    previous_model_name: str | None = None  # the slot a `model` rollback returns to (None: older agent)
+    previous_model_sha256: str | None = None
+    rollout: str | None = None  # the rollout of the last deploy that changed the model
 
     @classmethod
     def from_row(cls, row: dict[str, Any], groups: list[str]) -> DeviceRow:
@@ -205,6 +208,8 @@ class AlertRow:
     message: str
     raised_at: str
     cleared_at: str | None
+    acknowledged_at: str | None = None
+    acknowledged_by: str | None = None
 
 
 @dataclass(frozen=True)

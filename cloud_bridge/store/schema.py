@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 8
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -47,7 +47,10 @@ CREATE TABLE IF NOT EXISTS devices (
     kinds TEXT,                 -- JSON list
     last_telemetry TEXT,        -- JSON object
     policy TEXT,                -- JSON object: the policy in force (output of the last `config` command)
-    status_ts TEXT              -- `ts` of the newest timestamped Status applied (older ones are replays)
+    status_ts TEXT,             -- `ts` of the newest timestamped Status applied (older ones are replays)
+    previous_model_name TEXT,   -- the model a `model` rollback would return to (Status `previous_model`)
+    previous_model_sha256 TEXT,
+    rollout TEXT                -- the rollout of the last deploy that changed the model (Status `rollout`)
 );
 CREATE TABLE IF NOT EXISTS device_states (
     id SERIAL_ID,
@@ -117,7 +120,9 @@ CREATE TABLE IF NOT EXISTS alerts (
                                 -- | dead_letters (device '*')
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
-    cleared_at TEXT             -- NULL while the condition holds
+    cleared_at TEXT,            -- NULL while the condition holds
+    acknowledged_at TEXT,       -- when an operator took it (console, API), NULL until then
+    acknowledged_by TEXT        -- the token's name that acknowledged it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts (device_id, kind) WHERE cleared_at IS NULL;
 CREATE TABLE IF NOT EXISTS counters (
@@ -149,6 +154,64 @@ CREATE TABLE IF NOT EXISTS alert_deliveries (
     delivered_at TEXT
 );
 CREATE INDEX IF NOT EXISTS alert_deliveries_due ON alert_deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,         -- viewer | operator | admin
+    token_sha256 TEXT NOT NULL, -- hex SHA-256 of the token (the token itself is never stored)
+    created_at TEXT NOT NULL,
+    last_used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id SERIAL_ID,
+    ts TEXT NOT NULL,
+    actor TEXT NOT NULL,        -- a token's name, or cli:<unix user>
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL       -- ok, or the error
+);
+CREATE TABLE IF NOT EXISTS models (
+    sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size BIGINT NOT NULL,
+    url TEXT,                   -- a mirror devices download from, or NULL: the bridge serves [models] dir/<sha256>.gguf
+    architecture TEXT,          -- from the GGUF header
+    quantization TEXT,
+    parameters BIGINT,
+    context_length BIGINT,
+    added_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    model_name TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    target TEXT NOT NULL,       -- what was asked: group/G, a device, or a filter's label
+    waves TEXT NOT NULL,        -- JSON list of cumulative percentages, e.g. [5, 25, 100]
+    max_failures BIGINT NOT NULL,
+    canary TEXT,                -- JSON object: the deploy command's `canary`, or NULL
+    state TEXT NOT NULL,        -- running | paused | halted | aborted | completed | rolled_back
+    wave BIGINT NOT NULL,       -- the wave in progress (0-based)
+    reason TEXT,                -- why it halted, was aborted or rolled back
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    wave BIGINT NOT NULL,
+    state TEXT NOT NULL,        -- waiting | queued | activated | unchanged | rolled_back | download_failed | failed
+                                -- | timed_out | cancelled
+    command_id TEXT,            -- the deploy command's row
+    phase TEXT,                 -- the last model_progress phase: download | verify | load | canary
+    percent REAL,
+    bytes BIGINT,
+    total BIGINT,
+    canary TEXT,                -- JSON: the reply's canary summary
+    reason TEXT,
+    rollback TEXT,              -- NULL | wanted | queued | done | failed: the bridge's `model` rollback
+    rollback_command_id TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
 CREATE TABLE IF NOT EXISTS device_groups (  -- group membership as the cloud assigns it: the only one routing uses
     device_id TEXT NOT NULL,
     group_name TEXT NOT NULL,
@@ -191,7 +254,20 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         Only("postgresql", "ALTER TABLE devices ALTER COLUMN n_gpu_layers TYPE BIGINT"),
     ),
     4: (),  # the `alert_deliveries` table (webhook outbox and delivery log) comes from SCHEMA
-    5: (  # the `device_groups` table comes from SCHEMA; it starts empty (`cloud-bridge group import-claimed`)
+    5: (),  # access: the `api_tokens` and `audit_log` tables come from SCHEMA (create() runs after)
+    6: (  # issue #14: the `models`, `rollouts` and `rollout_devices` tables come from SCHEMA
+        "ALTER TABLE devices ADD COLUMN previous_model_name TEXT",
+        "ALTER TABLE devices ADD COLUMN previous_model_sha256 TEXT",
+        "ALTER TABLE devices ADD COLUMN rollout TEXT",
+    ),
+    7: (  # alert acknowledgement (console, POST /api/alerts/{id}/acknowledge); a registry from before alerts
+        # existed gets their version-5 table first
+        "CREATE TABLE IF NOT EXISTS alerts (id SERIAL_ID, device_id TEXT NOT NULL, kind TEXT NOT NULL, "
+        "message TEXT NOT NULL, raised_at TEXT NOT NULL, cleared_at TEXT)",
+        "ALTER TABLE alerts ADD COLUMN acknowledged_at TEXT",
+        "ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT",
+    ),
+    8: (  # the `device_groups` table comes from SCHEMA; it starts empty (`cloud-bridge group import-claimed`)
         "ALTER TABLE devices RENAME COLUMN groups TO claimed_groups",
     ),
 }

@@ -27,29 +27,45 @@ class Stats:
     def __init__(self, connection: Connection) -> None:
         self._db = connection
 
-    def _sample(self, group_by: GroupBy) -> str:
-        """The window's replies as (grp, status, one column per timing); `?` is the window's start."""
+    def _sample(self, group: str) -> str:
+        """The window's replies as (grp, status, one column per timing); `grp` is the SQL expression
+        `group`; `?` is the window's start."""
         json_number = self._db.backend.json_number
         timings = ", ".join(f"{json_number('r.payload', 'metrics', name)} AS {name}" for name in TIMINGS)
-        return (f"SELECT {GROUPS[group_by]} AS grp, r.status AS status, {timings} FROM replies r "
+        return (f"SELECT {group} AS grp, r.status AS status, {timings} FROM replies r "
                 "LEFT JOIN commands c ON c.wire_id = r.command_id AND c.device_id = r.device_id "
                 "LEFT JOIN devices d ON d.device_id = r.device_id "
                 "WHERE r.status IN ('succeeded', 'failed') AND r.received_at >= ?")
 
     def summary(self, since: str, group_by: GroupBy) -> dict[str, dict[str, Any]]:
         """By group: `count`, `failed`, and `<timing>_p50|p95|p99` (None without samples)."""
+        return self._summarize(GROUPS[group_by], since)
+
+    def series(self, since: str, bucket_s: int, group_by: GroupBy | None) -> dict[tuple[int, str], dict[str, Any]]:
+        """As `summary`, by (start of the `bucket_s` time bucket in epoch seconds, group); the group
+        is `fleet` when `group_by` is None. Buckets without a reply are absent."""
+        bucket = f"{self._db.backend.epoch_seconds('r.received_at')} / {int(bucket_s)}"
+        group = GROUPS[group_by] if group_by else "'fleet'"
+        key = f"CAST({bucket} AS TEXT) || '|' || {group}"
+        series = {}
+        for grp, values in self._summarize(key, since).items():
+            number, name = grp.split("|", 1)
+            series[(int(number) * int(bucket_s), name)] = values
+        return dict(sorted(series.items()))
+
+    def _summarize(self, group: str, since: str) -> dict[str, dict[str, Any]]:
         rows = self._db.query(
             "SELECT grp, COUNT(*) AS n, SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed "
-            f"FROM ({self._sample(group_by)}) AS s GROUP BY grp ORDER BY grp", (since,))
+            f"FROM ({self._sample(group)}) AS s GROUP BY grp ORDER BY grp", (since,))
         groups = {row["grp"]: {"count": int(row["n"]), "failed": int(row["failed"])} for row in rows}
         for timing in TIMINGS:
-            for grp, values in self._percentiles(timing, since, group_by).items():
+            for grp, values in self._percentiles(timing, since, group).items():
                 groups[grp].update(values)
         return groups
 
-    def _percentiles(self, timing: str, since: str, group_by: GroupBy) -> dict[str, dict[str, float]]:
+    def _percentiles(self, timing: str, since: str, group: str) -> dict[str, dict[str, float]]:
         names = [f"{timing}_p{round(p * 100)}" for p in PERCENTILES]
-        sample = f"SELECT grp, {timing} AS x FROM ({self._sample(group_by)}) AS s WHERE {timing} IS NOT NULL"
+        sample = f"SELECT grp, {timing} AS x FROM ({self._sample(group)}) AS s WHERE {timing} IS NOT NULL"
         if self._db.backend.dialect == "postgresql":
             columns = ", ".join(f"percentile_cont({p}) WITHIN GROUP (ORDER BY x) AS {name}"
                                 for p, name in zip(PERCENTILES, names, strict=True))

@@ -71,6 +71,12 @@ class TextEngine(Protocol):
     def close(self) -> None: ...
 
 
+class EngineSwap(Protocol):
+    """A change of the text engine, run by the executor on a worker thread between commands."""
+
+    def swap(self, old: TextEngine) -> TextEngine: ...
+
+
 @dataclass(frozen=True)
 class EngineReload:
     """A model reload: load the new engine after closing the old one (two models may not fit in

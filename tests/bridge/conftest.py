@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -41,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_TABLES = ("devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters, "
-             "alert_deliveries, device_groups")
+             "alert_deliveries, api_tokens, audit_log, models, rollouts, rollout_devices, device_groups")
 
 
 @contextmanager
@@ -93,6 +95,32 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
     reg.close()
 
 
+# --- a headless Chromium --------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium (selenium) that keeps its network log (`driver.get_log("performance")`)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
+        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    from selenium.webdriver.chrome.service import Service
+
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
 # --- mosquitto -----------------------------------------------------------------------------------
 
 
@@ -111,6 +139,23 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@contextmanager
+def http_server(app: Any) -> Iterator[str]:
+    """`app` (an ASGI app) served by uvicorn on a free local port in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for_port(port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @dataclass
@@ -262,6 +307,7 @@ class HttpBridge:
     log_path: Path
     url: str
     token: str
+    config_path: Path
     api: httpx.Client
 
     def stop(self) -> int | None:
@@ -270,10 +316,12 @@ class HttpBridge:
 
 
 def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str = "",
-                      store_url: str | None = None, shared_group: str | None = None) -> HttpBridge:
-    """Start a bridge serving its API on a free port; optionally on PostgreSQL, in a shared group."""
-    token, http_port = secrets.token_urlsafe(24), free_port()
-    extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n"
+                      store_url: str | None = None, shared_group: str | None = None, extra: str = "",
+                      http_port: int | None = None) -> HttpBridge:
+    """Start a bridge serving its API on `http_port` (default a free port); optionally on PostgreSQL, in
+    a shared group, with `extra` TOML tables."""
+    token, http_port = secrets.token_urlsafe(24), http_port or free_port()
+    extra = http_section(folder, http_port, token) + "\n[alerts]\ncheck_interval_s = 60\n" + extra
     config = write_bridge_config(folder, broker_port, prefix, extra=extra)
     text = config.read_text().replace(f'client_id = "bridge-{prefix}"', f'client_id = "bridge-{prefix}{name}"'
                                       + (f'\nshared_group = "{shared_group}"' if shared_group else ""))
@@ -284,7 +332,7 @@ def start_http_bridge(folder: Path, broker_port: int, prefix: str, *, name: str 
     process = launch_bridge(config, log_path)
     url = f"http://127.0.0.1:{http_port}"
     wait_for_port(http_port)
-    return HttpBridge(process, log_path, url, token,
+    return HttpBridge(process, log_path, url, token, config,
                       httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120))
 
 
@@ -301,27 +349,3 @@ def bridge(mosquitto: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
     finally:
         code = stop_process(handle.process)
         assert code == 0, f"cloud-bridge serve exited {code} on SIGTERM:\n{handle.log()}"
-
-
-# --- a headless Chromium for the console tests -------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not shutil.which("chromedriver"):
-        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,900"):
-        options.add_argument(arg)
-    from selenium.webdriver.chrome.service import Service
-
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    yield driver
-    driver.quit()

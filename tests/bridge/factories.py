@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from autoglm_wire.protocol import Command, ModelInfo, Reply, Status, StreamChunk, format_ts
@@ -39,3 +40,19 @@ def offline(device_id: str = "dev-1") -> Status:
 
 def chunk(index: int, delta: str, command_id: str = "c1", done: bool = False) -> StreamChunk:
     return StreamChunk(command_id=command_id, index=index, delta=delta, done=done)
+
+
+def write_gguf(path: Path, arch: str = "glm4", context_length: int = 2048, seed: int = 0) -> Path:
+    """A small real GGUF (one tensor; `seed` makes distinct files), written with the gguf package."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(context_length)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_tensor("token_embd.weight", np.arange(seed, seed + 4096, dtype=np.float32).reshape(64, 64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

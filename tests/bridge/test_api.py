@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,9 +145,18 @@ def test_the_token_file_must_exist_and_hold_a_long_token(tmp_path: Path):
         read_token(short)
 
 
-def test_docs_are_served_without_a_cdn(registry):
+def test_docs_are_swagger_ui_with_every_asset_served_here_and_no_external_url(registry):
     with TestClient(create_app(registry, BridgeConfig(), TOKEN)) as anonymous:
         page = anonymous.get("/docs")
-        assert page.status_code == 200 and "/openapi.json" in page.text
-        assert "<script src=" not in page.text and "https://" not in page.text and "<link" not in page.text
+        assert page.status_code == 200 and "SwaggerUIBundle" in page.text and "'/openapi.json'" in page.text
+        links = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+        assert len(links) == 3 and all(link.startswith("/docs/assets/") for link in links), links
+        assert "http:" not in page.text and "https:" not in page.text and "//" not in page.text
+        for link in links:
+            asset = anonymous.get(link)
+            assert asset.status_code == 200 and len(asset.content) > 1000, link
+        script = next(link for link in links if link.endswith(".js"))
+        assert "SwaggerUIBundle" in anonymous.get(script).text
+        missing = anonymous.get("/docs/assets/index.html")
+        assert missing.status_code == 404 and "swagger-ui-bundle.js" in missing.json()["error"]["message"]
         assert anonymous.get("/redoc").status_code == 404

@@ -56,8 +56,10 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 def test_retention_counts_back_from_now_and_zero_keeps_forever(tmp_path):
     now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
     retention = load_config(write(tmp_path, "[retention]\ndays = 30\nchunk_days = 0.5\n")).retention
-    assert retention.cutoffs(now) == (now - timedelta(days=30), now - timedelta(hours=12), now - timedelta(days=30))
-    forever = load_config(write(tmp_path, "[retention]\ndays = 0\nchunk_days = 0\ndead_letter_days = 0\n")).retention
-    assert forever.cutoffs(now) == (None, None, None)
+    assert retention.cutoffs(now) == (now - timedelta(days=30), now - timedelta(hours=12), now - timedelta(days=30),
+                                      now - timedelta(days=365))
+    forever = load_config(write(tmp_path, "[retention]\ndays = 0\nchunk_days = 0\ndead_letter_days = 0\n"
+                                          "audit_days = 0\n")).retention
+    assert forever.cutoffs(now) == (None, None, None, None)
     with pytest.raises(ConfigError, match="days"):
         load_config(write(tmp_path, "[retention]\ndays = -1\n"))

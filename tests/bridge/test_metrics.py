@@ -50,7 +50,7 @@ def _fleet(registry) -> None:
     registry.commands.mark_sent("ping-2", at(7))
     registry.devices.record_telemetry(Telemetry(device_id="dev-1", ts=format_ts(T0), queue_depth=2, outbox_depth=7,
                                                 outbox_bytes=100, tokens_per_s_ewma=15.0, rss_mb=321.5,
-                                                gpu_layers=0, uptime_s=5.0), at(5))
+                                                gpu_layers=0, uptime_s=5.0, reconnects=2, store_bytes=65536), at(5))
     registry.alerts.open("dev-2", "offline", "offline for 10 min", at(5))
     registry.dead_letters.record("devices/dev-1/reply", "dev-1", b"{", "not JSON", at(6))
 
@@ -86,6 +86,9 @@ def test_metrics_report_the_registry_with_exact_buckets_counts_and_sums(registry
     assert _value(metrics["cloud_bridge_device_outbox_depth"], "cloud_bridge_device_outbox_depth", device="dev-1") == 7
     assert _value(metrics["cloud_bridge_device_rss_megabytes"], "cloud_bridge_device_rss_megabytes",
                   device="dev-1") == 321.5
+    assert _value(metrics["cloud_bridge_device_reconnects"], "cloud_bridge_device_reconnects", device="dev-1") == 2
+    assert _value(metrics["cloud_bridge_device_store_bytes"], "cloud_bridge_device_store_bytes",
+                  device="dev-1") == 65536
 
 
 def test_without_device_labels_histograms_are_by_kind_and_telemetry_is_the_fleets_highest(registry):

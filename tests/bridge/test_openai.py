@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from autoglm_wire.protocol import Reply, StreamChunk, format_ts, utc_now
 from cloud_bridge.config import BridgeConfig
@@ -23,7 +22,7 @@ from cloud_bridge.http.app import create_app
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 
-from .conftest import free_port
+from .conftest import http_server
 from .factories import offline, online
 
 openai = pytest.importorskip("openai")
@@ -92,18 +91,11 @@ def fail(device: Device, row: CommandRow) -> None:
 def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Registry, Device]]:
     registry = Registry.open(Path(tmp_path_factory.mktemp("openai")) / "registry.db")
     config = BridgeConfig.model_validate({"http": {"chat_timeout_s": 5}})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, config, TOKEN), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
     device = Device(registry)
     threading.Thread(target=device.run, daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", registry, device
+    with http_server(create_app(registry, config, TOKEN)) as base:
+        yield f"{base}/v1", registry, device
     device.stop.set()
-    server.should_exit = True
     registry.close()
 
 

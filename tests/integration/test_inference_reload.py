@@ -12,7 +12,8 @@ import pytest
 from models.build_gguf import build_model
 from tests.support.agent_proc import write_agent_config
 from tests.support.broker import Broker
-from tests.support.cloud import CloudClient, command
+from tests.support.cloud import CloudClient
+from tests.support.model_files import serving_sha
 
 pytestmark = pytest.mark.integration
 
@@ -21,20 +22,12 @@ def statuses(cloud: CloudClient, device: str) -> list[dict]:
     return [b for t, b in cloud.messages if t == f"autoglm/{device}/status" and isinstance(b, dict)]
 
 
-def provenance_sha(cloud: CloudClient, device: str) -> str:
-    cmd = command("complete", {"prompt": "Once", "max_tokens": 4})
-    cloud.send(device, cmd)
-    reply = cloud.wait_terminal(cmd["id"])
-    assert reply["status"] == "succeeded", reply
-    return reply["metrics"]["provenance"]["model_sha256"]
-
-
 def test_sighup_reloads_the_model_named_in_the_config_and_announces_its_sha256(
         tmp_path: Path, start_agent, session_broker: Broker, tiny_model: Path, cloud: CloudClient) -> None:
     other = build_model(tmp_path / "other-tiny.gguf", preset="tiny", seed=1)
     agent, device, store = start_agent(session_broker)
     first = cloud.wait_online(device)["model"]["sha256"]
-    assert provenance_sha(cloud, device) == first
+    assert serving_sha(cloud, device) == first
 
     write_agent_config(agent.config, device, session_broker.port, other, store)
     assert agent.process is not None
@@ -42,7 +35,7 @@ def test_sighup_reloads_the_model_named_in_the_config_and_announces_its_sha256(
     cloud.wait_for(lambda: [s for s in statuses(cloud, device) if s["model"]["sha256"] != first], 60,
                    "status with the new model")
     second = statuses(cloud, device)[-1]["model"]["sha256"]
-    assert provenance_sha(cloud, device) == second != first
+    assert serving_sha(cloud, device) == second != first
     reloaded = [e for e in cloud.on(f"{device}/event") if e["code"] == "model_reloaded"]
     assert reloaded and reloaded[-1]["data"]["model_sha256"] == second
     late = CloudClient(cloud.port)  # the retained status is the new one
@@ -63,5 +56,5 @@ def test_a_reload_that_cannot_load_the_new_model_keeps_serving_the_old_one(
     cloud.wait_for(lambda: [e for e in cloud.on(f"{device}/event") if e["code"] == "model_reload_failed"], 60, "event")
     failed = [e for e in cloud.on(f"{device}/event") if e["code"] == "model_reload_failed"][0]
     assert "missing.gguf" in failed["message"]
-    assert provenance_sha(cloud, device) == first
+    assert serving_sha(cloud, device) == first
     assert agent.terminate() == 0, agent.log_text()

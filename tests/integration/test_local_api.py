@@ -144,7 +144,8 @@ def test_unauthenticated_body_is_not_read_and_oversized_body_is_413(served: tupl
 
 def test_healthz_and_readyz_without_auth(served: tuple[int, Path, str]) -> None:
     assert get(served[0], "/healthz") == (200, {"status": "alive"})
-    assert get(served[0], "/readyz") == (200, {"status": "ready"})
+    assert get(served[0], "/readyz") == (200, {"status": "ready", "reason": None,
+                                               "checks": {"broker": "ok", "store": "ok", "model": "ok"}})
 
 
 def test_two_local_requests_run_together_with_parallel_2(tmp_path: Path, tiny_model: Path,
@@ -182,7 +183,9 @@ def test_readyz_is_503_while_the_broker_is_down(tmp_path: Path, tiny_model: Path
         status, body = get(port, "/readyz")
         while status == 200:  # the link notices the broker's loss within its keepalive
             status, body = get(port, "/readyz")
-        assert (status, body) == (503, {"status": "not ready", "reason": "not connected to the MQTT broker"})
+        assert (status, body) == (503, {"status": "not ready", "reason": "not connected to the MQTT broker",
+                                        "checks": {"broker": "not connected to the MQTT broker", "store": "ok",
+                                                   "model": "ok"}})
         assert get(port, "/healthz")[0] == 200
     finally:
         agent.stop_quietly()

@@ -7,6 +7,7 @@ import re
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _RANGE = re.compile(r"bytes=(\d+)-")
+STEP_BYTES = 64 * 1024  # what the server writes at a time (and sleeps after, when sending slowly)
 
 
 @dataclass
@@ -59,37 +61,37 @@ def _handler(owner: FileServer) -> type[BaseHTTPRequestHandler]:
                 faults.unavailable -= 1
                 self.send_error(503, "try later")
                 return
-            path = owner.folder / self.path.lstrip("/")
+            path = owner.folder / urllib.parse.urlsplit(self.path).path.lstrip("/")  # a ?token=... is ignored
             if not path.is_file():
                 self.send_error(404)
                 return
-            data = path.read_bytes()
+            size = path.stat().st_size
             match = _RANGE.fullmatch(self.headers.get("Range", ""))
             start = int(match.group(1)) if match and not faults.ignore_range else 0
-            if start >= len(data) and match:
+            if start >= size and match:
                 self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(206 if start else 200)
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.send_header("Content-Length", str(size - start))
             self.end_headers()
-            body = memoryview(data)[start:]
-            if faults.cuts_left and faults.cut_after is not None:
-                faults.cuts_left -= 1
-                self.wfile.write(body[:faults.cut_after])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return
-            step = 64 * 1024
-            for offset in range(0, len(body), step):
-                self.wfile.write(body[offset:offset + step])
-                if faults.bytes_per_s:
-                    time.sleep(step / faults.bytes_per_s)
+            with path.open("rb") as body:  # streamed: a bench model is not read into memory per request
+                body.seek(start)
+                if faults.cuts_left and faults.cut_after is not None:
+                    faults.cuts_left -= 1
+                    self.wfile.write(body.read(faults.cut_after))
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                while block := body.read(STEP_BYTES):
+                    self.wfile.write(block)
+                    if faults.bytes_per_s:
+                        time.sleep(len(block) / faults.bytes_per_s)
 
     return Handler
 

@@ -83,6 +83,19 @@ def test_bridge_check_config_opens_the_token_file(tmp_path: Path, capsys: pytest
     assert bridge_cli.main(["check-config", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["mqtt"]["tls"] is False and "token_file" in err and "t" * 32 not in out + err
+    assert "devices download from http://127.0.0.1:8080/artifacts/<sha256> (a loopback address" in err
+
+
+def test_bridge_check_config_refuses_a_short_artifact_secret(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text('[store]\npath = "reg.db"\n[models]\npublic_url = "https://bridge.lan"\n')
+    (tmp_path / "artifact-secret").write_text("short\n")
+    assert bridge_cli.main(["check-config", "--config", str(config)]) == bridge_cli.EXIT_USAGE
+    assert "secret_file" in capsys.readouterr().err
+    (tmp_path / "artifact-secret").write_text("s" * 64 + "\n")
+    assert bridge_cli.main(["check-config", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "devices download from https://bridge.lan/artifacts/<sha256>" in err and "loopback" not in err
 
 
 def test_the_console_says_to_run_as_the_service_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -472,7 +472,18 @@ def test_telemetry_serializes_with_v1_and_every_contract_field() -> None:
         "uptime_s",
         "dropped",
         "redelivery",
+        # additive (docs/protocol.md), with defaults an older agent's telemetry parses to
+        "reconnects",
+        "store_bytes",
+        "model_load_s",
+        "commands",
+        "max_tokens_limit",
     }
+    old = Telemetry.model_validate({k: v for k, v in decoded(telemetry).items()
+                                    if k not in ("reconnects", "store_bytes", "model_load_s", "commands",
+                                                 "max_tokens_limit")})
+    assert (old.reconnects, old.store_bytes, old.model_load_s, old.commands, old.max_tokens_limit) == (0, 0, None, {},
+                                                                                                       None)
 
 
 def test_payload_models_refuse_a_device_id_that_is_not_a_topic_level() -> None:
