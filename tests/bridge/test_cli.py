@@ -55,6 +55,13 @@ def test_group_membership_is_managed_by_the_cli_and_exported_for_the_acl(config,
     assert run(capsys, "group", "remove", "--config", str(config), "gw-c", "site-b")[0] == 0
     code, _, err = run(capsys, "group", "remove", "--config", str(config), "gw-c", "site-b")
     assert code == EXIT_USAGE and "is not assigned site-b" in err
+    registry = Registry.open(config.parent / "registry.db")
+    audit = [(a.actor.startswith("cli:"), a.action, a.target, a.outcome.split(":")[0])
+             for a in reversed(registry.audit.recent(10))]
+    registry.close()
+    assert audit == [(True, "group add", "group/lab gw-a", "ok"), (True, "group add", "group/site-b gw-c", "ok"),
+                     (True, "group add", "group/a/b gw-a", "error"), (True, "group remove", "group/site-b gw-c", "ok"),
+                     (True, "group remove", "group/site-b gw-c", "error")]
 
 
 def test_import_claimed_assigns_what_each_device_announced_once(config, capsys):
@@ -64,6 +71,10 @@ def test_import_claimed_assigns_what_each_device_announced_once(config, capsys):
     assert "0 assignment(s)" in out
     code, out, _ = run(capsys, "group", "list", "--config", str(config), "--json")
     assert json.loads(out)["gw-b"]["routed"] == ["lab"]
+    registry = Registry.open(config.parent / "registry.db")
+    assert [(a.action, a.target, a.outcome) for a in registry.audit.recent(10)] == [
+        ("group import-claimed", "*", "ok")] * 2
+    registry.close()
 
 
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):

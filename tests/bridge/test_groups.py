@@ -83,3 +83,26 @@ def test_the_api_manages_membership_behind_the_token(fleet):
         assert client.delete("/api/groups/lab/members/gw-b").status_code == 404
         device = client.get("/api/devices/gw-a").json()
         assert (device["groups"], device["claimed_groups"]) == (["site-a"], ["site-a", "site-b"])
+    assert [(a.actor, a.action, a.outcome) for a in reversed(fleet.audit.recent(3))] == [
+        ("file", "PUT /api/groups/a+b/members/gw-b", "http 400"), ("file", "DELETE /api/groups/lab/members/gw-b", "ok"),
+        ("file", "DELETE /api/groups/lab/members/gw-b", "http 404")]
+
+
+def test_reading_membership_needs_a_viewer_and_changing_it_an_admin(fleet):
+    tokens = {role: fleet.tokens.add(role, role) for role in ("viewer", "operator", "admin")}
+    with TestClient(create_app(fleet, BridgeConfig(), TOKEN)) as client:
+        def call(method: str, path: str, role: str) -> int:
+            return client.request(method, path, headers={"Authorization": f"Bearer {tokens[role]}"}).status_code
+
+        assert call("GET", "/api/groups", "viewer") == 200
+        for method in ("PUT", "DELETE"):
+            assert call(method, "/api/groups/lab/members/gw-b", "viewer") == 403
+            assert call(method, "/api/groups/lab/members/gw-b", "operator") == 403
+        assert call("PUT", "/api/groups/lab/members/gw-b", "admin") == 200
+        assert call("DELETE", "/api/groups/lab/members/gw-b", "admin") == 200
+    assert fleet.groups.members() == {"site-a": ["gw-a"], "site-b": ["gw-b"]}
+    path = "/api/groups/lab/members/gw-b"
+    assert [(a.actor, a.action, a.outcome) for a in reversed(fleet.audit.recent(6))] == [
+        ("viewer", f"PUT {path}", "http 403"), ("operator", f"PUT {path}", "http 403"),
+        ("viewer", f"DELETE {path}", "http 403"), ("operator", f"DELETE {path}", "http 403"),
+        ("admin", f"PUT {path}", "ok"), ("admin", f"DELETE {path}", "ok")]
