@@ -12,6 +12,7 @@
 
   python bench/bridge.py                                    # 5000 replies, 2000 commands
   python bench/bridge.py --replies 20000 --commands 5000 --pg-url postgresql://postgres@127.0.0.1/postgres
+  python bench/bridge.py --replies 10000 --broker-inflight 1000   # the broker's window to the consumer
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def dispatch(port: int, m: int, folder: Path) -> float:
     return m / (end - start)
 
 
-def _pg_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
+def pg_scratch_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
+    """A scratch database made with `admin_url` (its URL, and how to drop it); None if unreachable."""
     try:
         import psycopg
 
@@ -203,11 +205,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replies", type=int, default=5000)
     parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--broker-inflight", type=int, default=20,
+                        help="mosquitto max_inflight_messages (20, its default): the bridge acknowledges after its "
+                             "commit, so this window over the commit time bounds its ingest")
     parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        broker = Broker(folder / "broker").start()
+        broker = Broker(folder / "broker")
+        with broker.config.open("a") as config:  # the broker -> consumer window (mosquitto's default is 20)
+            config.write(f"max_inflight_messages {args.broker_inflight}\n")
+        broker.start()
         try:
             raw = raw_ingest(broker.port, args.replies)
             print(f"ingest  raw paho counter   {raw:9.0f} replies/s")
@@ -215,7 +223,7 @@ def main() -> int:
             rate = bridge_ingest(broker.port, args.replies, {"path": str(folder / "ingest.db")}, sqlite)
             sqlite.close()
             print(f"ingest  bridge -> SQLite   {rate:9.0f} replies/s  ({rate / raw:.2f} x raw)")
-            pg = _pg_database(args.pg_url)
+            pg = pg_scratch_database(args.pg_url)
             if pg is not None:
                 url, drop = pg
                 try:

@@ -21,6 +21,10 @@ per device and kind, kept in the registry with raised/cleared times).
   group (a compromised or misconfigured device); an assigned group it does not announce gets no
   work either (it does not subscribe to that group's topic).
 
+The service checks incrementally (`Progress`): the reply-based checks run only for the devices that
+answered since the previous checks, in two statements for all of them; alerts are written only
+when one opens or closes.
+
 One fleet-wide alert, on device `*` (`FLEET`):
 - `dead_letters`: a message was dead-lettered in the last `dead_letter_window_s` (it names the
   devices that sent the most; `cloud-bridge dead-letters` lists them).
@@ -130,18 +134,40 @@ def dead_letters(counts: dict[str | None, int], config: AlertConfig) -> str | No
             "see `cloud-bridge dead-letters`")
 
 
-def facts_of(registry: Registry, device: DeviceRow, config: AlertConfig, open_kinds: frozenset[str]) -> Facts:
-    return Facts(device, registry.commands.outcomes(device.device_id, config.error_window),
-                 registry.replies.decode_speeds(device.device_id, config.speed_recent + config.speed_window),
-                 open_kinds)
+@dataclass
+class Progress:
+    """How far `check_fleet` has read, so that the next check reads only what is new.
+
+    The checks that read replies and commands (`error_rate`, `tokens_per_s_drop`) can only change
+    for a device that sent a reply since, so they run for those devices alone; the others
+    (`offline`, `outbox_growing`) read the device rows, all of them in one query. Reply ids are taken
+    in insertion order but committed in any order (two replicas, concurrent batches), so a check
+    reads the replies after the newest id seen by the check *before* the previous one: a reply
+    committed up to one interval late is still looked at.
+    """
+
+    reply_ids: tuple[int, int] = (0, 0)  # the newest reply id at the check before last, and at the last
+    checked: bool = False  # False: no check yet, the next one reads every device
+
+    def advance(self, newest: int) -> None:
+        self.reply_ids = (self.reply_ids[1], newest)
+        self.checked = True
 
 
-def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[tuple[str, str, bool]]:
-    """Run every check on every device, then the fleet-wide one; returns (device, kind, raised?) for
-    each alert opened or closed, and queues its webhook notifications (cloud_bridge.webhooks)."""
+ROW_CHECKS = ("offline", "outbox_growing")  # the checks that read the device row only
+
+
+def check_fleet(registry: Registry, config: AlertConfig, now: datetime,
+                progress: Progress | None = None) -> list[tuple[str, str, bool]]:
+    """Run the checks on the fleet, then the fleet-wide one; returns (device, kind, raised?) for each
+    alert opened or closed, and queues its webhook notifications (cloud_bridge.webhooks). With
+    `progress` (kept by the caller between checks) only what changed since is read (see Progress);
+    without it, every device is checked in full."""
     changes: list[tuple[str, str, bool]] = []
 
-    def update(device_id: str, kind: str, message: str | None) -> None:
+    def update(device_id: str, kind: str, message: str | None, is_open: bool) -> None:
+        if (message is not None) == is_open:
+            return  # nothing to open or to close
         with registry.transaction():  # the alert change and its webhook deliveries, together
             if message is not None and registry.alerts.open(device_id, kind, message, now):
                 raised = True
@@ -157,10 +183,23 @@ def check_fleet(registry: Registry, config: AlertConfig, now: datetime) -> list[
     open_alerts: dict[str, set[str]] = {}
     for alert in registry.alerts.recent(open_only=True, limit=1_000_000):
         open_alerts.setdefault(alert.device_id, set()).add(alert.kind)
-    for device in registry.devices.all():
-        facts = facts_of(registry, device, config, frozenset(open_alerts.get(device.device_id, ())))
-        for kind, check in CHECKS.items():
-            update(device.device_id, kind, check(facts, now, config))
+    newest = registry.replies.newest_id()
+    devices = registry.devices.all()
+    if progress is None or not progress.checked:
+        answered = sorted(device.device_id for device in devices)
+    else:
+        answered = sorted(registry.replies.devices_after(progress.reply_ids[0]))
+    outcomes = registry.commands.outcomes_of(answered, config.error_window)
+    speeds = registry.replies.decode_speeds_of(answered, config.speed_recent + config.speed_window)
+    for device in devices:
+        kinds = open_alerts.get(device.device_id, set())
+        facts = Facts(device, outcomes.get(device.device_id, []), speeds.get(device.device_id, []), frozenset(kinds))
+        checks = CHECKS if device.device_id in outcomes else ROW_CHECKS
+        for kind in checks:
+            update(device.device_id, kind, CHECKS[kind](facts, now, config), kind in kinds)
     window = timedelta(seconds=config.dead_letter_window_s)
-    update(FLEET, "dead_letters", dead_letters(registry.dead_letters.by_device_since(now - window), config))
+    update(FLEET, "dead_letters", dead_letters(registry.dead_letters.by_device_since(now - window), config),
+           "dead_letters" in open_alerts.get(FLEET, set()))
+    if progress is not None:
+        progress.advance(newest)
     return changes

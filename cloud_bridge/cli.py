@@ -31,8 +31,9 @@ from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import BridgeError, ConfigError, InvalidRequest
 from cloud_bridge.preflight import check_bridge, check_database, check_registry_access
 from cloud_bridge.store.access import ROLES
+from cloud_bridge.store.devices import MAX_PAGE, DeviceQuery
 from cloud_bridge.store.registry import Registry
-from cloud_bridge.store.rows import CommandRow
+from cloud_bridge.store.rows import CommandRow, DeviceRow
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -92,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "credential:NAME) and the registry as `serve` would; print the effective config.")
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     devices = sub.add_parser("devices", parents=[common], help="list devices and their state",
-                             description="List every device that reported to this bridge, with its active and "
-                                         "previous model and the rollout that set it.")
+                             description="List the devices that reported to this bridge, by id, with their "
+                                         "active and previous model and the rollout that set it (all of them "
+                                         "unless --limit; the filters are those of GET /api/devices).")
+    devices.add_argument("--state", help="only devices whose last reported state is this (online, offline)")
+    devices.add_argument("--group", metavar="G", help="only members of this group")
     devices.add_argument("--model", metavar="M", help="only devices whose active model is M (name or sha256 prefix)")
+    devices.add_argument("--match", metavar="TEXT", help="only devices whose id contains TEXT (any case)")
+    devices.add_argument("--limit", type=int, metavar="N", help=f"at most N devices (1..{MAX_PAGE})")
+    devices.add_argument("--offset", type=int, default=0, metavar="K", help="skip the first K devices")
     _add_send(sub, common)
     commands = sub.add_parser("commands", parents=[common], help="list recent commands",
                               description="List recent commands, newest first.")
@@ -304,12 +311,22 @@ def _plain(value: object) -> object:
 
 
 def cmd_devices(args: argparse.Namespace, config: BridgeConfig) -> int:
+    if args.limit is not None and not 1 <= args.limit <= MAX_PAGE or args.offset < 0:
+        _err(f"--limit must be 1..{MAX_PAGE} and --offset >= 0")
+        return EXIT_USAGE
     with _registry(config) as registry:
-        if args.json:
-            _json([d for d in registry.devices.all() if args.model is None or console.runs_model(d, args.model)])
-        else:
-            _out(console.devices_table(registry, args.model))
+        rows = _device_pages(registry, args)
+        _json(rows) if args.json else _out(console.devices_table(registry, rows))
     return 0
+
+
+def _device_pages(registry: Registry, args: argparse.Namespace) -> list[DeviceRow]:
+    """The devices `args` select: one page with --limit, else every page."""
+    query = DeviceQuery(args.state, args.group, args.model, args.match, args.limit or MAX_PAGE, args.offset)
+    rows, total = registry.devices.page(query)
+    while args.limit is None and rows and args.offset + len(rows) < total:
+        rows += registry.devices.page(dataclasses.replace(query, offset=args.offset + len(rows)))[0]
+    return rows
 
 
 def cmd_model(args: argparse.Namespace, config: BridgeConfig) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from cloud_bridge.store.devices import DeviceQuery
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow, DeviceRow
 
@@ -39,23 +40,17 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def devices_table(registry: Registry, model: str | None = None) -> str:
-    """Every device the bridge has heard of (running `model`: a name or sha256 prefix), one line each."""
+def devices_table(registry: Registry, devices: list[DeviceRow] | None = None) -> str:
+    """These devices (default: every device the bridge has heard of), one line each."""
     headers = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "MODEL", "SHA256", "PREVIOUS", "ROLLOUT", "GPU LAYERS",
                "AGENT"]
-    rows = [_device_cells(d) for d in registry.devices.all() if model is None or runs_model(d, model)]
+    rows = [_device_cells(d) for d in (registry.devices.all() if devices is None else devices)]
     if not rows:
-        if model is not None:
-            return f"no device runs model {model!r}"
-        return "no devices yet: none has published a status under this topic prefix"
+        return ("no device matches" if devices is not None and registry.devices.page(DeviceQuery(limit=1))[1]
+                else "no devices yet: none has published a status under this topic prefix")
     counters = registry.counters.all()
     footer = "\n\n" + "  ".join(f"{k}={v}" for k, v in counters.items()) if counters else ""
     return render_table(headers, rows) + footer
-
-
-def runs_model(device: DeviceRow, model: str) -> bool:
-    """Whether the device's active model is `model` (its name, or a prefix of its sha256)."""
-    return device.model_name == model or bool(device.model_sha256 and device.model_sha256.startswith(model))
 
 
 def _device_cells(d: DeviceRow) -> list[str]:

@@ -6,10 +6,13 @@ Every message is stored or dead-lettered; either way the caller acknowledges it:
   not validate against its protocol model, or that names another device (or command) than its
   topic, is dead-lettered (`registry.dead_letters`, in the batch's own commit): redelivering it
   would not make it valid.
-- A batch is stored in one commit. When the commit fails for a cause that retrying cannot cure (a
-  value the database refuses, a bug), the batch is split in halves and each half stored on its
-  own, down to the one message at fault, which is dead-lettered with the error: its neighbours
-  are stored, and no single message stalls the fleet's ingest.
+- A batch is stored in one commit, with one statement per table for its replies (and one per round
+  of command state advances), chunks, events and telemetry (`store.connection.Connection.rowset`),
+  so one row the database refuses fails the whole statement. When the commit fails for a cause
+  that retrying cannot cure (a value the database refuses, a bug), the batch is split in halves
+  and each half stored on its own, down to the one message at fault, which is dead-lettered with
+  the error: its neighbours are stored (a 256-message batch with one bad row takes about 16
+  commits, not 256), and no single message stalls the fleet's ingest.
 - A transient failure (connection lost, lock timeout, disk full: `Registry.is_transient`) raises
   RegistryUnavailable with nothing written; the caller retries the batch later, unacknowledged.
 
@@ -132,12 +135,12 @@ class Ingestor:
     def __init__(self, registry: Registry, prefix: str) -> None:
         self._registry = registry
         self._prefix = prefix
-        self._store: dict[str, Callable[[Valid, datetime], Outcome]] = {
-            "status": self._status,
-            "reply": self._reply,
-            "event": self._event,
+        # per channel but status: store the batch's messages in order; for each, stored (or a duplicate)
+        self._channels: dict[str, Callable[[list[Valid], datetime], list[bool]]] = {
+            "reply": self._replies,
+            "event": self._events,
             "telemetry": self._telemetry,
-            "stream": self._stream,
+            "stream": self._chunks,
         }
 
     def handle(self, message: Inbound, now: datetime) -> Outcome:
@@ -149,8 +152,13 @@ class Ingestor:
 
         Raises RegistryUnavailable on a transient failure: then nothing of the batch was written.
         """
+        return self._store(messages, [self._parse(m) for m in messages], now)
+
+    def _store(self, messages: list[Inbound], parsed: list[Parsed], now: datetime) -> list[Outcome]:
+        """Commit the parsed batch; when that fails for a cause retrying cannot cure, store it in
+        halves (each message is parsed only once, however often its batch is split)."""
         try:
-            return self._commit([self._parse(m) for m in messages], now)
+            return self._commit(parsed, now)
         except Exception as exc:
             if self._registry.is_transient(exc):
                 raise self._unavailable(exc) from exc
@@ -159,7 +167,8 @@ class Ingestor:
             half = len(messages) // 2
             log.info("a batch of %d messages could not be stored (%s: %s); storing it in halves",
                      len(messages), type(exc).__name__, exc)
-            return self.handle_batch(messages[:half], now) + self.handle_batch(messages[half:], now)
+            return (self._store(messages[:half], parsed[:half], now)
+                    + self._store(messages[half:], parsed[half:], now))
 
     def _parse(self, message: Inbound) -> Parsed:
         if not message.topic.startswith(self._prefix + "/"):
@@ -178,28 +187,42 @@ class Ingestor:
         return Valid(message, topic, payload)
 
     def _commit(self, parsed: list[Parsed], now: datetime) -> list[Outcome]:
-        """One transaction. The devices are touched first, in id order, then the commands the replies
-        answer are locked in id order: bridge replicas sharing one PostgreSQL (and the dispatch
-        loop) take row locks in the same order and never deadlock each other."""
-        topics = [p.topic for p in parsed if isinstance(p, Valid)]
-        devices = sorted({t.device_id for t in topics})
-        seen = {t.device_id for t in topics if t.channel != "status"}  # a status may be a replay or a will
-        answered = sorted({(p.payload.device_id, p.payload.command_id) for p in parsed
-                           if isinstance(p, Valid) and isinstance(p.payload, Reply) and p.payload.command_id})
+        """One transaction, one statement per table for the batch's replies, chunks, events and
+        telemetry (each in arrival order; statuses and dead letters, rare, one by one). The devices
+        are touched first, in id order, then the commands the replies answer are locked in id order:
+        bridge replicas sharing one PostgreSQL (and the dispatch loop) take row locks in the same
+        order and never deadlock each other."""
+        valid = [p for p in parsed if isinstance(p, Valid)]
+        devices = sorted({p.topic.device_id for p in valid})
+        seen = {p.topic.device_id for p in valid if p.topic.channel != "status"}  # a status may be a replay or a will
+        by_channel: dict[str, list[int]] = {}
+        for i, p in enumerate(parsed):
+            if isinstance(p, Valid):
+                by_channel.setdefault(p.topic.channel, []).append(i)
+        replies = by_channel.get("reply", [])
+        answered = sorted({(parsed[i].payload.device_id, parsed[i].payload.command_id) for i in replies
+                           if parsed[i].payload.command_id})
+        outcomes = [Outcome.IGNORED] * len(parsed)
         with self._registry.transaction():
             self._registry.devices.touch(devices, seen, now)
             self._registry.commands.lock_answered(answered)
-            return [self._one(p, now) for p in parsed]
+            for i, p in enumerate(parsed):
+                if isinstance(p, Invalid):
+                    outcomes[i] = self._dead_letter(p, now)
+            for i in by_channel.get("status", []):
+                outcomes[i] = self._status(parsed[i], now)
+            for channel, indexes in by_channel.items():
+                if channel != "status":
+                    stored = self._channels[channel]([parsed[i] for i in indexes], now)
+                    for i, new in zip(indexes, stored, strict=True):
+                        outcomes[i] = Outcome.STORED if new else Outcome.DUPLICATE
+        return outcomes
 
-    def _one(self, parsed: Parsed, now: datetime) -> Outcome:
-        if parsed is None:
-            return Outcome.IGNORED
-        if isinstance(parsed, Invalid):
-            log.warning("dead-lettered a message on %s: %s", parsed.message.topic, parsed.error)
-            self._registry.dead_letters.record(parsed.message.topic, parsed.device_id, parsed.message.payload,
-                                               parsed.error, now)
-            return Outcome.DEAD_LETTERED
-        return self._store[parsed.topic.channel](parsed, now)
+    def _dead_letter(self, invalid: Invalid, now: datetime) -> Outcome:
+        log.warning("dead-lettered a message on %s: %s", invalid.message.topic, invalid.error)
+        self._registry.dead_letters.record(invalid.message.topic, invalid.device_id, invalid.message.payload,
+                                           invalid.error, now)
+        return Outcome.DEAD_LETTERED
 
     def _dead_letter_alone(self, message: Inbound, exc: Exception, now: datetime) -> Outcome:
         """Dead-letter a message whose storing failed for a cause retrying cannot cure."""
@@ -221,7 +244,7 @@ class Ingestor:
         return RegistryUnavailable(f"the registry {self._registry.path} is unavailable: "
                                    f"{type(exc).__name__}: {exc}".strip())
 
-    # --- one valid message per channel --------------------------------------------------------------
+    # --- the valid messages of one channel -------------------------------------------------------------
 
     def _status(self, valid: Valid, now: datetime) -> Outcome:
         status: Status = valid.payload
@@ -229,26 +252,20 @@ class Ingestor:
             log.info("device %s is %s", status.device_id, status.state)
         return Outcome.STORED
 
-    def _reply(self, valid: Valid, now: datetime) -> Outcome:
-        reply: Reply = valid.payload
-        if not self._registry.replies.record(reply, now):
-            log.debug("duplicate reply %s/%d ignored", reply.device_id, reply.seq)
-            return Outcome.DUPLICATE
-        return Outcome.STORED
+    def _replies(self, valid: list[Valid], now: datetime) -> list[bool]:
+        return self._registry.replies.record_many([v.payload for v in valid], now)
 
-    def _event(self, valid: Valid, now: datetime) -> Outcome:
-        event: Event = valid.payload
-        if not self._registry.events.record(event, now):
-            return Outcome.DUPLICATE
-        if event.code == MODEL_PROGRESS:  # a rollout's per-device progress bar
-            self._registry.rollouts.record_progress(event.device_id, event.data, now)
-        return Outcome.STORED
+    def _events(self, valid: list[Valid], now: datetime) -> list[bool]:
+        events: list[Event] = [v.payload for v in valid]
+        stored = self._registry.events.record_many(events, now)
+        for event, new in zip(events, stored, strict=True):
+            if new and event.code == MODEL_PROGRESS:  # a rollout's per-device progress bar
+                self._registry.rollouts.record_progress(event.device_id, event.data, now)
+        return stored
 
-    def _telemetry(self, valid: Valid, now: datetime) -> Outcome:
-        self._registry.devices.record_telemetry(valid.payload, now)
-        return Outcome.STORED
+    def _telemetry(self, valid: list[Valid], now: datetime) -> list[bool]:
+        self._registry.devices.record_telemetries([v.payload for v in valid], now)
+        return [True] * len(valid)
 
-    def _stream(self, valid: Valid, now: datetime) -> Outcome:
-        if not self._registry.chunks.record(valid.topic.device_id, valid.payload, now):
-            return Outcome.DUPLICATE
-        return Outcome.STORED
+    def _chunks(self, valid: list[Valid], now: datetime) -> list[bool]:
+        return self._registry.chunks.record_many([(v.topic.device_id, v.payload) for v in valid], now)

@@ -39,7 +39,7 @@ from autoglm_wire.protocol import utc_now
 from autoglm_wire.signing import sign_payload
 from autoglm_wire.topics import DeviceTopics, cloud_subscriptions, group_cmd
 from cloud_bridge import rollouts, webhooks
-from cloud_bridge.alerts import check_fleet
+from cloud_bridge.alerts import Progress, check_fleet
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.dispatcher import Action, Decision, decide, message_expiry_s
 from cloud_bridge.errors import BridgeError
@@ -202,6 +202,7 @@ class BridgeService:
         self._link = BridgeLink(options, subscriptions(config))
         self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
         self._dispatch = Dispatch(registry, self._link, config, self.stats)
+        self._alert_progress = Progress()  # what the alert checks read last (alerts.Progress)
         self._stop = threading.Event()
         self._failure: str | None = None
         self._threads: list[threading.Thread] = []
@@ -359,7 +360,8 @@ class BridgeService:
                 log.exception("alert webhook pass failed; retrying")
 
     def _check_alerts(self) -> None:
-        for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock()):
+        for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock(),
+                                                     self._alert_progress):
             log.warning("alert %s %s for %s", kind, "raised" if raised else "cleared", device_id)
 
 

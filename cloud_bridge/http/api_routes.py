@@ -16,7 +16,6 @@ from fastapi import APIRouter, Query, Request, Response
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, stats
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.console import runs_model
 from cloud_bridge.http.deps import (
     ADMIN,
     CFG,
@@ -29,6 +28,7 @@ from cloud_bridge.http.deps import (
     ensure_role,
     stream_response,
 )
+from cloud_bridge.store.devices import MAX_PAGE, DeviceQuery
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow
 from cloud_bridge.store.stats import GroupBy
@@ -46,11 +46,19 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/devices", summary="every device the bridge has heard of, with its state, active and previous model "
-                                 "and last telemetry; `model`: only those running it (name or sha256 prefix)",
-            dependencies=[VIEWER])
-def list_devices(model: str | None = None, registry: Registry = REG) -> list[dict[str, Any]]:
-    return [asdict(device) for device in registry.devices.all() if model is None or runs_model(device, model)]
+@router.get("/devices", summary="devices the bridge has heard of (state, active and previous model, last telemetry), "
+                                 "by id, a page at a time (total in X-Total-Count)", dependencies=[VIEWER])
+def list_devices(response: Response, limit: int = Query(default=100, ge=1, le=MAX_PAGE),
+                 offset: int = Query(default=0, ge=0),
+                 state: str | None = Query(default=None, description="the state last reported: online, offline"),
+                 group: str | None = Query(default=None, description="a group the device announced"),
+                 model: str | None = Query(default=None, description="the active model's name, or its sha256 "
+                                                                      "(or a prefix of it)"),
+                 q: str | None = Query(default=None, description="a substring of the device id (any case)"),
+                 registry: Registry = REG) -> list[dict[str, Any]]:
+    rows, total = registry.devices.page(DeviceQuery(state, group, model, q, limit, offset))
+    response.headers["X-Total-Count"] = str(total)
+    return [asdict(device) for device in rows]
 
 
 @router.get("/devices/{device_id}", summary="one device", dependencies=[VIEWER])

@@ -30,7 +30,7 @@ from autoglm_wire.local_origin import ORIGIN_LOCAL
 from autoglm_wire.protocol import Command, Reply, format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 from cloud_bridge.store.backends import IntegrityError
-from cloud_bridge.store.connection import Connection, placeholders
+from cloud_bridge.store.connection import Connection, placeholders, slices
 from cloud_bridge.store.rows import CommandRow, stamp
 
 
@@ -155,21 +155,77 @@ class Commands:
         bridge's provisional expiry; `rejected` only before the device accepted); a terminal reply is
         kept, with its error. Returns False when the reply was lifecycle-illegal
         (`lifecycle.is_illegal_after`): it changed nothing, and the caller counts it."""
-        terminal = reply.is_terminal
-        error = reply.error.model_dump_json() if reply.error else None
-        moved = self._db.execute(
-            "UPDATE commands SET state = ?, updated_at = ?, reply = CASE WHEN ? THEN ? ELSE reply END, "
-            "error = CASE WHEN ? THEN ? END WHERE wire_id = ? AND device_id = ? "
-            f"AND (({_rank_sql('state')} < {_rank_sql('?')} AND (? <> 'rejected' OR state IN {_REJECTABLE})) "
-            "OR (state = 'expired' AND reply IS NULL))",
-            (reply.status, ts, terminal, payload, terminal, error, reply.command_id, reply.device_id, reply.status,
-             reply.status),
-        ) == 1
-        if moved:
-            return True
-        rows = self._db.query("SELECT state FROM commands WHERE wire_id = ? AND device_id = ?",
-                              (reply.command_id, reply.device_id))
-        return not (rows and is_illegal_after(rows[0]["state"], reply.status))
+        return self.advance_many([(reply, payload)], ts)[0]
+
+    def advance_many(self, answers: list[tuple[Reply, str]], ts: str) -> list[bool]:
+        """`advance` for each (reply, its payload as stored), as if one by one in list order.
+
+        In rounds: round k moves every command by its k-th reply of the list, all in one conditional
+        UPDATE (per slice), so that no command meets two of its replies in one statement; a batch
+        where each device sent accepted, running and its terminal reply takes three statements."""
+        rounds: list[list[int]] = []
+        nth: dict[tuple[str, str], int] = {}
+        for i, (reply, _) in enumerate(answers):
+            key = (reply.command_id, reply.device_id)
+            k = nth[key] = nth.get(key, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        legal = [True] * len(answers)
+        for members in rounds:
+            for part in slices(members):
+                moved = self._advance_once([answers[i] for i in part], ts)
+                stuck = [i for i in part if (answers[i][0].command_id, answers[i][0].device_id) not in moved]
+                if stuck:
+                    states = self._states([answers[i][0] for i in stuck])
+                    for i in stuck:
+                        reply = answers[i][0]
+                        state = states.get((reply.command_id, reply.device_id))
+                        legal[i] = not (state is not None and is_illegal_after(state, reply.status))
+        return legal
+
+    def _advance_once(self, answers: list[tuple[Reply, str]], ts: str) -> set[tuple[str, str]]:
+        """One conditional UPDATE for replies to distinct commands; the (wire id, device) pairs it moved."""
+        rowset, params = self._db.rowset(("text", "text", "text", "boolean", "text", "text"), [
+            (reply.command_id, reply.device_id, reply.status, reply.is_terminal, payload,
+             reply.error.model_dump_json() if reply.error else None)
+            for reply, payload in answers
+        ])
+        rows = self._db.query(
+            f"WITH v (w, d, status, terminal, payload, error) AS ({rowset}) "
+            "UPDATE commands SET state = v.status, updated_at = ?, "
+            "reply = CASE WHEN v.terminal THEN v.payload ELSE commands.reply END, "
+            "error = CASE WHEN v.terminal THEN v.error END FROM v "
+            "WHERE commands.wire_id = v.w AND commands.device_id = v.d "
+            f"AND (({_rank_sql('commands.state')} < {_rank_sql('v.status')} "
+            f"AND (v.status <> 'rejected' OR commands.state IN {_REJECTABLE})) "
+            "OR (commands.state = 'expired' AND commands.reply IS NULL)) "
+            "RETURNING wire_id, device_id",
+            [*params, ts],
+        )
+        return {(row["wire_id"], row["device_id"]) for row in rows}
+
+    def _states(self, replies: list[Reply]) -> dict[tuple[str, str], str]:
+        """The current state of the commands these replies answer, by (wire id, device)."""
+        rowset, params = self._db.rowset(("text", "text"), [(reply.command_id, reply.device_id) for reply in replies])
+        rows = self._db.query(
+            f"WITH v (w, d) AS ({rowset}) "
+            "SELECT wire_id, device_id, state FROM commands JOIN v ON wire_id = v.w AND device_id = v.d",
+            params,
+        )
+        return {(row["wire_id"], row["device_id"]): row["state"] for row in rows}
+
+    def config_answered(self, replies: list[Reply]) -> set[tuple[str, str]]:
+        """Of the commands these replies answer, the `config` ones, as (wire id, device) pairs."""
+        found: set[tuple[str, str]] = set()
+        for part in slices(replies):
+            rowset, params = self._db.rowset(("text", "text"), [(reply.command_id, reply.device_id) for reply in part])
+            found.update((row["wire_id"], row["device_id"]) for row in self._db.query(
+                f"WITH v (w, d) AS ({rowset}) SELECT wire_id, device_id FROM commands "
+                "JOIN v ON wire_id = v.w AND device_id = v.d WHERE kind = 'config'",
+                params,
+            ))
+        return found
 
     def lock(self, command_ids: list[str]) -> None:
         """Lock these commands' rows until the transaction ends, in id order."""
@@ -179,10 +235,10 @@ class Commands:
 
     def lock_answered(self, answered: list[tuple[str, str]]) -> None:
         """Lock the rows of the commands these (device id, command id on the wire) pairs answer, in id order."""
-        if answered:
-            pairs = ", ".join("(?, ?)" for _ in answered)
-            self._db.lock(f"SELECT id FROM commands WHERE (device_id, wire_id) IN (VALUES {pairs}) ORDER BY id",
-                          [value for pair in answered for value in pair])
+        if answered:  # one statement, however many (the ORDER BY must cover them all)
+            rowset, params = self._db.rowset(("text", "text"), answered)
+            self._db.lock(f"WITH v (d, w) AS ({rowset}) SELECT id FROM commands "
+                          "WHERE (device_id, wire_id) IN (SELECT d, w FROM v) ORDER BY id", params)
 
     def on_the_wire(self, command_id: str) -> tuple[str, str | None]:
         """(id the device uses, device) of a queued command; (command_id, None) for one never queued here."""
@@ -200,12 +256,20 @@ class Commands:
         )
         return {row["device_id"]: row["n"] for row in rows}
 
-    def outcomes(self, device_id: str, limit: int) -> list[str]:
-        """States of the device's last `limit` commands it ran to the end (`succeeded` or `failed`), newest
-        first: rejections, cancellations and expiries say nothing about the device's health."""
-        rows = self._db.query(
-            "SELECT state FROM commands WHERE device_id = ? AND state IN ('succeeded', 'failed') "
-            "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
-            (device_id, limit),
-        )
-        return [row["state"] for row in rows]
+    def outcomes_of(self, device_ids: list[str], limit: int) -> dict[str, list[str]]:
+        """States of each device's last `limit` commands it ran to the end (`succeeded` or `failed`), newest
+        first: rejections, cancellations and expiries say nothing about the device's health. One
+        statement per slice of devices."""
+        found: dict[str, list[str]] = {device_id: [] for device_id in device_ids}
+        for part in slices(device_ids):
+            rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
+            rows = self._db.query(
+                f"WITH v (d) AS ({rowset}) SELECT device_id, state FROM (SELECT device_id, state, row_number() "
+                "OVER (PARTITION BY device_id ORDER BY updated_at DESC, rowid DESC) AS n FROM commands "
+                "WHERE device_id IN (SELECT d FROM v) AND state IN ('succeeded', 'failed')) AS c "
+                "WHERE n <= ? ORDER BY device_id, n",
+                [*params, limit],
+            )
+            for row in rows:
+                found[row["device_id"]].append(row["state"])
+        return found

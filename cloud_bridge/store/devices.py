@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from autoglm_wire.protocol import Reply, Status, Telemetry
-from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.connection import Connection, slices
 from cloud_bridge.store.rows import DeviceRow, StateChange, stamp, wire_ts
+
+MAX_PAGE = 1000  # devices one page() returns at most
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally by `LIKE ... ESCAPE '\\'`."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """Which devices to list (every field given must match) and which page of them, by device id."""
+
+    state: str | None = None  # the state last reported (online, offline, ...)
+    group: str | None = None  # a group the registry assigns the device (device_groups)
+    model: str | None = None  # the active model's name, or its sha256 (or a prefix of it)
+    q: str | None = None  # a substring of the device id, case-insensitive
+    limit: int = 100
+    offset: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition (portable: both backends) and its parameters."""
+        conditions, params = ["1 = 1"], []
+        if self.state is not None:
+            conditions.append("state = ?")
+            params.append(self.state)
+        if self.group is not None:
+            conditions.append("device_id IN (SELECT device_id FROM device_groups WHERE group_name = ?)")
+            params.append(self.group)
+        if self.model is not None:
+            conditions.append("(model_name = ? OR model_sha256 LIKE ? ESCAPE '\\')")
+            params += [self.model, f"{_like_escaped(self.model.lower())}%"]
+        if self.q is not None:
+            conditions.append("lower(device_id) LIKE ? ESCAPE '\\'")
+            params.append(f"%{_like_escaped(self.q.lower())}%")
+        return " AND ".join(conditions), params
 
 
 class Devices:
@@ -27,14 +65,22 @@ class Devices:
         )
 
     def touch(self, device_ids: list[str], seen: set[str], now: datetime | None = None) -> None:
-        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch); those in `seen`
-        get `last_seen` = `now`, and the rest of the transaction skips doing it again per message."""
+        """Create/lock the devices' rows in the given order (see Ingestor.handle_batch), in one statement
+        per slice; those in `seen` get `last_seen` = `now`, and the rest of the transaction skips doing
+        it again per message."""
         ts = stamp(now)
+        rows = [(device_id, ts if device_id in seen else None) for device_id in dict.fromkeys(device_ids)
+                if not (device_id in seen and self._touched.get(device_id) == ts)]
         with self._db.transaction():
-            for device_id in device_ids:
-                self.ensure(device_id, ts if device_id in seen else None)
-                if device_id in seen:
-                    self._touched[device_id] = ts
+            for part in slices(rows):
+                rowset, params = self._db.rowset(("text", "text"), part)
+                self._db.execute(
+                    f"WITH v (d, seen) AS ({rowset}) INSERT INTO devices (device_id, last_seen) "
+                    "SELECT d, seen FROM v WHERE true "  # WHERE: SQLite would read ON CONFLICT as a join's ON
+                    "ON CONFLICT (device_id) DO UPDATE SET last_seen = coalesce(excluded.last_seen, devices.last_seen)",
+                    params,
+                )
+            self._touched.update((device_id, ts) for device_id, seen_at in rows if seen_at is not None)
 
     def record_status(self, status: Status, now: datetime | None = None, retained: bool = False) -> bool:
         """Store a status or a last will. Returns True when the device's state changed.
@@ -94,12 +140,21 @@ class Devices:
 
     def record_telemetry(self, telemetry: Telemetry, now: datetime | None = None) -> None:
         """Keep the latest telemetry of a device."""
+        self.record_telemetries([telemetry], now)
+
+    def record_telemetries(self, telemetries: list[Telemetry], now: datetime | None = None) -> None:
+        """Keep the latest telemetry of each device (the last of the list wins), one statement per slice."""
+        latest = {t.device_id: t.model_dump_json() for t in telemetries}
+        rows = sorted(latest.items())  # the devices' row locks in id order, like touch()
         with self._db.transaction():
-            self.ensure(telemetry.device_id, stamp(now))
-            self._db.execute(
-                "UPDATE devices SET last_telemetry = ? WHERE device_id = ?",
-                (telemetry.model_dump_json(), telemetry.device_id),
-            )
+            self.touch([device_id for device_id, _ in rows], set(latest), now)
+            for part in slices(rows):
+                rowset, params = self._db.rowset(("text", "text"), part)
+                self._db.execute(
+                    f"WITH v (d, t) AS ({rowset}) "
+                    "UPDATE devices SET last_telemetry = v.t FROM v WHERE devices.device_id = v.d",
+                    params,
+                )
 
     def record_policy(self, reply: Reply) -> None:
         """A succeeded `config` command's output is the policy now in force on the device."""
@@ -117,6 +172,26 @@ class Devices:
         groups = self._db.query("SELECT group_name FROM device_groups WHERE device_id = ?", (device_id,))
         return DeviceRow.from_row(rows[0], [g["group_name"] for g in groups])
 
+    def many(self, device_ids: list[str]) -> list[DeviceRow]:
+        """The known devices among `device_ids`, by id (one statement per slice of them)."""
+        rows: list[DeviceRow] = []
+        for part in slices(sorted(set(device_ids))):
+            rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
+            rows += self._with_groups(self._db.query(
+                f"WITH v (d) AS ({rowset}) SELECT * FROM devices WHERE device_id IN (SELECT d FROM v) "
+                "ORDER BY device_id", params))
+        return rows
+
+    def _with_groups(self, rows: list[dict[str, Any]]) -> list[DeviceRow]:
+        """`rows` of `devices` as DeviceRows with their assigned groups (one statement per slice)."""
+        groups: dict[str, list[str]] = {}
+        for part in slices(rows):
+            rowset, params = self._db.rowset(("text",), [(row["device_id"],) for row in part])
+            for membership in self._db.query(f"WITH v (d) AS ({rowset}) SELECT device_id, group_name FROM "
+                                             "device_groups WHERE device_id IN (SELECT d FROM v)", params):
+                groups.setdefault(membership["device_id"], []).append(membership["group_name"])
+        return [DeviceRow.from_row(row, groups.get(row["device_id"], [])) for row in rows]
+
     def all(self) -> list[DeviceRow]:
         """Every known device, by id, with the groups the registry assigns it."""
         memberships = self._db.query("SELECT device_id, group_name FROM device_groups")
@@ -131,6 +206,16 @@ class Devices:
         rows = self._db.query("SELECT * FROM device_states WHERE device_id = ? ORDER BY id DESC LIMIT ?",
                               (device_id, limit))
         return [StateChange(**row) for row in rows]
+
+    def page(self, query: DeviceQuery) -> tuple[list[DeviceRow], int]:
+        """One page of the devices `query` selects, by id, and how many it selects in all."""
+        if not 1 <= query.limit <= MAX_PAGE or query.offset < 0:
+            raise ValueError(f"limit must be 1..{MAX_PAGE} and offset >= 0, not {query.limit} and {query.offset}")
+        where, params = query.where()
+        total = self._db.query(f"SELECT count(*) AS n FROM devices WHERE {where}", params)[0]["n"]
+        rows = self._db.query(f"SELECT * FROM devices WHERE {where} ORDER BY device_id LIMIT ? OFFSET ?",
+                              [*params, query.limit, query.offset])
+        return self._with_groups(rows), total
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""

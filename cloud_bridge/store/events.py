@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 
 from autoglm_wire.protocol import Event
-from cloud_bridge.store.connection import Connection
+from cloud_bridge.store.connection import Connection, first_copies, slices
 from cloud_bridge.store.counters import Counters
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.rows import AlertRow, EventRow, stamp
@@ -31,18 +31,31 @@ class Events:
 
     def record(self, event: Event, now: datetime | None = None) -> bool:
         """Store an event. Returns False for a redelivery of one already stored."""
+        return self.record_many([event], now)[0]
+
+    def record_many(self, events: list[Event], now: datetime | None = None) -> list[bool]:
+        """Store events, one statement per slice. For each: False for a redelivery of one already
+        stored, also of one earlier in the same list."""
         ts = stamp(now)
+        keys = [dedupe_key(event) for event in events]
         with self._db.transaction():
-            inserted = self._db.execute(
-                "INSERT INTO events (device_id, ts, level, code, message, data, received_at, dedupe_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
-                (event.device_id, event.ts, event.level, event.code, event.message, json.dumps(event.data), ts,
-                 dedupe_key(event)),
-            ) == 1
-            self._devices.ensure(event.device_id, ts)
-            if not inserted:
-                self._counters.bump("duplicate_events")
-        return inserted
+            devices = {event.device_id for event in events}
+            self._devices.touch(sorted(devices), devices, now)
+            inserted: set[str] = set()
+            rows = [(e.device_id, e.ts, e.level, e.code, e.message, json.dumps(e.data), ts, key)
+                    for e, key in zip(events, keys, strict=True)]
+            for part in slices(rows):
+                rowset, params = self._db.rowset(("text",) * 8, part)
+                inserted.update(row["dedupe_key"] for row in self._db.query(
+                    f"WITH v (d, ts, level, code, message, data, received, k) AS ({rowset}) "
+                    "INSERT INTO events (device_id, ts, level, code, message, data, received_at, dedupe_key) "
+                    "SELECT * FROM v WHERE true ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key",
+                    params,
+                ))
+            stored = first_copies(keys, inserted)
+            if duplicates := stored.count(False):
+                self._counters.bump("duplicate_events", duplicates)
+        return stored
 
     def recent(self, device_id: str | None = None, limit: int = 50) -> list[EventRow]:
         """Most recent events first."""

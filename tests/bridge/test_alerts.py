@@ -6,7 +6,7 @@ import random
 import statistics
 
 from autoglm_wire.protocol import Telemetry, format_ts
-from cloud_bridge.alerts import Facts, check_fleet, tokens_per_s_drop
+from cloud_bridge.alerts import Facts, Progress, check_fleet, tokens_per_s_drop
 from cloud_bridge.config import AlertConfig
 from cloud_bridge.store.rows import DeviceRow
 
@@ -113,3 +113,25 @@ def test_the_error_rate_counts_device_failures_not_expiries_rejections_or_cancel
     _finish(registry, 2, "failed", start=7)
     assert ("dev-1", "error_rate", True) in check_fleet(registry, CONFIG, at(3))
     assert "3 of its last 4 finished commands failed" in registry.alerts.recent()[0].message
+
+
+def test_with_progress_a_check_reads_the_replies_of_the_devices_that_answered_since_and_alerts_as_in_full(
+        registry, monkeypatch):
+    for device_id in ("dev-1", "dev-2"):
+        registry.devices.record_status(online(device_id), T0)
+    asked: list[list[str]] = []
+    outcomes_of = registry.commands.outcomes_of
+    monkeypatch.setattr(registry.commands, "outcomes_of", lambda ids, n: asked.append(ids) or outcomes_of(ids, n))
+    progress = Progress()
+    assert check_fleet(registry, CONFIG, at(1), progress) == [] and asked[-1] == ["dev-1", "dev-2"]  # the first: all
+    assert check_fleet(registry, CONFIG, at(2), progress) == [] and asked[-1] == []
+    _finish(registry, 3, "failed")
+    _finish(registry, 1, "succeeded", start=3)
+    assert check_fleet(registry, CONFIG, at(3), progress) == [("dev-1", "error_rate", True)]
+    assert asked[-1] == ["dev-1"]
+    assert check_fleet(registry, CONFIG, at(4), progress) == [] and asked[-1] == ["dev-1"]  # one check of overlap
+    assert check_fleet(registry, CONFIG, at(5), progress) == [] and asked[-1] == []
+    _finish(registry, 3, "succeeded", start=4)
+    assert check_fleet(registry, CONFIG, at(6), progress) == [("dev-1", "error_rate", False)]
+    registry.devices.record_status(offline("dev-2"), at(6))
+    assert check_fleet(registry, CONFIG, at(100), progress) == [("dev-2", "offline", True)]  # row checks: every device

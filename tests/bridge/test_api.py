@@ -52,6 +52,22 @@ def test_devices_are_listed_with_their_state_model_and_groups(client, registry):
     assert client.get("/api/devices/nope").status_code == 404
 
 
+def test_devices_come_a_page_at_a_time_with_the_total_in_a_header(client, registry):
+    for i in range(120):
+        registry.devices.record_status(online(f"gw-{i:03d}", groups=["lab"]), T0)
+        registry.groups.add(f"gw-{i:03d}", "lab", T0)
+    registry.devices.record_status(Status(device_id="gw-007", state="offline"), T0)
+    first = client.get("/api/devices")
+    assert first.headers["X-Total-Count"] == "120" and len(first.json()) == 100  # the default page
+    page = client.get("/api/devices", params={"limit": 5, "offset": 118})
+    assert [d["device_id"] for d in page.json()] == ["gw-118", "gw-119"]
+    found = client.get("/api/devices", params={"q": "GW-00", "state": "online", "group": "lab", "model": "glm-4-tiny"})
+    assert [d["device_id"] for d in found.json()] == [f"gw-00{i}" for i in range(10) if i != 7]
+    assert found.headers["X-Total-Count"] == "9"
+    assert client.get("/api/devices", params={"limit": 1001}).status_code == 400
+    assert client.get("/api/devices", params={"offset": -1}).status_code == 400
+
+
 def test_a_group_command_is_one_command_on_the_wire_tracked_per_member(client, registry):
     _fleet(registry)
     response = client.post("/api/commands", json={"target": "group/lab", "kind": "ping", "id": "b1", "priority": 5})

@@ -77,6 +77,19 @@ def test_import_claimed_assigns_what_each_device_announced_once(config, capsys):
     registry.close()
 
 
+def test_devices_takes_the_filters_of_the_api(config, capsys):
+    for device_id in ("gw-a", "gw-b"):
+        run(capsys, "group", "add", "--config", str(config), device_id, "lab")
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--json", "--match", "A")
+    assert code == 0 and [d["device_id"] for d in json.loads(out)] == ["gw-a"]
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--group", "lab", "--limit", "1", "--offset", "1")
+    assert code == 0 and "gw-b" in out and "gw-a" not in out
+    code, out, _ = run(capsys, "devices", "--config", str(config), "--state", "offline")
+    assert code == 0 and out.strip() == "no device matches"
+    code, _, err = run(capsys, "devices", "--config", str(config), "--limit", "0")
+    assert code == EXIT_USAGE and "--limit must be" in err
+
+
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
     for device_id in ("gw-a", "gw-b"):
         run(capsys, "group", "add", "--config", str(config), device_id, "lab")

@@ -58,14 +58,15 @@ def test_a_reply_with_seq_2_63_is_dead_lettered_and_its_batch_stored(ingestor, r
 
 def test_a_message_that_fails_to_store_is_dead_lettered_alone_and_the_rest_of_its_batch_stored(ingestor, registry,
                                                                                              monkeypatch):
-    record = registry.events.record
+    record_many = registry.events.record_many
 
-    def buggy(event: Event, now=None) -> bool:
-        if event.message == "boom":
+    def buggy(events: list[Event], now=None) -> list[bool]:
+        """Like one bad row in a multi-row statement: the whole statement fails."""
+        if any(event.message == "boom" for event in events):
             raise RuntimeError("a bug in storing this event")
-        return record(event, now)
+        return record_many(events, now)
 
-    monkeypatch.setattr(registry.events, "record", buggy)
+    monkeypatch.setattr(registry.events, "record_many", buggy)
     batch = [_event(f"e{i}") for i in range(3)] + [_event("boom")] + [_event(f"e{i}") for i in range(3, 7)]
     outcomes = ingestor.handle_batch(batch, at(1))
     assert outcomes == [Outcome.STORED] * 3 + [Outcome.DEAD_LETTERED] + [Outcome.STORED] * 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoglm_wire.protocol import to_bytes
+from autoglm_wire.protocol import Event, Telemetry, format_ts, to_bytes
 from cloud_bridge.ingest import Inbound, Ingestor, Outcome
 
 from .factories import T0, at, chunk, command, offline, online, reply
@@ -93,3 +93,61 @@ def test_a_batch_is_stored_in_one_go(ingestor, registry):
     ], at(1))
     assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.DEAD_LETTERED, Outcome.STORED]
     assert registry.commands.get("c1").state == "succeeded"
+
+
+def _on(channel: str, message, device_id: str = "dev-1") -> Inbound:
+    return Inbound(f"{P}/{device_id}/{channel}", to_bytes(message))
+
+
+def test_a_batch_moves_each_command_through_all_its_replies_as_if_one_by_one(ingestor, registry):
+    """Bulk advance in rounds: three commands, each answered accepted, running and its terminal
+    reply in the same batch (interleaved), plus a lifecycle-illegal `rejected` after `accepted`."""
+    for cid in ("c1", "c2", "c3"):
+        registry.commands.add(command(cid), "dev-1", T0)
+    batch, seq = [], 0
+    for status in ("accepted", "running"):
+        for cid in ("c1", "c2", "c3"):
+            seq += 1
+            batch.append(_on("reply", reply(seq, status, cid)))
+    batch.append(_on("reply", reply(seq + 1, "rejected", "c2", error={"code": "busy", "message": "late"})))
+    batch.append(_on("reply", reply(seq + 2, "succeeded", "c1", output={"pong": True})))
+    batch.append(_on("reply", reply(seq + 3, "failed", "c3", error={"code": "internal", "message": "boom"})))
+    outcomes = ingestor.handle_batch(batch, at(1))
+    assert outcomes == [Outcome.STORED] * len(batch)
+    states = {cid: registry.commands.get(cid) for cid in ("c1", "c2", "c3")}
+    assert {cid: row.state for cid, row in states.items()} == {"c1": "succeeded", "c2": "running", "c3": "failed"}
+    assert states["c1"].reply["output"] == {"pong": True} and states["c3"].error["code"] == "internal"
+    assert registry.counters.all()["illegal_transitions"] == 1
+
+
+def test_a_reply_twice_in_one_batch_is_stored_once_and_the_copy_is_a_duplicate(ingestor, registry):
+    registry.commands.add(command(), "dev-1", T0)
+    copy = _on("reply", reply(1, "accepted"))
+    outcomes = ingestor.handle_batch([copy, _on("reply", reply(2, "running")), copy], at(1))
+    assert outcomes == [Outcome.STORED, Outcome.STORED, Outcome.DUPLICATE]
+    assert registry.replies.count() == 2 and registry.counters.all()["duplicate_replies"] == 1
+    assert registry.commands.get("c1").state == "running"
+
+
+def _telemetry(device_id: str, queue_depth: int) -> Telemetry:
+    return Telemetry(device_id=device_id, ts=format_ts(T0), queue_depth=queue_depth, outbox_depth=0, outbox_bytes=0,
+                     tokens_per_s_ewma=None, rss_mb=100.0, gpu_layers=0, uptime_s=1.0)
+
+
+def test_a_batch_of_chunks_telemetry_and_events_from_many_devices_is_stored_in_order(ingestor, registry):
+    devices = [f"dev-{i}" for i in range(5)]
+    batch = []
+    for i, device_id in enumerate(devices):
+        for depth in (1, 2 + i):  # the last telemetry of a device wins
+            batch.append(_on("telemetry", _telemetry(device_id, depth), device_id))
+        batch.append(_on("event", Event(device_id=device_id, ts=format_ts(T0), level="info", code="tick",
+                                        message="m"), device_id))
+        batch.append(Inbound(f"{P}/{device_id}/stream/c1", to_bytes(chunk(0, "hi"))))
+    batch.append(batch[2])  # the first device's event again: a redelivery
+    outcomes = ingestor.handle_batch(batch, at(1))
+    assert outcomes == [Outcome.STORED] * (len(batch) - 1) + [Outcome.DUPLICATE]
+    for i, device_id in enumerate(devices):
+        row = registry.devices.get(device_id)
+        assert row.last_telemetry["queue_depth"] == 2 + i and row.last_seen == format_ts(at(1))
+    assert len(registry.events.recent(limit=100)) == 5 and len(registry.feeds.chunks(0)) == 5
+    assert registry.counters.all()["duplicate_events"] == 1

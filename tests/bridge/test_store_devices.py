@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autoglm_wire.protocol import Event, Status, Telemetry, format_ts
+from cloud_bridge.store.devices import DeviceQuery
 
 from .factories import T0, at, offline, online
 
@@ -80,3 +83,39 @@ def test_a_redelivered_event_is_stored_once(registry):
     assert registry.events.record(event.model_copy(update={"data": {"n": 2}}), at(3)), "another payload, another event"
     assert [e.data for e in registry.feeds.events(0)] == [{"n": 1}, {"n": 2}]
     assert registry.counters.all()["duplicate_events"] == 1
+
+
+def _numbered_fleet(registry, n: int) -> None:
+    for i in range(n):
+        status = online(f"gw-{i:03d}").model_copy(update={"groups": ["lab" if i % 2 else "Lab"]})
+        if i % 3 == 0:
+            status = status.model_copy(update={"model": status.model.model_copy(update={"name": "glm-big",
+                                                                                         "sha256": "cd" * 32})})
+        registry.devices.record_status(status, T0)
+        registry.groups.add(status.device_id, status.groups[0], T0)  # assigned as announced
+    for i in range(0, n, 5):
+        registry.devices.record_status(offline(f"gw-{i:03d}"), T0)
+
+
+def test_a_page_of_devices_is_filtered_and_counted_in_sql(registry):
+    _numbered_fleet(registry, 30)
+    rows, total = registry.devices.page(DeviceQuery(limit=10, offset=25))
+    assert total == 30 and [d.device_id for d in rows] == [f"gw-{i:03d}" for i in range(25, 30)]
+    rows, total = registry.devices.page(DeviceQuery(state="offline"))
+    assert total == 6 and all(d.state == "offline" for d in rows)
+    rows, total = registry.devices.page(DeviceQuery(group="lab"))  # case-sensitive on both backends
+    assert total == 15 and all(int(d.device_id[3:]) % 2 and d.groups == ["lab"] for d in rows)
+    assert registry.devices.page(DeviceQuery(model="glm-big"))[1] == 10
+    assert registry.devices.page(DeviceQuery(model="cdcd"))[1] == 10  # a sha256 prefix
+    assert registry.devices.page(DeviceQuery(model="glm-4-tiny", state="online", group="Lab"))[1] == 8
+    rows, total = registry.devices.page(DeviceQuery(q="W-01"))
+    assert total == 10 and rows[0].device_id == "gw-010"
+
+
+def test_a_device_query_takes_like_wildcards_literally(registry):
+    registry.devices.record_status(online("gw_1"), T0)
+    registry.devices.record_status(online("gwx1"), T0)
+    assert [d.device_id for d in registry.devices.page(DeviceQuery(q="w_"))[0]] == ["gw_1"]
+    assert registry.devices.page(DeviceQuery(q="%"))[1] == 0
+    with pytest.raises(ValueError, match="limit must be"):
+        registry.devices.page(DeviceQuery(limit=1001))
