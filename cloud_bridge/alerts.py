@@ -154,7 +154,7 @@ class Progress:
         self.checked = True
 
 
-ROW_CHECKS = ("offline", "outbox_growing")  # the checks that read the device row only
+ROW_CHECKS = ("offline", "outbox_growing", "group_mismatch")  # the checks that read the device row only
 
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime,

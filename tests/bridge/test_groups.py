@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cloud_bridge import commands
-from cloud_bridge.alerts import check_fleet
+from cloud_bridge.alerts import Progress, check_fleet
 from cloud_bridge.config import AlertConfig, BridgeConfig
 from cloud_bridge.errors import InvalidRequest
 from cloud_bridge.http.app import create_app
@@ -61,13 +61,16 @@ def test_the_openai_models_list_only_groups_from_the_registry(fleet):
 
 
 def test_a_mismatch_raises_an_alert_that_clears_when_the_device_announces_its_assignment(fleet):
-    changes = check_fleet(fleet, AlertConfig(), at(1))
+    progress = Progress()  # checked incrementally, as the service does: no reply comes in between
+    changes = check_fleet(fleet, AlertConfig(), at(1), progress)
     assert changes == [("gw-a", "group_mismatch", True)]
     assert "announces site-b without being assigned" in fleet.alerts.recent()[0].message
     fleet.devices.record_status(online("gw-a", groups=["site-a"]).model_copy(update={"ts": "2026-11-21T10:00:05Z"}),
                                 at(5))
-    assert check_fleet(fleet, AlertConfig(), at(6)) == [("gw-a", "group_mismatch", False)]
+    assert check_fleet(fleet, AlertConfig(), at(6), progress) == [("gw-a", "group_mismatch", False)]
     assert fleet.devices.get("gw-a").routable_groups == ["site-a"]
+    fleet.groups.add("gw-a", "site-c", at(7))  # a membership change alone raises it again
+    assert check_fleet(fleet, AlertConfig(), at(8), progress) == [("gw-a", "group_mismatch", True)]
 
 
 def test_the_api_manages_membership_behind_the_token(fleet):
