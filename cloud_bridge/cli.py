@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "active and previous model and the rollout that set it (all of them "
                                          "unless --limit; the filters are those of GET /api/devices).")
     devices.add_argument("--state", help="only devices whose last reported state is this (online, offline)")
-    devices.add_argument("--group", metavar="G", help="only members of this group")
+    devices.add_argument("--group", metavar="G", help="only devices the registry assigns this group (`group add`)")
     devices.add_argument("--model", metavar="M", help="only devices whose active model is M (name or sha256 prefix)")
     devices.add_argument("--match", metavar="TEXT", help="only devices whose id contains TEXT (any case)")
     devices.add_argument("--limit", type=int, metavar="N", help=f"at most N devices (1..{MAX_PAGE})")

@@ -51,7 +51,7 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def list_devices(response: Response, limit: int = Query(default=100, ge=1, le=MAX_PAGE),
                  offset: int = Query(default=0, ge=0),
                  state: str | None = Query(default=None, description="the state last reported: online, offline"),
-                 group: str | None = Query(default=None, description="a group the device announced"),
+                 group: str | None = Query(default=None, description="a group the registry assigns the device"),
                  model: str | None = Query(default=None, description="the active model's name, or its sha256 "
                                                                       "(or a prefix of it)"),
                  q: str | None = Query(default=None, description="a substring of the device id (any case)"),
