@@ -15,6 +15,11 @@ per device and kind, kept in the registry with raised/cleared times).
   `speed_min_samples` of them). Hysteresis: once raised, it clears only when the recent median is
   back above `1 - tokens_per_s_drop / 2` times that baseline, so a device near the threshold does
   not flap; a single slow generation of a noisy device moves a median of three little.
+- `group_mismatch`: the groups its last Status announced differ from those the registry assigns
+  it (`cloud-bridge group list`). Membership is the registry's; the device gets no work of a group
+  it announces without being assigned it, and no group work at all while it announces such a
+  group (a compromised or misconfigured device); an assigned group it does not announce gets no
+  work either (it does not subscribe to that group's topic).
 
 The service checks incrementally (`Progress`): the reply-based checks run only for the devices that
 answered since the previous checks, in two statements for all of them; alerts are written only
@@ -94,11 +99,27 @@ def tokens_per_s_drop(facts: Facts, now: datetime, config: AlertConfig) -> str |
             f"{baseline:.1f}")
 
 
+def group_mismatch(facts: Facts, now: datetime, config: AlertConfig) -> str | None:
+    device = facts.device
+    if not device.group_mismatch:
+        return None
+    claimed, assigned = set(device.claimed_groups), set(device.groups)
+    parts = []
+    if claimed - assigned:
+        parts.append(f"announces {', '.join(sorted(claimed - assigned))} without being assigned "
+                     "(no group work goes to it until this is resolved)")
+    if assigned - claimed:
+        parts.append(f"does not announce its assigned {', '.join(sorted(assigned - claimed))} "
+                     "(that group's work does not go to it)")
+    return ("; ".join(parts) + ": assign with `cloud-bridge group add|remove` or fix the agent's mqtt.groups")
+
+
 CHECKS: dict[str, Check] = {
     "offline": offline,
     "error_rate": error_rate,
     "outbox_growing": outbox_growing,
     "tokens_per_s_drop": tokens_per_s_drop,
+    "group_mismatch": group_mismatch,
 }
 
 
@@ -133,7 +154,7 @@ class Progress:
         self.checked = True
 
 
-ROW_CHECKS = ("offline", "outbox_growing")  # the checks that read the device row only
+ROW_CHECKS = ("offline", "outbox_growing", "group_mismatch")  # the checks that read the device row only
 
 
 def check_fleet(registry: Registry, config: AlertConfig, now: datetime,

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "active and previous model and the rollout that set it (all of them "
                                          "unless --limit; the filters are those of GET /api/devices).")
     devices.add_argument("--state", help="only devices whose last reported state is this (online, offline)")
-    devices.add_argument("--group", metavar="G", help="only members of this group")
+    devices.add_argument("--group", metavar="G", help="only devices the registry assigns this group (`group add`)")
     devices.add_argument("--model", metavar="M", help="only devices whose active model is M (name or sha256 prefix)")
     devices.add_argument("--match", metavar="TEXT", help="only devices whose id contains TEXT (any case)")
     devices.add_argument("--limit", type=int, metavar="N", help=f"at most N devices (1..{MAX_PAGE})")
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--for", dest="for_s", type=float, metavar="S", help="stop after S seconds")
     alerts = sub.add_parser("alerts", parents=[common], help="list abnormal-device alerts",
                             description="List open alerts (offline too long, error rate, outbox growing, "
-                                        "tokens/s dropping); thresholds are the [alerts] keys.")
+                                        "tokens/s dropping, announced groups differing from the registry's); "
+                                        "thresholds are the [alerts] keys.")
     alerts.add_argument("--all", action="store_true", help="also the cleared ones")
     alerts.add_argument("--deliveries", action="store_true",
                         help="the webhook delivery log of alert notifications instead")
@@ -149,9 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds to wait for each device's answer (default 120); exit 2 when one did not come")
     policy.add_argument("--no-wait", action="store_true", help="print the command ids and return at once")
+    _add_group(sub, common)
     _add_access(sub, common)
     _add_models(sub, common)
     return parser
+
+
+def _add_group(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    group = sub.add_parser("group", help="assign devices to groups (the membership routing and the ACL use)",
+                           description="Group membership is the registry's: `group/G` targets, {\"group\": G} "
+                                       "filters and /v1 models route by it, and `list --toml` feeds "
+                                       "deploy/mosquitto/make_acl.py --groups. What a device announces in its "
+                                       "status is only compared with it (alert group_mismatch).")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    for action, text in (("add", "assign DEVICE to GROUP"), ("remove", "take DEVICE out of GROUP")):
+        one = actions.add_parser(action, parents=[common], help=text, description=text + ".")
+        one.add_argument("device", metavar="DEVICE")
+        one.add_argument("group", metavar="GROUP")
+    listing = actions.add_parser("list", parents=[common], help="assigned, announced and routed groups per device",
+                                 description="Per device: the assigned groups, those its status announces, the "
+                                             "groups whose work goes to it, and whether they match.")
+    listing.add_argument("--toml", action="store_true", help="print the [groups] table for make_acl.py --groups")
+    actions.add_parser("import-claimed", parents=[common], help="assign every device the groups it announces (once)",
+                       description="The one-time migration of a fleet from before registry membership: assign "
+                                   "every device the groups its last status announced. Review the result with "
+                                   "`cloud-bridge group list` before regenerating the ACL.")
 
 
 def _add_access(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -437,6 +460,44 @@ def cmd_policy(args: argparse.Namespace, config: BridgeConfig) -> int:
     return max(exit_code(row) for row in finals)
 
 
+def cmd_group(args: argparse.Namespace, config: BridgeConfig) -> int:
+    with _registry(config) as registry:
+        if args.action == "list":
+            if args.toml:
+                _out(console.groups_toml(registry).rstrip("\n"))
+            elif args.json:
+                _json({d.device_id: {"assigned": d.groups, "announced": d.claimed_groups, "routed": d.routable_groups}
+                       for d in registry.devices.all() if d.groups or d.claimed_groups})
+            else:
+                _out(console.groups_table(registry))
+        elif args.action == "import-claimed":
+            with _audited(registry, "group import-claimed", "*"):
+                added, skipped = registry.groups.import_claimed()
+            for device_id, group in added:
+                _out(f"{device_id}: assigned {group}")
+            for device_id, group in skipped:
+                _err(f"{device_id}: announces {group!r}, which is not a valid group name; not assigned")
+            _out(f"{len(added)} assignment(s) imported; check them with `cloud-bridge group list`")
+        else:
+            with _audited(registry, f"group {args.action}", f"group/{args.group} {args.device}"):
+                _group_change(registry, args)
+    return 0
+
+
+def _group_change(registry: Registry, args: argparse.Namespace) -> None:
+    if args.action == "add":
+        try:
+            changed = registry.groups.add(args.device, args.group)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        _out(f"{args.device}: assigned {args.group}" if changed else f"{args.device} already is in {args.group}")
+    elif registry.groups.remove(args.device, args.group):
+        _out(f"{args.device}: removed from {args.group}")
+    else:
+        raise InvalidRequest(f"{args.device} is not assigned {args.group}; see `cloud-bridge group list`")
+    _err("regenerate the broker ACL (group list --toml | make_acl.py --groups) so its subscriptions follow")
+
+
 def cmd_token(args: argparse.Namespace, config: BridgeConfig) -> int:
     with _registry(config) as registry:
         if args.token_command == "list":
@@ -563,6 +624,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, BridgeConfig], int]] = {
     "stats": cmd_stats,
     "cancel": cmd_cancel,
     "policy": cmd_policy,
+    "group": cmd_group,
     "token": cmd_token,
     "audit": cmd_audit,
     "model": cmd_model,

@@ -15,7 +15,10 @@ batch id ties them together (`cloud-bridge commands --batch B`, `GET /api/comman
   have it answer a duplicate with their stored reply and do not run it again).
 - a filter: one command per matching device on its own `P/D/cmd`, id `<batch>.<device>`.
 
-Group membership is what each device announced in its last Status.
+Group membership is the registry's (`cloud-bridge group add|remove`, `/api/groups`), never what a
+device announces: a device is a member of G for routing when the registry assigns it G and it
+announces G (it subscribes to G's topic), and of no group while it announces one it is not
+assigned (`DeviceRow.routable_groups`; the `group_mismatch` alert names it).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class DeviceFilter(BaseModel):
     def matches(self, device: DeviceRow) -> bool:
         checks = [
             not self.device_ids or device.device_id in self.device_ids,
-            self.group is None or self.group in device.groups,
+            self.group is None or self.group in device.routable_groups,
             self.state is None or device.state == self.state,
             self.model_sha256 is None or (device.model_sha256 or "").startswith(self.model_sha256),
             self.model_name is None or device.model_name == self.model_name,
@@ -247,7 +250,8 @@ def send_to_many(registry: Registry, request: CommandRequest, device_filter: Dev
     devices = select(registry, device_filter)
     if not devices:
         raise InvalidRequest(f"no known device matches {device_filter.label()}; list the fleet with "
-                             "`cloud-bridge devices` (group membership comes from each device's status)")
+                             "`cloud-bridge devices`; group membership is the registry's: `cloud-bridge group list` "
+                             "(a member that announces other groups than it is assigned is left out)")
     batch = request.id or uuid.uuid4().hex
     if device_filter == DeviceFilter(group=device_filter.group) and device_filter.group is not None:
         return _send_to_group(registry, request, device_filter.group, devices, batch, now, dispatch)

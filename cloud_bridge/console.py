@@ -99,9 +99,34 @@ def dead_letters_table(registry: Registry, device_id: str | None = None, limit: 
     return render_table(headers, rows)
 
 
+def group_cell(device: DeviceRow) -> str:
+    """Its assigned groups, and what it announces when that differs (a hint, never used to route)."""
+    assigned = ", ".join(device.groups) or "-"
+    if not device.group_mismatch:
+        return assigned
+    return f"{assigned} (announces: {', '.join(device.claimed_groups) or 'none'})"
+
+
+def groups_table(registry: Registry) -> str:
+    """Each device's assigned groups, what it announces, and the groups whose work goes to it."""
+    rows = [[d.device_id, ", ".join(d.groups) or "-", ", ".join(d.claimed_groups) or "-",
+             ", ".join(d.routable_groups) or "-", "MISMATCH" if d.group_mismatch else "ok"]
+            for d in registry.devices.all() if d.groups or d.claimed_groups]
+    if not rows:
+        return "no group memberships: assign one with `cloud-bridge group add DEVICE GROUP`"
+    return render_table(["DEVICE", "ASSIGNED", "ANNOUNCED", "ROUTED", "CHECK"], rows)
+
+
+def groups_toml(registry: Registry) -> str:
+    """The registry's membership as the `[groups]` table that deploy/mosquitto/make_acl.py --groups reads."""
+    lines = ["# group membership assigned in the cloud-bridge registry (cloud-bridge group list --toml)", "[groups]"]
+    lines += [f"{json.dumps(group)} = {json.dumps(devices)}" for group, devices in registry.groups.members().items()]
+    return "\n".join(lines) + "\n"
+
+
 def policies_table(registry: Registry) -> str:
     """The policy in force on each device (the output of its last succeeded `config` command)."""
-    rows = [[d.device_id, ", ".join(d.groups) or "-",
+    rows = [[d.device_id, group_cell(d),
              json.dumps(d.policy, sort_keys=True) if d.policy is not None else "(agent defaults)"]
             for d in registry.devices.all()]
     if not rows:

@@ -180,7 +180,8 @@ class Agent:
         """A local API request's command: taken by the intake exactly as an MQTT delivery on this
         device's command topic (same checks, ledger, executor), then synced to disk like before a PUBACK."""
         self.intake.handle(InboundMessage(topic=self.topics.cmd, payload=payload, response_topic=None,
-                                          correlation_data=None, message_expiry_s=None, duplicate_delivery=False))
+                                          correlation_data=None, message_expiry_s=None, duplicate_delivery=False,
+                                          local=True))
         self.file.sync()
 
     def readiness(self) -> dict[str, str | None]:

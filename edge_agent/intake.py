@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from autoglm_wire import lifecycle
 from autoglm_wire.errors import ErrorCode, Internal, InvalidCommand, ProtocolError, Unauthorized
 from autoglm_wire.lifecycle import State
+from autoglm_wire.local_origin import LOCAL_ID_PREFIX, is_local_id
 from autoglm_wire.protocol import (
     ChatParams,
     CompleteParams,
@@ -139,6 +140,10 @@ class Intake:
         a value the checks cannot interpret is `invalid_command`."""
         try:
             parsed = parse_command(message.payload, self.config.mqtt.max_payload_bytes, self.executor.kinds)
+            if is_local_id(parsed.id) and not message.local:
+                raise InvalidCommand(f"command ids starting with {LOCAL_ID_PREFIX!r} are reserved for this device's "
+                                     "local API (docs/protocol.md, Local commands); send it under another id",
+                                     parsed.id)
             self._check_properties(message, parsed.id)
             self._check_target(parsed)
             self._check_signature(parsed, message)
@@ -200,8 +205,10 @@ class Intake:
             raise Unauthorized(f"command targets {target!r}, not this device ({self.config.device_id})", parsed.id)
 
     def _check_signature(self, parsed: ParsedCommand, message: InboundMessage) -> None:
-        """With `[security]` keys: a trusted signature, this device as target, `created_at` in the window."""
-        if self.verifier.enabled:
+        """With `[security]` keys: a trusted signature, this device as target, `created_at` in the window.
+        A local API command is not signed: its caller proved itself with the API's bearer token, and
+        only the local API can hand intake a message marked `local`."""
+        if self.verifier.enabled and not message.local:
             key_id = self.verifier.check(json.loads(message.payload), parsed.command.created_at, utc_now())
             log.debug("command %s: signature key %s", parsed.id, key_id)
 

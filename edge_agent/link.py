@@ -70,6 +70,7 @@ class InboundMessage:
     correlation_data: bytes | None
     message_expiry_s: int | None
     duplicate_delivery: bool
+    local: bool = False  # minted by the local API (edge_agent/local_api.py), not delivered by the broker
 
 
 @dataclass(frozen=True)

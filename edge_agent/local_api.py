@@ -8,7 +8,10 @@ same `Intake.handle` as an MQTT delivery (size cap, limits, policy, dedupe, the 
 same executor workers, answered through the outbox to the cloud like any other. The HTTP thread
 only waits: the engine's deltas (streaming) and the terminal reply come from edge_agent.local_calls.
 If the agent dies mid-request, the client loses its connection; the ledger answers the command
-`failed` at restart (never run twice) and that reply still reaches the cloud.
+`failed` at restart (never run twice) and that reply still reaches the cloud. If the client goes
+away first (its socket closes while it waits, or a streamed write fails), the request's command is
+cancelled by a local `cancel` command through the same intake (within CLIENT_CHECK_S while it
+waits). A streamed request's command carries `stream: true`, so its chunks reach the cloud too.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /metrics (the
 agent's numbers in Prometheus text, edge_agent.metrics) with the bearer token; open: GET /healthz
@@ -22,6 +25,8 @@ import hmac
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -29,11 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from autoglm_wire.local_origin import LOCAL_ID_PREFIX
+from autoglm_wire.openai_requests import REQUEST_BY_KIND, OpenAIRequest, RequestError
 from autoglm_wire.protocol import Reply, describe_validation_error, format_ts, utc_now
 from edge_agent.config import HttpConfig
 from edge_agent.local_calls import LocalCalls
@@ -41,52 +47,13 @@ from edge_agent.metrics import CONTENT_TYPE, Numbers, exposition
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 ERROR_STATUS = {"invalid_command": 400, "unauthorized": 403, "unsupported_kind": 400, "busy": 429,
                 "expired": 504, "cancelled": 499}
-WAIT_TICK_S = 1.0  # how often a waiting request checks that the server is not stopping
+CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client and the server are still there
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored
-
-
-class _TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_TextPart]
-
-
-class _SchemaSpec(_Body):
-    schema_: dict[str, Any] = Field(alias="schema")
-
-
-class _ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: _SchemaSpec | None = None
-
-
-class _StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Request(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    response_format: _ResponseFormat | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    messages: list[_Message] | None = None
-    prompt: str | list[str] | None = None
+class ClientGone(Exception):
+    """The client of a request closed its connection before the answer was complete."""
 
 
 class ApiError(Exception):
@@ -98,29 +65,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
 
 
-def command_params(request: _Request, kind: str) -> dict[str, Any]:
+def command_params(request: OpenAIRequest) -> dict[str, Any]:
     """The protocol params of a chat or complete command for an OpenAI request (400 if it lacks them)."""
-    params: dict[str, Any] = {}
-    if kind == "chat":
-        if not request.messages:
-            raise ApiError(400, "messages: at least one message is required", "invalid_value")
-        params["messages"] = [{"role": ROLES[m.role], "content": m.content if isinstance(m.content, str)
-                               else "".join(p.text for p in m.content)} for m in request.messages]
-    else:
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt or []
-        if len(prompts) != 1:
-            raise ApiError(400, f"prompt: one prompt per request ({len(prompts)} given)", "invalid_value")
-        params["prompt"] = prompts[0]
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        if fmt.type == "json_schema" and fmt.json_schema is None:
-            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_value")
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"}
-        params["response_format"] = {"type": "json_schema", "schema": schema}
-    fields = {"max_tokens": request.max_completion_tokens or request.max_tokens, "temperature": request.temperature,
-              "top_p": request.top_p, "seed": request.seed,
-              "stop": [request.stop] if isinstance(request.stop, str) else request.stop}
-    return {**params, **{k: v for k, v in fields.items() if v is not None}}
+    try:
+        return request.params()
+    except RequestError as exc:
+        raise ApiError(400, exc.message, exc.code) from exc
 
 
 def new_command(kind: str, params: dict[str, Any]) -> tuple[str, bytes]:
@@ -184,19 +134,34 @@ class LocalApi:
             return False
         return hmac.compare_digest(header[len("Bearer "):].strip().encode("utf-8"), self._token)
 
-    def wait(self, events: queue.SimpleQueue[Any]) -> tuple[str, Any]:
+    def wait(self, events: queue.SimpleQueue[Any], client: socket.socket) -> tuple[str, Any]:
         """The call's next event. The terminal reply arrives from inside its storing transaction:
-        it is answered only once that transaction is committed and on disk."""
+        it is answered only once that transaction is committed and on disk. Raises ClientGone when
+        the client's connection has closed (checked at every event: deltas also flow for a request
+        that is not streamed, and a check is one non-blocking poll)."""
         while not self._stopping.is_set():
             try:
-                tag, value = events.get(timeout=WAIT_TICK_S)
+                tag, value = events.get(timeout=CLIENT_CHECK_S)
             except queue.Empty:
+                tag = None
+            if closed_by_peer(client):
+                raise ClientGone
+            if tag is None:
                 continue
             if tag == "done":
                 self.deps.durable()
             return tag, value
         raise ApiError(503, "the agent is stopping; the command's reply will reach the cloud", "stopping",
                        kind="server_error")
+
+
+def closed_by_peer(client: socket.socket) -> bool:
+    """Whether the other end closed (or reset) the connection; bytes waiting to be read are not a close."""
+    try:
+        readable, _, _ = select.select([client], [], [], 0)
+        return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed on this side
+        return True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -237,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             route()
         except ApiError as exc:
             self._json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):  # the client left; its command runs on
+        except (BrokenPipeError, ConnectionResetError):  # the client left after its command ended
             log.info("local API client %s disconnected before its answer", self.client_address[0])
 
     def _models(self) -> None:
@@ -253,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _body(self) -> _Request:
+    def _body(self, kind: str) -> OpenAIRequest:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
@@ -264,14 +229,17 @@ class _Handler(BaseHTTPRequestHandler):
                                 f"{self.owner.config.max_body_bytes} (http.max_body_bytes)", "request_too_large")
         raw = self.rfile.read(int(length))
         try:
-            return _Request.model_validate(json.loads(raw))
+            return REQUEST_BY_KIND[kind].model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
             detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
             raise ApiError(400, f"the body is not a valid request: {detail}", "invalid_value") from exc
 
     def _generate(self, kind: str) -> None:
-        request = self._body()
-        command_id, payload = new_command(kind, command_params(request, kind))
+        request = self._body(kind)
+        params = command_params(request)
+        if request.stream:
+            params["stream"] = True  # the cloud gets the chunks too (P/D/stream/<id>), as for its own commands
+        command_id, payload = new_command(kind, params)
         calls = self.owner.deps.calls
         events = calls.open(command_id)
         try:
@@ -281,24 +249,38 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(503, f"the device cannot store the command now: {exc}", "store_unavailable",
                                kind="server_error") from exc
             shape = _Shape(kind, command_id, self.owner.deps.model_name())
-            if request.stream:
-                self._stream(events, shape, request.stream_options is not None
-                             and request.stream_options.include_usage)
-            else:
-                self._json(200, shape.whole(self._final(events)))
+            try:
+                if request.stream:
+                    self._stream(events, shape, request.include_usage)
+                else:
+                    self._json(200, shape.whole(self._final(events)))
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                self._cancel(command_id)
         finally:
             calls.close(command_id)
 
+    def _cancel(self, command_id: str) -> None:
+        """The client left before its answer: cancel its command (a no-op answer if it already ended)."""
+        log.info("local API client %s disconnected before its answer; cancelling command %s",
+                 self.client_address[0], command_id)
+        _, payload = new_command("cancel", {"target": command_id})
+        try:
+            self.owner.deps.submit(payload)
+        except Exception as exc:  # noqa: BLE001 - StoreUnavailable: the command runs to its end instead
+            log.warning("could not cancel command %s of a departed client (%s); it runs to its end",
+                        command_id, exc)
+
     def _final(self, events: queue.SimpleQueue[Any]) -> Reply:
         while True:
-            tag, value = self.owner.wait(events)
+            tag, value = self.owner.wait(events, self.connection)
             if tag == "done":
                 if value.status != "succeeded":
                     raise reply_error(value)
                 return value
 
     def _stream(self, events: queue.SimpleQueue[Any], shape: _Shape, include_usage: bool) -> None:
-        tag, value = self.owner.wait(events)
+        tag, value = self.owner.wait(events, self.connection)
         if tag == "done" and value.status != "succeeded":
             raise reply_error(value)  # rejected or failed before any text: a plain HTTP error
         self.send_response(200)
@@ -312,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while tag == "delta":
                 self._event(shape.chunk(value, None))
-                tag, value = self.owner.wait(events)
+                tag, value = self.owner.wait(events, self.connection)
         except ApiError as exc:  # stopping: the stream ends with the error, as OpenAI's do
             self._event(exc.body())
             return

@@ -1,7 +1,7 @@
-"""`/api`: devices, commands (one device, a group or a filter; cancel; priorities), replies, events,
-alerts, dead letters, the audit log. Mounted by `app.create_app` behind the bearer token; each route
-declares the role it needs (reads: viewer; commands and cancels: operator; `config` commands and the audit
-log: admin). A command created here is queued by
+"""`/api`: devices, group membership, commands (one device, a group or a filter; cancel; priorities), replies,
+events, alerts, dead letters, the audit log. Mounted by `app.create_app` behind the bearer token; each route
+declares the role it needs (reads: viewer; commands and cancels: operator; `config` commands, group membership
+and the audit log: admin). A command created here is queued by
 `commands` exactly as `cloud-bridge send` queues it, and the dispatch loop publishes it."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def list_devices(response: Response, limit: int = Query(default=100, ge=1, le=MAX_PAGE),
                  offset: int = Query(default=0, ge=0),
                  state: str | None = Query(default=None, description="the state last reported: online, offline"),
-                 group: str | None = Query(default=None, description="a group the device announced"),
+                 group: str | None = Query(default=None, description="a group the registry assigns the device"),
                  model: str | None = Query(default=None, description="the active model's name, or its sha256 "
                                                                       "(or a prefix of it)"),
                  q: str | None = Query(default=None, description="a substring of the device id (any case)"),
@@ -166,3 +166,28 @@ def get_stats(window: str = "1h", group_by: GroupBy = "device", registry: Regist
 def list_alert_deliveries(limit: int = Query(default=50, ge=1, le=1000),
                           registry: Registry = REG) -> list[dict[str, Any]]:
     return [asdict(row) for row in registry.deliveries.recent(limit)]
+
+
+@router.get("/groups", summary="group membership as the registry assigns it: group -> device ids",
+            dependencies=[VIEWER])
+def list_groups(registry: Registry = REG) -> dict[str, list[str]]:
+    return registry.groups.members()
+
+
+@router.put("/groups/{group}/members/{device_id}", summary="assign a device to a group (what routing and the ACL use)",
+            dependencies=[ADMIN])
+def add_group_member(group: str, device_id: str, registry: Registry = REG) -> dict[str, Any]:
+    try:
+        added = registry.groups.add(device_id, group)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_request", retry=False) from exc
+    return {"group": group, "device_id": device_id, "added": added}
+
+
+@router.delete("/groups/{group}/members/{device_id}", summary="take a device out of a group",
+               dependencies=[ADMIN])
+def remove_group_member(group: str, device_id: str, registry: Registry = REG) -> dict[str, Any]:
+    if not registry.groups.remove(device_id, group):
+        raise ApiError(404, f"{device_id!r} is not assigned group {group!r}; list them with GET /api/groups",
+                       "unknown_membership", retry=False)
+    return {"group": group, "device_id": device_id, "removed": True}

@@ -31,12 +31,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from autoglm_wire import openai_requests
 from autoglm_wire.lifecycle import State
+from autoglm_wire.openai_requests import RequestError
 from autoglm_wire.protocol import utc_now
 from cloud_bridge import commands, console
 from cloud_bridge.config import BridgeConfig
@@ -47,110 +49,31 @@ from cloud_bridge.store.rows import CommandRow
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
-         "developer": "system"}
+QUEUE_HELP = "extension: queue for an offline device instead of a 503"
 ID_PREFIX = "oai-"
 RETRY_SCAN = 200  # recent commands searched for the original of a retried request
 WAITING = (State.PENDING, State.SENT)
 
 
-class Body(BaseModel):
-    """Unknown fields are kept aside (`model_extra`), logged and otherwise ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    def ignored(self) -> list[str]:
-        """The names of the fields this endpoint ignored, nested ones as `a.b`."""
-        names = list(self.model_extra or {})
-        for name, value in self:
-            children = value if isinstance(value, list) else [value]
-            names += [f"{name}.{child}" for item in children if isinstance(item, Body) for child in item.ignored()]
-        return sorted(set(names))
-
-
-class TextPart(Body):
-    type: Literal["text"]
-    text: str
-
-
-class Message(Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
-
-    def to_protocol(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": ROLES[self.role], "content": text}
-
-
-class StreamOptions(Body):
-    include_usage: bool = False
-
-
-class JsonSchemaSpec(Body):
-    name: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")
-
-
-class ResponseFormat(Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
-
-    def to_protocol(self) -> dict[str, Any] | None:
-        """The device's `response_format` (JSON-schema constrained output), or None for plain text."""
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return {"type": "json_schema", "schema": {"type": "object"}}
-        if self.json_schema is None:
-            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_value",
-                           param="response_format.json_schema")
-        return {"type": "json_schema", "schema": self.json_schema.schema_}
-
-
-class GenerationRequest(Body):
-    """The fields chat and text completions share."""
-
+class ChatCompletionRequest(openai_requests.ChatCompletionRequest):
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    response_format: ResponseFormat | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-    queue: bool = Field(default=False, description="extension: queue for an offline device instead of a 503")
-
-    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
-        fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                  "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
-                  "response_format": self.response_format.to_protocol() if self.response_format else None}
-        return {k: v for k, v in fields.items() if v is not None}
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    queue: bool = Field(default=False, description=QUEUE_HELP)
 
 
-class ChatCompletionRequest(GenerationRequest):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-
-    def params(self) -> dict[str, Any]:
-        limit = self.max_completion_tokens or self.max_tokens
-        return {"messages": [m.to_protocol() for m in self.messages], **self.sampling(limit)}
+class CompletionRequest(openai_requests.CompletionRequest):
+    model: str
+    queue: bool = Field(default=False, description=QUEUE_HELP)
 
 
-class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
+GenerationRequest = ChatCompletionRequest | CompletionRequest
 
-    def params(self) -> dict[str, Any]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, f"prompt: one prompt per request ({len(prompts)} given)", "invalid_value",
-                           param="prompt")
-        return {"prompt": prompts[0], **self.sampling(self.max_tokens)}
+
+def command_params(body: GenerationRequest) -> dict[str, Any]:
+    """The command's params for `body`; a value they cannot be built from is a 400 naming the field."""
+    try:
+        return body.params()
+    except RequestError as exc:
+        raise ApiError(400, exc.message, exc.code, param=exc.param) from exc
 
 
 # --- which device, which command ----------------------------------------------------------------
@@ -294,7 +217,7 @@ def _wait_until_accepted(registry: Registry, row: CommandRow, timeout_s: float) 
 @router.get("/models", summary="devices and groups usable as `model`", dependencies=[VIEWER])
 def list_models(registry: Registry = REG) -> dict[str, Any]:
     devices = registry.devices.all()
-    names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.groups})
+    names = [d.device_id for d in devices] + sorted({f"group/{g}" for d in devices for g in d.routable_groups})
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "autoglm-edge"}
                                        for n in names]}
 
@@ -303,14 +226,14 @@ def list_models(registry: Registry = REG) -> dict[str, Any]:
              dependencies=[OPERATOR])
 def chat_completions(body: ChatCompletionRequest, request: Request, registry: Registry = REG,
                      config: BridgeConfig = CFG) -> Any:
-    return _generate(request, registry, config, body, "chat", body.params(), ChatShape(body.model))
+    return _generate(request, registry, config, body, "chat", command_params(body), ChatShape(body.model))
 
 
 @router.post("/completions", summary="OpenAI (legacy) text completions, run on a device as `complete` (operator)",
              dependencies=[OPERATOR])
 def completions(body: CompletionRequest, request: Request, registry: Registry = REG,
                 config: BridgeConfig = CFG) -> Any:
-    return _generate(request, registry, config, body, "complete", body.params(), TextShape(body.model))
+    return _generate(request, registry, config, body, "complete", command_params(body), TextShape(body.model))
 
 
 class ChatShape:

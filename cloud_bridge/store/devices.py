@@ -24,7 +24,7 @@ class DeviceQuery:
     """Which devices to list (every field given must match) and which page of them, by device id."""
 
     state: str | None = None  # the state last reported (online, offline, ...)
-    group: str | None = None  # a group the device announced
+    group: str | None = None  # a group the registry assigns the device (device_groups)
     model: str | None = None  # the active model's name, or its sha256 (or a prefix of it)
     q: str | None = None  # a substring of the device id, case-insensitive
     limit: int = 100
@@ -37,10 +37,8 @@ class DeviceQuery:
             conditions.append("state = ?")
             params.append(self.state)
         if self.group is not None:
-            # `groups` is the JSON list json.dumps wrote: it holds the quoted name. A case-sensitive
-            # substring test on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
-            conditions.append("length(groups) <> length(replace(groups, ?, ''))")
-            params.append(json.dumps(self.group))
+            conditions.append("device_id IN (SELECT device_id FROM device_groups WHERE group_name = ?)")
+            params.append(self.group)
         if self.model is not None:
             conditions.append("(model_name = ? OR model_sha256 LIKE ? ESCAPE '\\')")
             params += [self.model, f"{_like_escaped(self.model.lower())}%"]
@@ -124,7 +122,7 @@ class Devices:
         model = status.model
         self._db.execute(
             "UPDATE devices SET agent_version = ?, model_name = ?, model_sha256 = ?, n_gpu_layers = ?, "
-            "groups = ?, kinds = ?, previous_model_name = ?, previous_model_sha256 = ?, rollout = ? "
+            "claimed_groups = ?, kinds = ?, previous_model_name = ?, previous_model_sha256 = ?, rollout = ? "
             "WHERE device_id = ?",
             (
                 status.agent_version,
@@ -167,23 +165,41 @@ class Devices:
         )
 
     def get(self, device_id: str) -> DeviceRow | None:
-        """The device, or None if it never sent anything."""
+        """The device, or None if it never sent anything (nor was assigned a group)."""
         rows = self._db.query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
-        return DeviceRow.from_row(rows[0]) if rows else None
+        if not rows:
+            return None
+        groups = self._db.query("SELECT group_name FROM device_groups WHERE device_id = ?", (device_id,))
+        return DeviceRow.from_row(rows[0], [g["group_name"] for g in groups])
 
     def many(self, device_ids: list[str]) -> list[DeviceRow]:
         """The known devices among `device_ids`, by id (one statement per slice of them)."""
         rows: list[DeviceRow] = []
         for part in slices(sorted(set(device_ids))):
             rowset, params = self._db.rowset(("text",), [(device_id,) for device_id in part])
-            rows += [DeviceRow.from_row(row) for row in self._db.query(
+            rows += self._with_groups(self._db.query(
                 f"WITH v (d) AS ({rowset}) SELECT * FROM devices WHERE device_id IN (SELECT d FROM v) "
-                "ORDER BY device_id", params)]
+                "ORDER BY device_id", params))
         return rows
 
+    def _with_groups(self, rows: list[dict[str, Any]]) -> list[DeviceRow]:
+        """`rows` of `devices` as DeviceRows with their assigned groups (one statement per slice)."""
+        groups: dict[str, list[str]] = {}
+        for part in slices(rows):
+            rowset, params = self._db.rowset(("text",), [(row["device_id"],) for row in part])
+            for membership in self._db.query(f"WITH v (d) AS ({rowset}) SELECT device_id, group_name FROM "
+                                             "device_groups WHERE device_id IN (SELECT d FROM v)", params):
+                groups.setdefault(membership["device_id"], []).append(membership["group_name"])
+        return [DeviceRow.from_row(row, groups.get(row["device_id"], [])) for row in rows]
+
     def all(self) -> list[DeviceRow]:
-        """Every known device, by id."""
-        return [DeviceRow.from_row(row) for row in self._db.query("SELECT * FROM devices ORDER BY device_id")]
+        """Every known device, by id, with the groups the registry assigns it."""
+        memberships = self._db.query("SELECT device_id, group_name FROM device_groups")
+        rows = self._db.query("SELECT * FROM devices ORDER BY device_id")
+        groups: dict[str, list[str]] = {}
+        for membership in memberships:
+            groups.setdefault(membership["device_id"], []).append(membership["group_name"])
+        return [DeviceRow.from_row(row, groups.get(row["device_id"], [])) for row in rows]
 
     def history(self, device_id: str, limit: int = 50) -> list[StateChange]:
         """The device's state changes (online/offline), newest first."""
@@ -199,7 +215,7 @@ class Devices:
         total = self._db.query(f"SELECT count(*) AS n FROM devices WHERE {where}", params)[0]["n"]
         rows = self._db.query(f"SELECT * FROM devices WHERE {where} ORDER BY device_id LIMIT ? OFFSET ?",
                               [*params, query.limit, query.offset])
-        return [DeviceRow.from_row(row) for row in rows], total
+        return self._with_groups(rows), total
 
     def states_awaiting_delivery(self) -> dict[str, str | None]:
         """Last reported state of every device that has commands left to deliver."""

@@ -25,6 +25,7 @@ from cloud_bridge.store.deliveries import Deliveries
 from cloud_bridge.store.devices import Devices
 from cloud_bridge.store.events import Alerts, Events
 from cloud_bridge.store.feeds import Feeds
+from cloud_bridge.store.groups import Groups
 from cloud_bridge.store.models import Models
 from cloud_bridge.store.observations import Observations
 from cloud_bridge.store.replies import Chunks, Replies
@@ -68,6 +69,7 @@ class Registry:
         self._connection = Connection(backend)
         self.counters = Counters(self._connection)
         self.devices = Devices(self._connection)
+        self.groups = Groups(self._connection, self.devices)
         self.commands = Commands(self._connection)
         self.replies = Replies(self._connection, self.devices, self.commands, self.counters)
         self.chunks = Chunks(self._connection, self.devices, self.commands, self.counters)

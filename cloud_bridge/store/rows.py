@@ -48,23 +48,37 @@ class DeviceRow:
     model_name: str | None
     model_sha256: str | None
     n_gpu_layers: int | None
-    groups: list[str]
+    groups: list[str]  # the groups the registry assigns it (`device_groups`): the membership routing uses
     kinds: list[str]
     last_telemetry: dict[str, Any] | None
     policy: dict[str, Any] | None = None
     status_ts: str | None = None  # `ts` of the newest timestamped Status applied
+    claimed_groups: list[str] = field(default_factory=list)  # what its last online Status announced: a hint
     previous_model_name: str | None = None  # the slot a `model` rollback returns to (None: older agent)
     previous_model_sha256: str | None = None
     rollout: str | None = None  # the rollout of the last deploy that changed the model
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> DeviceRow:
-        values = dict(row)
-        for key in ("groups", "kinds"):
+    def from_row(cls, row: dict[str, Any], groups: list[str]) -> DeviceRow:
+        values = dict(row, groups=sorted(groups))
+        for key in ("claimed_groups", "kinds"):
             values[key] = loads(values[key]) or []
         for key in ("last_telemetry", "policy"):
             values[key] = loads(values[key])
         return cls(**values)
+
+    @property
+    def group_mismatch(self) -> bool:
+        """Its announced groups differ from its assignment (only once it announced any: state known)."""
+        return self.state is not None and set(self.claimed_groups) != set(self.groups)
+
+    @property
+    def routable_groups(self) -> list[str]:
+        """The groups whose work may go to it: assigned AND announced (it subscribes to that group's
+        topic), and none at all while it announces a group it is not assigned (a suspect device)."""
+        if not set(self.claimed_groups) <= set(self.groups):
+            return []
+        return [g for g in self.groups if g in self.claimed_groups]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.store.backends import Backend, Dialect
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 WORDS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"SERIAL_ID": "INTEGER PRIMARY KEY", "BIGINT": "INTEGER", "BOOL": "INTEGER", "BYTES": "BLOB",
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS devices (
     model_name TEXT,
     model_sha256 TEXT,
     n_gpu_layers BIGINT,
-    groups TEXT,                -- JSON list
+    claimed_groups TEXT,        -- JSON list: the groups its last online Status announced (a hint, see device_groups)
     kinds TEXT,                 -- JSON list
     last_telemetry TEXT,        -- JSON object
     policy TEXT,                -- JSON object: the policy in force (output of the last `config` command)
@@ -116,7 +116,8 @@ CREATE INDEX IF NOT EXISTS commands_by_wire_id ON commands (wire_id, device_id);
 CREATE TABLE IF NOT EXISTS alerts (
     id SERIAL_ID,
     device_id TEXT NOT NULL,
-    kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop | dead_letters (device '*')
+    kind TEXT NOT NULL,         -- offline | error_rate | outbox_growing | tokens_per_s_drop | group_mismatch
+                                -- | dead_letters (device '*')
     message TEXT NOT NULL,
     raised_at TEXT NOT NULL,
     cleared_at TEXT,            -- NULL while the condition holds
@@ -211,6 +212,13 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (rollout_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS device_groups (  -- group membership as the cloud assigns it: the only one routing uses
+    device_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    assigned_at TEXT NOT NULL,
+    PRIMARY KEY (device_id, group_name)
+);
+CREATE INDEX IF NOT EXISTS device_groups_by_group ON device_groups (group_name);
 """
 
 
@@ -258,6 +266,9 @@ MIGRATIONS: dict[int, tuple[str | Only, ...]] = {
         "message TEXT NOT NULL, raised_at TEXT NOT NULL, cleared_at TEXT)",
         "ALTER TABLE alerts ADD COLUMN acknowledged_at TEXT",
         "ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT",
+    ),
+    8: (  # the `device_groups` table comes from SCHEMA; it starts empty (`cloud-bridge group import-claimed`)
+        "ALTER TABLE devices RENAME COLUMN groups TO claimed_groups",
     ),
 }
 

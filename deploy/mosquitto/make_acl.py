@@ -2,14 +2,19 @@
 """Render the mosquitto ACL of a fleet from deploy/mosquitto/acl.template.
 
 Usage:
-  python3 deploy/mosquitto/make_acl.py fleet.toml > /etc/mosquitto/autoglm.acl
+  cloud-bridge group list --config bridge.toml --toml > groups.toml
+  python3 deploy/mosquitto/make_acl.py fleet.toml --groups groups.toml > /etc/mosquitto/autoglm.acl
 
-fleet.toml (every key but `groups` optional):
+Group membership is assigned in the bridge's registry (`cloud-bridge group add|remove`); `--groups`
+takes the `[groups]` table from its export, which replaces any `[groups]` in fleet.toml. Reload
+mosquitto (SIGHUP) after writing the ACL.
+
+fleet.toml (every key optional):
   prefix = "autoglm"            # mqtt.topic_prefix of the agents and the bridge
   bridge_users = ["cloud-bridge-1", "cloud-bridge-2"]  # CN of each bridge replica's certificate
                                 # (default ["cloud-bridge"]; `bridge_user = "..."` names just one)
-  [groups]                      # group -> the gateways (device ids) in it
-  site-a = ["gw-01", "gw-02"]
+  [groups]                      # group -> the gateways (device ids) in it; without --groups only
+  site-a = ["gw-01", "gw-02"]   # (a fleet that does not use groups, or a test)
 
 Standard library only, so it runs on the broker host without the project installed.
 """
@@ -69,10 +74,14 @@ def render(fleet: dict[str, object], template: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fleet", type=Path, help="fleet TOML file (groups and their gateways)")
+    parser.add_argument("fleet", type=Path, help="fleet TOML file (prefix, bridge users)")
+    parser.add_argument("--groups", type=Path, metavar="FILE",
+                        help="the [groups] table from `cloud-bridge group list --toml` (the registry's membership)")
     args = parser.parse_args(argv)
     try:
         fleet = tomllib.loads(args.fleet.read_text(encoding="utf-8"))
+        if args.groups is not None:
+            fleet["groups"] = tomllib.loads(args.groups.read_text(encoding="utf-8")).get("groups", {})
         sys.stdout.write(render(fleet, TEMPLATE.read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError, FleetError) as exc:
         print(f"make_acl: {args.fleet}: {exc}", file=sys.stderr)

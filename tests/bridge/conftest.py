@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 PG_ADMIN_URL = os.environ.get("AUTOGLM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_TABLES = ("devices, device_states, commands, replies, stream_chunks, events, alerts, counters, dead_letters, "
-             "alert_deliveries, api_tokens, audit_log, models, rollouts, rollout_devices")
+             "alert_deliveries, api_tokens, audit_log, models, rollouts, rollout_devices, device_groups")
 
 
 @contextmanager

@@ -28,10 +28,10 @@ def reply(seq: int, status: str, command_id: str | None = "c1", device_id: str =
                  output=output, error=error, metrics=metrics or {})
 
 
-def online(device_id: str = "dev-1", kinds: list[str] | None = None) -> Status:
+def online(device_id: str = "dev-1", kinds: list[str] | None = None, groups: list[str] | None = None) -> Status:
     return Status(device_id=device_id, state="online", ts=format_ts(T0), agent_version="0.1.0",
                   model=ModelInfo(name="glm-4-tiny", sha256="ab" * 32, arch="glm4", quant="Q4_0", n_gpu_layers=0),
-                  kinds=kinds or ["ping", "chat", "complete", "cancel"], groups=["lab"])
+                  kinds=kinds or ["ping", "chat", "complete", "cancel"], groups=groups or [])
 
 
 def offline(device_id: str = "dev-1") -> Status:

@@ -28,7 +28,8 @@ def client(registry):
 
 def _fleet(registry) -> None:
     for device_id in ("gw-a", "gw-b"):
-        registry.devices.record_status(online(device_id), T0)
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab")
     registry.devices.record_status(Status(device_id="gw-c", state="offline"), T0)
 
 
@@ -53,7 +54,8 @@ def test_devices_are_listed_with_their_state_model_and_groups(client, registry):
 
 def test_devices_come_a_page_at_a_time_with_the_total_in_a_header(client, registry):
     for i in range(120):
-        registry.devices.record_status(online(f"gw-{i:03d}"), T0)
+        registry.devices.record_status(online(f"gw-{i:03d}", groups=["lab"]), T0)
+        registry.groups.add(f"gw-{i:03d}", "lab", T0)
     registry.devices.record_status(Status(device_id="gw-007", state="offline"), T0)
     first = client.get("/api/devices")
     assert first.headers["X-Total-Count"] == "120" and len(first.json()) == 100  # the default page

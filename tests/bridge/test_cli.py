@@ -21,7 +21,7 @@ def config(tmp_path: Path) -> Path:
     path.write_text('[store]\npath = "registry.db"\n')
     registry = Registry.open(tmp_path / "registry.db")
     for device_id in ("gw-a", "gw-b"):
-        registry.devices.record_status(online(device_id), T0)
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
     registry.close()
     return path
 
@@ -41,7 +41,45 @@ def test_devices_and_commands_print_json_for_scripts(config, capsys):
     assert (row["id"], row["priority"], row["state"]) == ("p1", 7, "pending") and "raw_payload" not in row
 
 
+def test_group_membership_is_managed_by_the_cli_and_exported_for_the_acl(config, capsys):
+    code, out, _ = run(capsys, "group", "list", "--config", str(config), "--json")
+    assert json.loads(out)["gw-a"] == {"assigned": [], "announced": ["lab"], "routed": []}
+    code, out, err = run(capsys, "group", "add", "--config", str(config), "gw-a", "lab")
+    assert code == 0 and "gw-a: assigned lab" in out and "make_acl.py" in err
+    code, out, _ = run(capsys, "group", "add", "--config", str(config), "gw-c", "site-b")  # before it ever reports
+    code, out, _ = run(capsys, "group", "list", "--config", str(config), "--toml")
+    assert out.splitlines()[1:] == ["[groups]", '"lab" = ["gw-a"]', '"site-b" = ["gw-c"]']
+    code, out, _ = run(capsys, "group", "list", "--config", str(config))
+    assert "MISMATCH" in out  # gw-b announces lab, is assigned nothing
+    assert run(capsys, "group", "add", "--config", str(config), "gw-a", "a/b")[0] == EXIT_USAGE
+    assert run(capsys, "group", "remove", "--config", str(config), "gw-c", "site-b")[0] == 0
+    code, _, err = run(capsys, "group", "remove", "--config", str(config), "gw-c", "site-b")
+    assert code == EXIT_USAGE and "is not assigned site-b" in err
+    registry = Registry.open(config.parent / "registry.db")
+    audit = [(a.actor.startswith("cli:"), a.action, a.target, a.outcome.split(":")[0])
+             for a in reversed(registry.audit.recent(10))]
+    registry.close()
+    assert audit == [(True, "group add", "group/lab gw-a", "ok"), (True, "group add", "group/site-b gw-c", "ok"),
+                     (True, "group add", "group/a/b gw-a", "error"), (True, "group remove", "group/site-b gw-c", "ok"),
+                     (True, "group remove", "group/site-b gw-c", "error")]
+
+
+def test_import_claimed_assigns_what_each_device_announced_once(config, capsys):
+    code, out, _ = run(capsys, "group", "import-claimed", "--config", str(config))
+    assert code == 0 and "gw-a: assigned lab" in out and "gw-b: assigned lab" in out and "2 assignment(s)" in out
+    code, out, _ = run(capsys, "group", "import-claimed", "--config", str(config))
+    assert "0 assignment(s)" in out
+    code, out, _ = run(capsys, "group", "list", "--config", str(config), "--json")
+    assert json.loads(out)["gw-b"]["routed"] == ["lab"]
+    registry = Registry.open(config.parent / "registry.db")
+    assert [(a.action, a.target, a.outcome) for a in registry.audit.recent(10)] == [
+        ("group import-claimed", "*", "ok")] * 2
+    registry.close()
+
+
 def test_devices_takes_the_filters_of_the_api(config, capsys):
+    for device_id in ("gw-a", "gw-b"):
+        run(capsys, "group", "add", "--config", str(config), device_id, "lab")
     code, out, _ = run(capsys, "devices", "--config", str(config), "--json", "--match", "A")
     assert code == 0 and [d["device_id"] for d in json.loads(out)] == ["gw-a"]
     code, out, _ = run(capsys, "devices", "--config", str(config), "--group", "lab", "--limit", "1", "--offset", "1")
@@ -53,6 +91,8 @@ def test_devices_takes_the_filters_of_the_api(config, capsys):
 
 
 def test_policy_set_sends_a_config_command_to_every_group_member_and_policy_shows_what_is_in_force(config, capsys):
+    for device_id in ("gw-a", "gw-b"):
+        run(capsys, "group", "add", "--config", str(config), device_id, "lab")
     code, out, err = run(capsys, "policy", "--config", str(config), "group/lab", "--set", '{"temperature": 0.2}',
                          "--no-wait")
     ids = out.split()

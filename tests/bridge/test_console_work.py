@@ -50,6 +50,8 @@ def _seed(registry: Registry) -> None:
     status("gw-3", "offline", 20)
     status("gw-3", "online", 10, ("edge",))
     status("gw-3", "offline", 5, ("edge",))
+    for device_id in ("gw-1", "gw-2"):  # membership is the registry's: gw-3 announces edge, assigned nothing
+        registry.groups.add(device_id, "lab", now)
     for device_id, limit in LIMITS.items():
         registry.devices.record_telemetry(Telemetry(
             device_id=device_id, ts=format_ts(now), queue_depth=0, outbox_depth=0, outbox_bytes=0,
@@ -178,6 +180,7 @@ def test_device_page_acknowledges_an_alert_and_pushes_a_policy(console, browser)
     history = [row.text for row in panel.find_elements(By.CSS_SELECTOR, "#device-states tbody tr")]
     assert [line.split()[0] for line in history] == ["offline", "online", "offline", "online"]
     assert "waiting-1" in panel.text and "ping-59" in panel.text
+    assert _fact(panel, "groups") == "-" and _fact(panel, "announced_groups") == "edge"  # assigned vs announced
     panel.find_element(By.XPATH, ".//button[text()='Acknowledge']").click()
     wait.until(lambda b: "by file at" in b.find_element(By.ID, "device-detail").text)
     assert registry.alerts.recent(device_id="gw-3")[0].acknowledged_by == "file"
@@ -191,7 +194,15 @@ def test_device_page_acknowledges_an_alert_and_pushes_a_policy(console, browser)
     assert config.payload["params"] == {"max_tokens": 128, "temperature": 0.2}
     browser.get(url + "/#device=gw-2")
     wait.until(lambda b: b.find_element(By.ID, "device-detail").get_attribute("data-device") == "gw-2")
+    assert _fact(browser.find_element(By.ID, "device-detail"), "groups") == "lab"
     _screenshot(browser, "console-device.png")
+
+
+def _fact(panel, name: str) -> str:
+    """The value next to `name` in a facts table of the device page."""
+    from selenium.webdriver.common.by import By
+
+    return panel.find_element(By.XPATH, f".//tr[td[1]='{name}']/td[2]").text
 
 
 def test_command_page_shows_the_error_and_cancels(console, browser):

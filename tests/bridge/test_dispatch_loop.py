@@ -86,7 +86,8 @@ def test_a_group_command_is_published_once_on_the_group_topic_and_resent_until_e
 
     dispatch, publisher = make(registry)
     for device_id in ("gw-a", "gw-b"):
-        registry.devices.record_status(online(device_id), T0)
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab")
     send_to_many(registry, CommandRequest(target="any", kind="ping", id="g1"), DeviceFilter(group="lab"), T0)
     assert dispatch.run_once(at(0)) == 1
     assert [(t, p["id"], p["target"]) for t, p, _, _ in publisher.sent] == [("P/group/lab/cmd", "g1", "group/lab")]

@@ -23,11 +23,17 @@ from .test_cli import run
 TOKEN = "rollout-token-0123456789"
 
 
+def lab_fleet(registry: Registry) -> None:
+    """Three devices online, members of group lab (announced, and assigned by the registry)."""
+    for device_id in ("gw-a", "gw-b", "gw-c"):
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab", T0)
+
+
 @pytest.fixture
 def api(registry, tmp_path: Path):
     config = BridgeConfig(models=ModelsConfig(dir=tmp_path / "models", secret_file=tmp_path / "secret"))
-    for device_id in ("gw-a", "gw-b", "gw-c"):
-        registry.devices.record_status(online(device_id), T0)
+    lab_fleet(registry)
     artifacts.register(registry, config.models.dir, write_gguf(tmp_path / "glm-new.gguf"))
     with TestClient(create_app(registry, config, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield client
@@ -103,8 +109,9 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "bridge.toml"
     path.write_text('[store]\npath = "registry.db"\n[models]\npublic_url = "http://bridge.lan:8080"\n')
     registry = Registry.open(tmp_path / "registry.db")
-    for device_id in ("gw-a", "gw-b"):
-        registry.devices.record_status(online(device_id), T0)
+    for device_id in ("gw-a", "gw-b"):  # members of group lab
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab", T0)
     registry.close()
     return path
 
@@ -159,8 +166,7 @@ def test_model_add_list_remove_and_rollout_create_status_on_the_command_line(con
 def page_url(tmp_path: Path) -> Iterator[str]:
     registry = Registry.open(tmp_path / "registry.db")
     config = BridgeConfig(models=ModelsConfig(dir=tmp_path / "models", secret_file=tmp_path / "secret"))
-    for device_id in ("gw-a", "gw-b", "gw-c"):
-        registry.devices.record_status(online(device_id), T0)
+    lab_fleet(registry)
     artifacts.register(registry, config.models.dir, write_gguf(tmp_path / "glm-new.gguf"))
     rollouts.create(registry, config, rollouts.RolloutRequest(model="glm-new", target="group/lab", waves=[100],
                                                               id="rp"), T0)

@@ -51,6 +51,13 @@ def device(broker: Broker, prefix: str, device_id: str, outcome: str, started: l
     return fake
 
 
+def assign_lab(bridge: HttpBridge, ids: list[str]) -> None:
+    """Make the devices members of group lab: they announce it, the registry must assign it too."""
+    for device_id in ids:
+        answer = bridge.api.put(f"/api/groups/lab/members/{device_id}")
+        assert answer.status_code == 200, answer.text
+
+
 def known_online(bridge: HttpBridge, ids: list[str]) -> bool:
     devices = {d["device_id"]: d for d in bridge.api.get("/api/devices").json()}
     return all(devices.get(i, {}).get("state") == "online" for i in ids)
@@ -67,6 +74,7 @@ def test_ten_devices_in_three_waves_one_canary_failure_halts_and_rolls_back_its_
     fakes = {d: device(mosquitto, prefix, d, "canary_fail" if d == "gw-03" else "activate", started)
              for d in DEVICES}
     wait_until(lambda: known_online(bridge, DEVICES), 15, "the bridge to see 10 devices online")
+    assign_lab(bridge, DEVICES)
     model = add_model(bridge, tmp_path)
     created = bridge.api.post("/api/rollouts", json={"model": "glm-new", "target": "group/lab",
                                                      "waves": [10, 50, 100], "max_failures": 0, "id": "r10"})
@@ -116,6 +124,7 @@ def test_an_offline_device_gets_its_deploy_when_it_returns_and_one_that_never_do
     ids = ["gw-on", "gw-late", "gw-gone"]
     fakes = {d: device(mosquitto, prefix, d, "activate", started) for d in ids}
     wait_until(lambda: known_online(bridge, ids), 15, "the bridge to see the devices online")
+    assign_lab(bridge, ids)
     for device_id in ("gw-late", "gw-gone"):  # leave with their broker session kept
         fakes[device_id].go_offline()
         fakes[device_id].stop()
@@ -152,6 +161,7 @@ def test_two_replicas_on_one_postgresql_drive_a_rollout_sending_each_device_one_
     ids = DEVICES[:6]
     fakes = {d: device(mosquitto, prefix, d, "activate", started) for d in ids}
     wait_until(lambda: known_online(bridges[0], ids), 15, "the replicas to see the devices online")
+    assign_lab(bridges[1], ids)
     add_model(bridges[1], tmp_path)
     created = bridges[0].api.post("/api/rollouts", json={"model": "glm-new", "target": "group/lab",
                                                          "waves": [20, 50, 100], "id": "r12"})

@@ -34,8 +34,9 @@ def config(tmp_path: Path) -> BridgeConfig:
 
 @pytest.fixture
 def fleet(registry: Registry, config: BridgeConfig, tmp_path: Path):
-    for device_id in DEVICES:
-        registry.devices.record_status(online(device_id), T0)
+    for device_id in DEVICES:  # members of group lab: announced, and assigned by the registry
+        registry.devices.record_status(online(device_id, groups=["lab"]), T0)
+        registry.groups.add(device_id, "lab", T0)
     model, _ = artifacts.register(registry, config.models.dir, write_gguf(tmp_path / "glm-new.gguf"))
     return model
 

@@ -3,17 +3,21 @@ with its HTTP server, then the official `openai` client and a headless Chromium 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from autoglm_wire.protocol import Status, format_ts, utc_now
 from tests.support.agent_proc import AgentProcess, write_agent_config
 from tests.support.broker import Broker
+from tests.support.cloud import CloudClient
 
 from .conftest import HttpBridge, start_http_bridge, wait_until
 
@@ -28,6 +32,7 @@ DEVICE = "gw-stack"
 class Stack:
     bridge: HttpBridge
     agent: AgentProcess
+    broker: Broker
 
     @property
     def url(self) -> str:
@@ -58,7 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     bridge = start_http_bridge(folder / "bridge", broker.port, "autoglm")
     try:
         wait_until(lambda: _device_online(bridge.api), 120, f"{DEVICE} online in the bridge's registry")
-        yield Stack(bridge, agent)
+        assert bridge.api.put(f"/api/groups/lab/members/{DEVICE}").json()["added"]  # membership is the cloud's
+        yield Stack(bridge, agent, broker)
     finally:
         bridge.stop()
         agent.stop_quietly()
@@ -73,6 +79,32 @@ def test_a_ping_to_the_group_reaches_the_agent_over_the_group_topic_and_is_track
     final = stack.command(row["id"])
     assert final["reply"]["command_id"] == created["batch"] and final["reply"]["output"]["pong"] is True
     assert "group/lab/cmd" in stack.bridge.log_path.read_text()
+
+
+def test_a_rogue_device_claiming_a_group_in_its_retained_status_gets_none_of_its_work(stack):
+    """Issue #19 attack 2 on the real stack: gw-rogue publishes a retained status saying it is in
+    `lab` and `site-b`; the registry assigns it nothing."""
+    rogue = Status(device_id="gw-rogue", state="online", ts=format_ts(utc_now()), agent_version="0.1.0",
+                   kinds=["ping", "chat"], groups=["lab", "site-b"])
+    with closing(CloudClient(stack.broker.port)) as client:
+        client.client.publish("autoglm/gw-rogue/status", rogue.model_dump_json(exclude_none=True), qos=1,
+                              retain=True).wait_for_publish(10)
+        wait_until(lambda: stack.bridge.api.get("/api/devices/gw-rogue").status_code == 200, 30, "the rogue's status")
+        client.client.publish("autoglm/gw-rogue/status", b"", qos=1, retain=True).wait_for_publish(10)
+        gone = Status(device_id="gw-rogue", state="offline", ts=format_ts(utc_now()))
+        client.client.publish("autoglm/gw-rogue/status", gone.model_dump_json(exclude_none=True), qos=1,
+                              ).wait_for_publish(10)  # the attack is over: the rest of the module sees it gone
+    models = {m["id"] for m in stack.bridge.api.get("/v1/models").json()["data"]}
+    assert "group/site-b" not in models and "group/lab" in models
+    for target in ({"target": "group/lab"}, {"filter": {"group": "lab"}}):
+        created = stack.bridge.api.post("/api/commands", json={**target, "kind": "ping"}).json()
+        assert [c["device_id"] for c in created["commands"]] == [DEVICE], target
+    refused = stack.bridge.api.post("/api/commands", json={"filter": {"group": "site-b"}, "kind": "ping"})
+    assert refused.status_code == 400 and "registry" in refused.json()["error"]["message"]
+    chat = stack.bridge.api.post("/v1/chat/completions", json={
+        "model": "group/site-b", "messages": [{"role": "user", "content": "the site-b secret"}], "max_tokens": 4})
+    assert chat.status_code in (404, 503)
+    assert not any("site-b secret" in json.dumps(c["payload"]) for c in stack.bridge.api.get("/api/commands").json())
 
 
 # --- the OpenAI-compatible endpoint --------------------------------------------------------------
@@ -121,7 +153,7 @@ def test_an_unknown_model_is_a_404_that_says_how_to_list_models(stack, openai_cl
 
 def test_the_console_page_shows_the_device_live_and_streams_an_answer_to_a_prompt(stack, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser.get(stack.url + "/")
     browser.find_element(By.ID, "token").send_keys(stack.token)
@@ -131,6 +163,7 @@ def test_the_console_page_shows_the_device_live_and_streams_an_answer_to_a_promp
     wait.until(lambda b: DEVICE in [o.get_attribute("value") for o in b.find_elements(By.CSS_SELECTOR, "#target *")])
     _save_screenshot(browser, "console-devices.png")
 
+    Select(browser.find_element(By.ID, "target")).select_by_value(DEVICE)  # other devices may sort first
     browser.find_element(By.ID, "prompt").send_keys("Hello from the browser")
     browser.find_element(By.ID, "send-button").click()
     status = browser.find_element(By.ID, "send-status")

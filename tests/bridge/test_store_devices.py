@@ -11,11 +11,12 @@ from .factories import T0, at, offline, online
 
 
 def test_an_online_status_records_the_device_identity(registry):
-    assert registry.devices.record_status(online(), at(1))
+    assert registry.devices.record_status(online(groups=["lab"]), at(1))
     device = registry.devices.get("dev-1")
     assert (device.state, device.since, device.last_seen) == ("online", format_ts(at(1)), format_ts(at(1)))
     assert (device.model_name, device.model_sha256, device.n_gpu_layers) == ("glm-4-tiny", "ab" * 32, 0)
-    assert device.groups == ["lab"] and "chat" in device.kinds and device.agent_version == "0.1.0"
+    assert device.claimed_groups == ["lab"] and "chat" in device.kinds and device.agent_version == "0.1.0"
+    assert device.groups == [] and device.routable_groups == []  # membership is the registry's, not the claim
 
 
 def test_the_last_will_marks_the_device_offline_and_keeps_its_identity(registry):
@@ -91,6 +92,7 @@ def _numbered_fleet(registry, n: int) -> None:
             status = status.model_copy(update={"model": status.model.model_copy(update={"name": "glm-big",
                                                                                          "sha256": "cd" * 32})})
         registry.devices.record_status(status, T0)
+        registry.groups.add(status.device_id, status.groups[0], T0)  # assigned as announced
     for i in range(0, n, 5):
         registry.devices.record_status(offline(f"gw-{i:03d}"), T0)
 
@@ -102,7 +104,7 @@ def test_a_page_of_devices_is_filtered_and_counted_in_sql(registry):
     rows, total = registry.devices.page(DeviceQuery(state="offline"))
     assert total == 6 and all(d.state == "offline" for d in rows)
     rows, total = registry.devices.page(DeviceQuery(group="lab"))  # case-sensitive on both backends
-    assert total == 15 and all(int(d.device_id[3:]) % 2 for d in rows)
+    assert total == 15 and all(int(d.device_id[3:]) % 2 and d.groups == ["lab"] for d in rows)
     assert registry.devices.page(DeviceQuery(model="glm-big"))[1] == 10
     assert registry.devices.page(DeviceQuery(model="cdcd"))[1] == 10  # a sha256 prefix
     assert registry.devices.page(DeviceQuery(model="glm-4-tiny", state="online", group="Lab"))[1] == 8

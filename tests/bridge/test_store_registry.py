@@ -80,7 +80,7 @@ CREATE TABLE events (id SERIAL_ID, device_id TEXT NOT NULL, ts TEXT NOT NULL, le
 INSERT INTO stream_chunks VALUES (1, 'old-gw', 'c0', 0, 'hi', TRUE, '2026-11-21T10:00:00.000Z');
 INSERT INTO events (device_id, ts, level, code, message, data, received_at) VALUES ('old-gw',
     '2026-11-21T10:00:00.000Z', 'info', 'tick', 'old', '{}', '2026-11-21T10:00:00.000Z');
-INSERT INTO devices (device_id, state) VALUES ('old-gw', 'online');
+INSERT INTO devices (device_id, state, groups) VALUES ('old-gw', 'online', '["lab"]');
 """
 
 
@@ -115,6 +115,10 @@ def test_a_version_1_registry_is_upgraded_in_place_and_keeps_its_rows(empty_stor
     try:
         assert registry.devices.get("old-gw").state == "online" and registry.devices.get("old-gw").policy is None
         assert registry.commands.add(command(), "old-gw", T0).priority == 0
+        # v8: what it announced is kept as a claim; membership starts empty until imported
+        assert (registry.devices.get("old-gw").claimed_groups, registry.devices.get("old-gw").groups) == (["lab"], [])
+        assert registry.groups.import_claimed(T0) == ([("old-gw", "lab")], [])
+        assert registry.groups.members() == {"lab": ["old-gw"]}
         assert registry.alerts.recent() == [] and registry.feeds.chunks(0)[0].delta == "hi"
         assert registry._connection.backend.schema_version() == schema.SCHEMA_VERSION
         assert registry.chunks.record("new-gw", chunk(0, "again", "c0"), at(1)), "one command id on two devices"
@@ -142,3 +146,27 @@ def test_a_registry_newer_than_this_bridge_is_refused(empty_store):
     backend.close()
     with pytest.raises(BridgeError, match="newer than this cloud-bridge understands"):
         empty_store.open()
+
+
+def test_a_version_7_registry_gets_group_membership_and_keeps_what_devices_announced(empty_store):
+    empty_store.open().close()
+    backend = empty_store.backend()
+    try:
+        with backend.exclusive():  # back to version 7: no device_groups, devices.groups holds the announcements
+            backend.execute("DROP TABLE device_groups")
+            backend.execute("ALTER TABLE devices RENAME COLUMN claimed_groups TO groups")
+            backend.execute("INSERT INTO devices (device_id, state, groups, rollout) "
+                            "VALUES ('v7-gw', 'online', '[\"lab\", \"site-a\"]', 'r1')")
+            backend.set_schema_version(7)
+    finally:
+        backend.close()
+    registry = empty_store.open()
+    try:
+        device = registry.devices.get("v7-gw")
+        assert (device.claimed_groups, device.groups, device.rollout) == (["lab", "site-a"], [], "r1")
+        assert device.routable_groups == [], "announcing groups routes nothing until they are assigned"
+        assert registry.groups.add("v7-gw", "lab", T0)
+        assert registry.groups.members() == {"lab": ["v7-gw"]}
+        assert registry._connection.backend.schema_version() == schema.SCHEMA_VERSION == 8
+    finally:
+        registry.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +235,57 @@ def test_a_port_already_taken_stops_the_agent_with_exit_2(tmp_path: Path, tiny_m
         agent = AgentProcess(config, tmp_path / "a.log").start()
         assert agent.process is not None and agent.process.wait(timeout=60) == 2
     assert f"http.host/http.port = 127.0.0.1:{port}: cannot listen there" in agent.log_text()
+
+
+def raw_request(port: int, path: str, body: dict) -> socket.socket:
+    """A request sent on a raw socket, so the test can close it when it likes."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def new_local_command(store: Path, before: set[str], state: str) -> str:
+    """The one local command that appeared in the ledger since `before`, once it is in `state`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fresh = {c: s for c, s in read_ledger(store).items() if c.startswith("local-") and c not in before}
+        if len(fresh) == 1 and state in fresh.values():
+            return next(iter(fresh))
+        time.sleep(0.02)
+    raise AssertionError(f"no new local command reached {state}: {fresh}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_mid_request_cancels_its_command(served: tuple[int, Path, str], cloud: CloudClient,
+                                                                   stream: bool) -> None:
+    port, store, device = served
+    before = set(read_ledger(store))
+    sock = raw_request(port, "/v1/completions", {"model": "any", "prompt": "Long", "max_tokens": 4000,
+                                                  "stream": stream})
+    command_id = new_local_command(store, before, "running")
+    if stream:  # the headers and the first text chunk have arrived: the stream is flowing
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+    sock.close()
+    reply = cloud.wait_terminal(command_id)
+    assert reply["status"] == "cancelled" and reply["output"]["usage"]["completion_tokens"] < 4000
+    assert read_ledger(store)[command_id] == "cancelled"
+    cancels = [r for r in cloud.replies() if r["status"] == "succeeded" and r["metrics"].get("kind") == "cancel"
+               and r["output"].get("target") == command_id]
+    assert cancels and cancels[0]["metrics"]["origin"] == "local"  # the cancel is a local command the cloud sees
+    if stream:
+        assert cloud.on(f"/stream/{command_id}"), "a streamed local command streams to the cloud too"
+
+
+def test_a_streamed_local_request_streams_its_chunks_to_the_cloud(served: tuple[int, Path, str],
+                                                                   cloud: CloudClient) -> None:
+    chunks = list(client(served[0]).completions.create(model="any", prompt="Valve 7 is", max_tokens=8,
+                                                       temperature=0, stream=True))
+    command_id = chunks[0].id.removeprefix("cmpl-")
+    text = "".join(c.choices[0].text for c in chunks)
+    cloud.wait_terminal(command_id)
+    cloud.wait_for(lambda: any(c.get("done") for c in cloud.on(f"/stream/{command_id}")), 10, "the last chunk")
+    assert "".join(c["delta"] for c in cloud.on(f"/stream/{command_id}")) == text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_bridge.store.registry import Registry
 from tests.security.conftest import MAKE_ACL, RawClient, render_acl, tls_env, wait_until
 from tests.security.pki import CertFiles, TestCA
 from tests.support.agent_proc import outbox_rows
@@ -27,11 +28,32 @@ NOT_AUTHORIZED = 0x87
 FLEET = 'prefix = "autoglm"\nbridge_user = "cloud-bridge"\n[groups]\nsite-a = ["gw-a"]\nsite-b = ["gw-b"]\n'
 
 
+def registry_acl(folder: Path) -> Path:
+    """The ACL as shipped for a fleet whose groups are assigned in the bridge's registry:
+    `cloud-bridge group add`, `group list --toml`, `make_acl.py fleet.toml --groups`."""
+    (folder / "bridge.toml").write_text('[store]\npath = "registry.db"\n')
+    Registry.open(folder / "registry.db").close()
+
+    def bridge_cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "cloud_bridge.cli", "group", args[0], "--config",
+                               str(folder / "bridge.toml"), *args[1:]], capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout
+
+    bridge_cli("add", "gw-a", "site-a")
+    bridge_cli("add", "gw-b", "site-b")
+    (folder / "groups.toml").write_text(bridge_cli("list", "--toml"))
+    (folder / "fleet.toml").write_text('prefix = "autoglm"\nbridge_user = "cloud-bridge"\n')
+    acl = subprocess.run([sys.executable, str(MAKE_ACL), str(folder / "fleet.toml"), "--groups",
+                          str(folder / "groups.toml")], capture_output=True, text=True, check=True).stdout
+    (folder / "autoglm.acl").write_text(acl)
+    return folder / "autoglm.acl"
+
+
 @pytest.fixture(scope="module")
 def acl_broker(tmp_path_factory: pytest.TempPathFactory, pki: TestCA, broker_cert: CertFiles) -> Iterator[Broker]:
     tmp = tmp_path_factory.mktemp("acl-broker")
     listener = TlsListener(pki.ca_file, broker_cert.cert, broker_cert.key, use_identity_as_username=True,
-                           acl_file=render_acl(tmp, FLEET))
+                           acl_file=registry_acl(tmp))
     broker = Broker(tmp / "broker", tls=listener).start()
     yield broker
     broker.stop()
@@ -207,6 +229,13 @@ def test_make_acl_refuses_a_device_named_like_the_bridge(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, str(MAKE_ACL), str(tmp_path / "fleet.toml")], capture_output=True,
                             text=True)
     assert result.returncode == 2 and "reserved" in result.stderr
+
+
+def test_the_acl_from_the_registry_grants_each_gateway_only_its_assigned_groups(tmp_path: Path) -> None:
+    acl = registry_acl(tmp_path).read_text()
+    assert "user gw-a\ntopic read autoglm/group/site-a/cmd\n" in acl
+    assert "user gw-b\ntopic read autoglm/group/site-b/cmd\n" in acl
+    assert acl.count("group/site-b/cmd") == 1  # gw-b's grant only (the bridge writes group/+/cmd)
 
 
 def test_make_acl_renders_one_user_block_per_grouped_gateway(tmp_path: Path) -> None:

@@ -97,11 +97,11 @@ class Rig:
         self.kicks += 1
 
     def deliver(self, payload: bytes | dict[str, Any], response_topic: str | None = None,
-                correlation_data: bytes | None = None) -> None:
+                correlation_data: bytes | None = None, local: bool = False) -> None:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.intake.handle(InboundMessage(topic=TOPICS.cmd, payload=raw, response_topic=response_topic,
                                           correlation_data=correlation_data, message_expiry_s=None,
-                                          duplicate_delivery=False))
+                                          duplicate_delivery=False, local=local))
 
     def published(self) -> list[tuple[str, dict[str, Any]]]:
         return [(row.topic, json.loads(row.payload)) for row in self.outbox.pending(0, 1000)]
@@ -193,6 +193,25 @@ def test_a_command_is_stored_accepted_and_a_redelivery_gets_the_same_reply_again
     first, again = rig.published()
     assert first == again and first[1]["status"] == "accepted"
     assert len(rig.inbox.in_state("accepted")) == 1 and rig.kicks == 2
+
+
+def test_an_mqtt_command_with_a_local_id_is_refused_and_only_the_local_api_may_use_one(rig: Rig) -> None:
+    rig.deliver(ping("local-" + "0" * 32))
+    reply = rig.published()[0][1]
+    assert (reply["status"], reply["error"]["code"]) == ("rejected", "invalid_command")
+    assert "reserved for this device's local API" in reply["error"]["message"] and "origin" not in reply["metrics"]
+    assert rig.inbox.get("local-" + "0" * 32) is None
+    rig.deliver(ping("local-" + "1" * 32), local=True)
+    assert rig.inbox.get("local-" + "1" * 32).state == "accepted"
+
+
+def test_a_local_command_needs_no_signature_where_mqtt_commands_do(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, verifier=CommandVerifier(VerifyPolicy(required=True, trusted={}, max_clock_skew_s=60,
+                                                              replay_window_s=600)))
+    rig.deliver(ping("c1"))
+    assert rig.published()[0][1]["error"]["code"] == "unauthorized"
+    rig.deliver(ping("local-" + "2" * 32), local=True)
+    assert rig.inbox.get("local-" + "2" * 32).state == "accepted"
 
 
 def replies(rig: Rig) -> list[dict[str, Any]]:

@@ -10,10 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from autoglm_wire.errors import ConfigError
+from autoglm_wire.openai_requests import ChatCompletionRequest, CompletionRequest
 from autoglm_wire.protocol import Reply, is_command_id, parse_command
 from edge_agent import cli
 from edge_agent.config import HttpConfig
-from edge_agent.local_api import ApiError, _Request, command_params, new_command, reply_error
+from edge_agent.local_api import ApiError, command_params, new_command, reply_error
 from edge_agent.local_calls import LocalCalls
 from edge_agent.preflight import read_token
 
@@ -37,13 +38,13 @@ def test_token_file_first_line_and_short_or_missing_tokens(tmp_path: Path) -> No
 
 
 def test_chat_request_becomes_a_valid_chat_command() -> None:
-    request = _Request.model_validate({
+    request = ChatCompletionRequest.model_validate({
         "model": "x", "messages": [{"role": "developer", "content": "be brief"},
                                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
                                    {"role": "tool", "content": "42"}],
         "max_completion_tokens": 7, "stop": "\n", "temperature": 0, "logit_bias": {"1": 2},
         "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}})
-    params = command_params(request, "chat")
+    params = command_params(request)
     assert params["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                                   {"role": "observation", "content": "42"}]
     assert params["max_tokens"] == 7 and params["stop"] == ["\n"] and params["temperature"] == 0
@@ -55,15 +56,14 @@ def test_chat_request_becomes_a_valid_chat_command() -> None:
 
 def test_completion_needs_exactly_one_prompt_and_chat_a_message() -> None:
     with pytest.raises(ApiError, match="one prompt per request") as caught:
-        command_params(_Request.model_validate({"prompt": ["a", "b"]}), "complete")
+        command_params(CompletionRequest.model_validate({"prompt": ["a", "b"]}))
     assert caught.value.status == 400
     with pytest.raises(ApiError, match="at least one message"):
-        command_params(_Request.model_validate({"messages": []}), "chat")
+        command_params(ChatCompletionRequest.model_validate({"messages": []}))
     with pytest.raises(ApiError, match="json_schema.schema"):
-        command_params(_Request.model_validate({"prompt": "a", "response_format": {"type": "json_schema"}}),
-                       "complete")
-    assert command_params(_Request.model_validate({"prompt": "a", "response_format": {"type": "json_object"}}),
-                          "complete")["response_format"] == {"type": "json_schema", "schema": {"type": "object"}}
+        command_params(CompletionRequest.model_validate({"prompt": "a", "response_format": {"type": "json_schema"}}))
+    assert command_params(CompletionRequest.model_validate({"prompt": "a", "response_format": {"type": "json_object"}})
+                          )["response_format"] == {"type": "json_schema", "schema": {"type": "object"}}
 
 
 def reply(status: str, code: str | None = None, command_id: str = "local-1") -> Reply:
@@ -114,3 +114,19 @@ def test_check_config_opens_the_token_file_relative_to_the_config(tmp_path: Path
     assert cli.main(["check-config", str(config)]) == 0
     out, err = capsys.readouterr()
     assert "ok: http: local API on 127.0.0.1:8089" in err and "t" * 32 not in out + err
+
+
+def test_closed_by_peer_tells_a_closed_connection_from_one_with_bytes_waiting() -> None:
+    import socket
+
+    from edge_agent.local_api import closed_by_peer
+
+    ours, theirs = socket.socketpair()
+    with ours:
+        assert not closed_by_peer(ours)
+        theirs.sendall(b"x")  # a pipelined byte is not a close
+        assert not closed_by_peer(ours)
+        theirs.close()
+        ours.recv(1)
+        assert closed_by_peer(ours)
+    assert closed_by_peer(ours)  # closed on this side too
