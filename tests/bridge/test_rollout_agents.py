@@ -59,7 +59,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     broker = Broker(folder / "broker").start()
     http_port = free_port()
     proxy = ChaosProxy(upstream_port=http_port).start()  # devices download through it
-    proxy.latency(0.03)  # a slow link: a cut lands mid-download
+    proxy.latency(0.05)  # a slow link: a cut lands mid-download
     extra = (f'\n[models]\npublic_url = "http://127.0.0.1:{proxy.port}"\n'
              "\n[rollouts]\ncheck_interval_s = 0.2\n")
     bridge = start_http_bridge(folder / "bridge", broker.port, "autoglm", extra=extra, http_port=http_port)
@@ -100,7 +100,7 @@ def test_a_rollout_through_a_cutting_link_activates_the_model_on_every_agent(fle
     def cutter() -> None:  # cut the first downloads twice each, mid-transfer
         cuts = 0
         while cuts < 4 and not stop.wait(0.02):
-            if fleet.proxy.open_connections() and not stop.wait(0.08):
+            if fleet.proxy.open_connections() and not stop.wait(0.2):  # body bytes are flowing by then
                 cuts += fleet.proxy.cut() > 0
 
     threading.Thread(target=cutter, daemon=True).start()
