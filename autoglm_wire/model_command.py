@@ -55,7 +55,7 @@ class CanaryPrompt(_Strict):
 class Canary(_Strict):
     prompts: list[CanaryPrompt] = Field(default_factory=list, max_length=16)
     min_speed_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
-    max_rss_mb: int | None = Field(default=None, ge=1)
+    max_rss_mb: int | None = Field(default=None, ge=1, le=2**24)  # up to 16 TiB
 
 
 class ModelParams(_Strict):

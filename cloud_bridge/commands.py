@@ -28,12 +28,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from autoglm_wire.protocol import PARAMS_BY_KIND, Command, describe_validation_error, is_command_id, utc_now
-from autoglm_wire.topics import check_device_id, check_group
+from autoglm_wire.protocol import (
+    DEVICE_ID_PATTERN,
+    PARAMS_BY_KIND,
+    Command,
+    describe_validation_error,
+    is_command_id,
+    utc_now,
+)
+from autoglm_wire.topics import GROUP_PATTERN, check_device_id, check_group
 from cloud_bridge.config import DispatchConfig
 from cloud_bridge.console import short_ts
 from cloud_bridge.errors import BadTarget, InvalidRequest
@@ -47,17 +54,21 @@ POLL_S = 0.1
 DISPATCH_DEFAULTS = DispatchConfig()
 
 
+_PRINTABLE = r"^[^\x00-\x1f\x7f]{1,256}$"  # what a Status may name: no NUL or control characters
+
+
 class DeviceFilter(BaseModel):
     """A set of devices: every field given must match (an empty filter matches the whole fleet)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device_ids: tuple[str, ...] = ()
-    group: str | None = None
+    device_ids: tuple[Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)], ...] = ()
+    group: str | None = Field(default=None, pattern=GROUP_PATTERN)
     state: Literal["online", "offline"] | None = None
-    model_sha256: str | None = Field(default=None, description="prefix of the model file's sha256")
-    model_name: str | None = Field(default=None, description="the active model's name")
-    agent_version: str | None = None
+    model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,64}$",
+                                     description="prefix of the model file's sha256")
+    model_name: str | None = Field(default=None, pattern=_PRINTABLE, description="the active model's name")
+    agent_version: str | None = Field(default=None, pattern=_PRINTABLE)
 
     def matches(self, device: DeviceRow) -> bool:
         checks = [

@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_wire import settings
-from autoglm_wire.model_command import Canary
+from autoglm_wire.model_command import MODEL_NAME_PATTERN, Canary
 from autoglm_wire.protocol import Command, describe_validation_error, utc_now
 from cloud_bridge import artifacts, commands
 from cloud_bridge.config import BridgeConfig
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAVES = (5, 25, 100)
 ROLLOUT_ID_CHARS = 64
+MAX_FAILURES_LIMIT = 1_000_000  # more than any fleet has devices; keeps the value a 64-bit integer
 
 
 class RolloutRequest(BaseModel):
@@ -56,12 +57,13 @@ class RolloutRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="a registered model's name or sha256")
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="a registered model's name or sha256")
     target: str | None = Field(default=None, description='a device id or "group/G"')
     filter: commands.DeviceFilter | None = Field(default=None, description="instead of target: matching devices")
     waves: list[float] = Field(default=list(DEFAULT_WAVES), min_length=1, max_length=20,
                                description="cumulative percentages of the devices, the last 100")
-    max_failures: int = Field(default=0, ge=0, description="more failed devices than this halts the rollout")
+    max_failures: int = Field(default=0, ge=0, le=MAX_FAILURES_LIMIT,
+                              description="more failed devices than this halts the rollout")
     canary: Canary | None = None
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 

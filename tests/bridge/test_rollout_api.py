@@ -101,6 +101,26 @@ def test_a_bad_rollout_request_is_a_400_naming_the_field(api):
                     headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
+def test_schema_valid_values_at_and_past_each_types_edge_get_a_4xx_never_a_500(api):
+    big = "100000000000000000000000"  # past 64 bits
+    for raw in ('{"model": "glm-new", "target": "group/lab", "waves": [NaN]}',
+                '{"model": "glm-new", "target": "group/lab", "waves": [Infinity]}',
+                '{"model": "glm-new", "target": "group/lab", "waves": [1e308, 100]}',
+                '{"model": "glm-new", "target": "group/lab", "max_failures": ' + big + '}',
+                '{"model": "glm-new", "target": "group/lab", "canary": {"max_rss_mb": ' + big + '}}',
+                '{"model": "glm-new", "target": "group/lab", "canary": {"min_speed_ratio": NaN}}',
+                '{"model": "glm-new", "target": "group/lab",'
+                ' "canary": {"prompts": [{"prompt": "x", "timeout_s": NaN}]}}',
+                '{"model": "glm-new\\u0000", "target": "group/lab"}',
+                '{"model": "glm-new", "target": "group/lab\\ud800"}',
+                '{"model": "glm-new", "filter": {"group": "lab\\u0000"}}',
+                '{"model": "glm-new", "filter": {"device_ids": ["gw-a\\u0000"]}}',
+                '{"model": "glm-new", "filter": {"model_name": "x\\u0000"}}'):
+        answer = api.post("/api/rollouts", content=raw, headers={"Content-Type": "application/json"})
+        assert answer.status_code in (400, 404, 422) and answer.json()["error"]["message"], (raw, answer.text)
+    assert api.get("/api/rollouts").json() == []  # none of them created anything
+
+
 # --- the CLI ---------------------------------------------------------------------------------------
 
 
