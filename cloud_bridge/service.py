@@ -95,27 +95,34 @@ class Dispatch:
     def run_once(self, now: datetime) -> int:
         """Act on every active command that is due; returns how many were published.
 
-        The member rows of one group command share a publish: the first member due sends it on
-        `P/group/G/cmd`, and the others due in the same pass count that send as theirs. Each chunk
-        of due rows is one transaction that first locks its rows in id order (the order ingest
-        locks them in), then acts on them by priority.
+        Only what may be due is read (`commands.due`). The member rows of one group command share a
+        publish: the first member due sends it on `P/group/G/cmd`, and the others due in the same pass
+        count that send as theirs. Each chunk of due rows is one transaction that first locks its rows
+        in id order (the order ingest locks them in), expires what is past `expires_at`, then claims
+        the chunk's sends in one statement and publishes what it claimed, by priority.
         """
         published = 0
-        device_states = self._registry.devices.states_awaiting_delivery()
         this_pass: set[tuple[str, str | None]] = set()
         due: list[tuple[CommandRow, Decision]] = []
-        for row in self._registry.commands.active():
-            decision = decide(row.view(), device_states.get(row.device_id), now, self._dispatch.resend_interval_s)
+        for row, device_state in self._registry.commands.due(now, self._dispatch.resend_interval_s):
+            decision = decide(row.view(), device_state, now, self._dispatch.resend_interval_s)
             if decision.action in (Action.SEND, Action.EXPIRE):
                 due.append((row, decision))
         for start in range(0, len(due), PASS_CHUNK):
             chunk = due[start:start + PASS_CHUNK]
             with self._registry.transaction():  # one commit per chunk of sends, not one fsync per command
                 self._registry.commands.lock([row.id for row, _ in chunk])
+                sends = []
                 for row, decision in chunk:
                     if decision.action is Action.EXPIRE:
                         self._expire(row, decision.reason, now)
-                    elif self._publisher.connected:
+                    else:
+                        sends.append((row, decision))
+                if not sends or not self._publisher.connected:
+                    continue
+                claimed = self._registry.commands.claim_sends([row for row, _ in sends], now)
+                for row, decision in sends:
+                    if row.id in claimed:  # else a reply moved it past `sent`, or another replica sent it
                         published += self._send(row, decision.reason, now, this_pass)
         return published
 
@@ -125,8 +132,6 @@ class Dispatch:
             log.warning("command %s for %s expired: %s", row.id, row.device_id, reason)
 
     def _send(self, row: CommandRow, reason: str, now: datetime, this_pass: set[tuple[str, str | None]]) -> int:
-        if not self._registry.commands.mark_sent(row.id, now, claim=row):
-            return 0  # a reply moved it past `sent` since we read it, or another replica sent it
         topic = self._topic(row)
         if (topic, row.wire_id) in this_pass:
             return 0

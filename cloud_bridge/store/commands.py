@@ -15,7 +15,8 @@ PostgreSQL, never deadlock each other.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from autoglm_wire.lifecycle import (
     BRIDGE_STATES,
@@ -105,20 +106,54 @@ class Commands:
         )
         return [CommandRow.from_row(row) for row in rows]
 
-    def mark_sent(self, command_id: str, now: datetime | None = None, *, claim: CommandRow | None = None) -> bool:
-        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send).
+    def due(self, now: datetime, resend_interval_s: float) -> list[tuple[CommandRow, str | None]]:
+        """The active commands the dispatcher may have to act on at `now`, each with its device's last
+        reported state (None if it never reported): every `pending` one, and a `sent` one whose
+        `expires_at` has passed or whose resend is due while its device is not known `offline`.
 
-        With `claim` (the row as the caller read it), also False when someone else sent it since: of
-        several bridge replicas deciding on the same row, exactly one wins each send.
+        A superset of what `dispatcher.decide` sends or expires, read in one statement: a `sent`
+        command waiting for `accepted` is not read again until its resend time, so a pass costs what
+        is due, not what is in flight. Highest priority, then oldest first.
         """
+        rows = self._db.query(
+            "SELECT c.*, d.state AS device_state FROM commands c LEFT JOIN devices d ON d.device_id = c.device_id "
+            "WHERE c.state = 'pending' OR (c.state = 'sent' AND (c.expires_at <= ? OR "
+            "((c.last_sent_at IS NULL OR c.last_sent_at <= ?) AND COALESCE(d.state, '') <> 'offline'))) "
+            "ORDER BY c.priority DESC, c.created_at, c.rowid",
+            (stamp(now), stamp(now - timedelta(seconds=resend_interval_s))),
+        )
+        due = []
+        for row in rows:
+            device_state = row.pop("device_state")
+            due.append((CommandRow.from_row(row), device_state))
+        return due
+
+    def claim_sends(self, rows: Sequence[CommandRow], now: datetime) -> set[str]:
+        """Count one more send of each of these commands, as the caller read them, in one statement;
+        returns the ids claimed. A command is not claimed when a reply moved it past `sent` since it
+        was read, or when someone else sent it since (its `attempts` changed): of several bridge
+        replicas deciding on the same row, exactly one wins each send."""
+        claimed: set[str] = set()
         ts = stamp(now)
-        guard, params = "", (ts, ts, command_id)
-        if claim is not None:
-            guard, params = " AND attempts = ?", (*params, claim.attempts)
+        for part in slices(rows):
+            rowset, params = self._db.rowset(("text", "bigint"), [(row.id, row.attempts) for row in part])
+            returned = self._db.query(
+                f"WITH v (i, a) AS ({rowset}) "
+                "UPDATE commands SET state = 'sent', attempts = attempts + 1, last_sent_at = ?, updated_at = ? "
+                "WHERE state IN ('pending', 'sent') AND id IN (SELECT i FROM v) "
+                "AND attempts = (SELECT a FROM v WHERE v.i = commands.id) RETURNING id",
+                [*params, ts, ts],
+            )
+            claimed.update(row["id"] for row in returned)
+        return claimed
+
+    def mark_sent(self, command_id: str, now: datetime | None = None) -> bool:
+        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send)."""
+        ts = stamp(now)
         return self._db.execute(
             "UPDATE commands SET state = 'sent', attempts = attempts + 1, last_sent_at = ?, updated_at = ? "
-            f"WHERE id = ? AND state IN ('pending', 'sent'){guard}",
-            params,
+            "WHERE id = ? AND state IN ('pending', 'sent')",
+            (ts, ts, command_id),
         ) == 1
 
     def mark_expired(self, command_id: str, message: str, now: datetime | None = None) -> bool:

@@ -216,11 +216,3 @@ class Devices:
         rows = self._db.query(f"SELECT * FROM devices WHERE {where} ORDER BY device_id LIMIT ? OFFSET ?",
                               [*params, query.limit, query.offset])
         return self._with_groups(rows), total
-
-    def states_awaiting_delivery(self) -> dict[str, str | None]:
-        """Last reported state of every device that has commands left to deliver."""
-        rows = self._db.query(
-            "SELECT device_id, state FROM devices WHERE device_id IN "
-            "(SELECT device_id FROM commands WHERE state IN ('pending', 'sent'))"
-        )
-        return {row["device_id"]: row["state"] for row in rows}

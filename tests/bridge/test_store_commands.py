@@ -7,7 +7,7 @@ import pytest
 from autoglm_wire.protocol import format_ts
 from cloud_bridge.errors import DuplicateCommand, UnknownCommand
 
-from .factories import T0, at, command, reply
+from .factories import T0, at, command, offline, online, reply
 
 
 def test_a_new_command_is_pending_with_no_attempts(registry):
@@ -73,9 +73,45 @@ def test_active_commands_are_only_pending_and_sent(registry):
 
 def test_of_two_replicas_claiming_the_same_send_exactly_one_wins(registry):
     row = registry.commands.add(command(), "dev-1", T0)
-    assert registry.commands.mark_sent(row.id, at(1), claim=row) is True
-    assert registry.commands.mark_sent(row.id, at(1), claim=row) is False  # the other replica read the same row
+    assert registry.commands.claim_sends([row], at(1)) == {row.id}
+    assert registry.commands.claim_sends([row], at(1)) == set()  # the other replica read the same row
     assert registry.commands.get(row.id).attempts == 1
+
+
+def test_one_statement_claims_a_pass_of_sends_and_skips_what_changed_since_it_was_read(registry):
+    rows = [registry.commands.add(command(f"c{i}"), "dev-1", T0) for i in range(5)]
+    registry.replies.record(reply(1, "accepted", command_id="c1"), at(1))  # the device took it meanwhile
+    registry.commands.mark_sent("c2", at(1))  # another replica sent it meanwhile
+    assert registry.commands.claim_sends(rows, at(2)) == {"c0", "c3", "c4"}
+    assert [(r.id, r.state, r.attempts) for r in (registry.commands.get(f"c{i}") for i in range(5))] == [
+        ("c0", "sent", 1), ("c1", "accepted", 0), ("c2", "sent", 1), ("c3", "sent", 1), ("c4", "sent", 1)]
+    assert registry.commands.get("c0").last_sent_at == format_ts(at(2))
+
+
+def test_more_claims_than_one_statement_holds_are_all_claimed(registry):
+    rows = [registry.commands.add(command(f"c{i:04d}"), "dev-1", T0) for i in range(1203)]
+    assert len(registry.commands.claim_sends(rows, at(1))) == 1203
+
+
+def test_due_reads_pending_and_sends_whose_resend_or_expiry_has_come(registry):
+    registry.devices.record_status(online("dev-1"), T0)
+    registry.devices.record_status(offline("dev-2"), T0)
+    registry.commands.add(command("new"), "dev-1", T0)
+    registry.commands.add(command("waiting"), "dev-1", T0)
+    registry.commands.add(command("resend"), "dev-1", T0)
+    registry.commands.add(command("away", device_id="dev-2"), "dev-2", T0)
+    registry.commands.add(command("late", expires_in_s=30, device_id="dev-2"), "dev-2", T0)
+    registry.commands.add(command("unknown-device", device_id="dev-3"), "dev-3", T0)
+    registry.commands.add(command("taken"), "dev-1", T0)
+    registry.commands.mark_sent("waiting", at(25))
+    for cid in ("resend", "away", "late", "unknown-device"):
+        registry.commands.mark_sent(cid, at(20))
+    registry.replies.record(reply(1, "accepted", command_id="taken"), at(1))
+    due = registry.commands.due(at(30), resend_interval_s=10)
+    assert sorted((row.id, state) for row, state in due) == [
+        ("late", "offline"), ("new", "online"), ("resend", "online"), ("unknown-device", None)]
+    assert {row.id for row, _ in registry.commands.due(at(35), resend_interval_s=10)} == {
+        "new", "waiting", "resend", "late", "unknown-device"}
 
 
 @pytest.mark.parametrize("reports", [["accepted"], ["running"], ["succeeded"], ["accepted", "running", "failed"]])
