@@ -266,15 +266,11 @@ def send_to_many(registry: Registry, request: CommandRequest, device_filter: Dev
     batch = request.id or uuid.uuid4().hex
     if device_filter == DeviceFilter(group=device_filter.group) and device_filter.group is not None:
         return _send_to_group(registry, request, device_filter.group, devices, batch, now, dispatch)
-    queued = Queued(batch)
-    with registry.transaction():
-        for device in devices:
-            one = request.model_copy(update={"target": device.device_id, "filter": None,
-                                             "id": member_id(batch, device)})
-            row, warnings = queue_command(registry, one, now, dispatch, batch=batch)
-            queued.rows.append(row)
-            queued.warnings.extend(warnings)
-    return queued
+    commands = [build_command(request.model_copy(update={"target": device.device_id, "filter": None,
+                                                          "id": member_id(batch, device)}),
+                              now, dispatch.default_expiry_s) for device in devices]
+    return _queue_fan_out(registry, [(command, device, None) for command, device in zip(commands, devices, strict=True)],
+                          batch, now, dispatch)
 
 
 def member_id(batch: str, device: DeviceRow) -> str:
@@ -292,11 +288,21 @@ def _send_to_group(registry: Registry, request: CommandRequest, group: str, memb
     first = request.model_copy(update={"target": members[0].device_id, "filter": None, "id": batch})
     command = build_command(first, now, dispatch.default_expiry_s)
     command = command.model_copy(update={"target": f"{GROUP_PREFIX}{group}"})
+    return _queue_fan_out(registry, [(command, device, member_id(batch, device)) for device in members],
+                          batch, now, dispatch)
+
+
+def _queue_fan_out(registry: Registry, members: list[tuple[Command, DeviceRow, str | None]], batch: str,
+                   now: datetime | None, dispatch: DispatchConfig) -> Queued:
+    """Queue one row per (command, device, row id) in one transaction; a `cancel` also stops the
+    resending of its target (as `queue_command` does)."""
     queued = Queued(batch)
     with registry.transaction():
-        for device in members:
-            row = registry.commands.add(command, device.device_id, now, batch=batch, row_id=member_id(batch, device))
-            queued.rows.append(row)
+        queued.rows = registry.commands.add_many(
+            [(command, device.device_id, row_id) for command, device, row_id in members], now, batch)
+        for row, (_, device, _) in zip(queued.rows, members, strict=True):
+            if row.kind == "cancel":
+                queued.warnings.extend(_cancel_undelivered(registry, row, now))
             queued.warnings.extend(device_warnings(device, row, dispatch.resend_interval_s))
     return queued
 

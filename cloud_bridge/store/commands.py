@@ -69,6 +69,37 @@ class Commands:
             raise DuplicateCommand(key) from exc
         return self.get(key)
 
+    def add_many(self, commands: Sequence[tuple[Command, str, str | None]], now: datetime | None = None,
+                 batch: str | None = None) -> list[CommandRow]:
+        """Queue the (command, device id, row id) of one fan-out, as `add` does each, in one statement
+        per slice (a filter over a thousand devices is not a thousand round trips). Raises
+        DuplicateCommand, and queues none of them, if an id exists."""
+        ts = stamp(now)
+        rows = [(row_id or command.id, device_id, command.kind, command.model_dump_json(by_alias=True),
+                 format_ts(command.expires_at) if command.expires_at else None, command.priority, command.id)
+                for command, device_id, row_id in commands]
+        keys = [row[0] for row in rows]
+        for part in slices(keys):
+            taken = self._db.query(f"SELECT id FROM commands WHERE id IN ({placeholders(part)}) LIMIT 1", part)
+            if taken:
+                raise DuplicateCommand(taken[0]["id"])
+        try:
+            for part in slices(rows):
+                rowset, params = self._db.rowset(("text", "text", "text", "text", "text", "bigint", "text"), part)
+                self._db.execute(
+                    f"WITH v (i, d, k, p, e, pr, w) AS ({rowset}) INSERT INTO commands (id, device_id, kind, payload, "
+                    "created_at, expires_at, updated_at, priority, batch, wire_id) "
+                    "SELECT i, d, k, p, ?, e, ?, pr, ?, w FROM v",
+                    [*params, ts, ts, batch],
+                )
+        except IntegrityError as exc:  # queued meanwhile by another process
+            raise DuplicateCommand(keys[0]) from exc
+        return [CommandRow(id=key, device_id=device_id, kind=kind, payload=json.loads(payload), state="pending",
+                           attempts=0, created_at=ts, expires_at=expires, last_sent_at=None, updated_at=ts,
+                           reply=None, error=None, priority=priority, batch=batch, wire_id=wire_id,
+                           raw_payload=payload)
+                for key, device_id, kind, payload, expires, priority, wire_id in rows]
+
     def get(self, command_id: str) -> CommandRow:
         """The command with this id. Raises UnknownCommand."""
         rows = self._db.query("SELECT * FROM commands WHERE id = ?", (command_id,))

@@ -64,8 +64,9 @@ def _initialise(path: Path) -> None:
 class Registry:
     """The bridge's registry on SQLite or PostgreSQL. Thread-safe: every call takes the connection's lock."""
 
-    def __init__(self, backend: Backend, path: Path | str) -> None:
+    def __init__(self, backend: Backend, path: Path | str, url: str | None = None) -> None:
         self.path = path
+        self._url = url  # PostgreSQL's, for `sibling`
         self._connection = Connection(backend)
         self.counters = Counters(self._connection)
         self.devices = Devices(self._connection)
@@ -95,7 +96,7 @@ class Registry:
         except BaseException:
             backend.close()
             raise
-        return cls(backend, backend.label)
+        return cls(backend, backend.label, url)
 
     @classmethod
     def from_config(cls, store: StoreConfig, *, create: bool = True) -> Registry:
@@ -120,6 +121,13 @@ class Registry:
             backend.close()
             raise
         return cls(backend, path)
+
+    def sibling(self) -> Registry:
+        """The same registry on a connection of its own, for a loop that should not wait for another
+        loop's statements and commits (the bridge's ingest and dispatch loops): on PostgreSQL a new
+        connection, whose concurrent writes are safe as those of two replicas are; on SQLite this
+        registry itself (one writer at a time in any case). Close it when it is not this registry."""
+        return self if self._url is None else Registry.connect(self._url)
 
     @contextmanager
     def transaction(self) -> Iterator[Registry]:

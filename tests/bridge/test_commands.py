@@ -101,3 +101,22 @@ def test_cancelling_a_command_the_device_accepted_leaves_it_to_the_device(regist
     registry.replies.record(reply(1, "running"), at(1))
     _, notes = queue_command(registry, CommandRequest(target="dev-1", kind="cancel", prompt="c1", id="x1"), at(2))
     assert registry.commands.get("c1").state == "running" and notes[0].startswith("device dev-1 has never")
+
+
+def test_a_filter_queues_one_row_per_device_in_one_go_and_a_reused_batch_id_queues_none(registry):
+    from cloud_bridge.commands import DeviceFilter, send
+    from cloud_bridge.errors import DuplicateCommand
+
+    registry.devices.record_status(online("dev-1"), T0)
+    registry.devices.record_status(offline("dev-2"), T0)
+    request = CommandRequest(filter=DeviceFilter(device_ids=("dev-1", "dev-2")), kind="ping", id="b1")
+    queued = send(registry, request, T0)
+    assert [(r.id, r.device_id, r.state, r.batch, r.wire_id) for r in queued.rows] == [
+        ("b1.dev-1", "dev-1", "pending", "b1", "b1.dev-1"), ("b1.dev-2", "dev-2", "pending", "b1", "b1.dev-2")]
+    assert [registry.commands.get(r.id) for r in queued.rows] == queued.rows, "the rows returned are the rows stored"
+    assert any("dev-2 is offline" in w for w in queued.warnings)
+    registry.devices.record_status(online("dev-3"), T0)
+    again = CommandRequest(filter=DeviceFilter(device_ids=("dev-3", "dev-1")), kind="ping", id="b1")
+    with pytest.raises(DuplicateCommand, match="b1.dev-1"):
+        send(registry, again, at(1))
+    assert registry.commands.recent(device_id="dev-3") == [], "nothing of the refused batch is queued"

@@ -25,6 +25,25 @@ def test_the_console_does_not_create_a_missing_registry(tmp_path):
     assert not (tmp_path / "absent.db").exists()
 
 
+def test_a_sibling_is_a_connection_of_its_own_on_postgresql_and_the_registry_itself_on_sqlite(registry):
+    """The bridge's ingest, dispatch and upkeep loops each take a sibling: on PostgreSQL one loop's
+    open transaction must not hold up another's statements."""
+    sibling = registry.sibling()
+    try:
+        if isinstance(registry._connection.backend, SqliteBackend):
+            assert sibling is registry
+            return
+        assert sibling is not registry
+        with registry.transaction():
+            registry.commands.add(command(), "dev-1", T0)
+            assert sibling.commands.active() == [], "the sibling does not see an uncommitted row"
+            sibling.commands.add(command("c2"), "dev-1", T0)  # nor waits for the open transaction
+        assert [r.id for r in sibling.commands.active()] == ["c1", "c2"]
+    finally:
+        if sibling is not registry:
+            sibling.close()
+
+
 def test_two_connections_share_the_file(tmp_path):
     serve_side = Registry.open(tmp_path / "r.db")
     console_side = Registry.open(tmp_path / "r.db", create=False)
