@@ -9,10 +9,14 @@
       The figure is each store's rate as a fraction of the raw rate.
   (b) dispatch: M commands queued in the registry for 100 simulated devices (one paho client
       subscribed to `P/+/cmd` that counts them); time from the bridge's start until all arrived.
+  (c) replicas (with --replicas K, PostgreSQL): N replies of 1,000 devices published while 1, then
+      K `cloud-bridge serve` processes share the subscription (`mqtt.shared_group`); replies/s from
+      the first publish until all are stored, and K replicas as a multiple of one.
 
   python bench/bridge.py                                    # 5000 replies, 2000 commands
   python bench/bridge.py --replies 20000 --commands 5000 --pg-url postgresql://postgres@127.0.0.1/postgres
   python bench/bridge.py --replies 10000 --broker-inflight 1000   # the broker's window to the consumer
+  python bench/bridge.py --replies 20000 --broker-inflight 1000 --replicas 2   # and 2 replicas vs 1
 """
 
 from __future__ import annotations
@@ -56,10 +60,10 @@ def _client(port: int, name: str) -> mqtt.Client:
     return client
 
 
-def _payloads(n: int) -> list[tuple[str, bytes]]:
+def _payloads(n: int, devices: int = DEVICES) -> list[tuple[str, bytes]]:
     out = []
     for i in range(n):
-        device, seq = f"gw-{i % DEVICES:02d}", i // DEVICES + 1
+        device, seq = f"gw-{i % devices:04d}", i // devices + 1
         reply = Reply(command_id=f"job-{seq}", device_id=device, status="succeeded", seq=seq, ts=format_ts(utc_now()),
                       output={"text": "x" * 64}, metrics={"tokens_per_s": 10.0})
         out.append((device, to_bytes(reply)))
@@ -182,6 +186,34 @@ def dispatch(port: int, m: int, folder: Path) -> float:
     return m / (end - start)
 
 
+def replica_ingest(port: int, n: int, admin_url: str, replicas: int, folder: Path) -> float | None:
+    """(c): replies/s stored by `replicas` bridge processes sharing the subscription, into a scratch
+    PostgreSQL database (None if unreachable)."""
+    from bench.fleet import _start_bridges
+
+    scratch = pg_scratch_database(admin_url)
+    if scratch is None:
+        return None
+    url, drop = scratch
+    folder.mkdir(exist_ok=True)
+    prefix = "rp" + os.urandom(2).hex()
+    registry = Registry.connect(url)
+    procs = _start_bridges(folder, port, prefix, url, replicas, None)
+    try:
+        time.sleep(4.0)  # connected and subscribed (a shared subscription drops what precedes it)
+        if any(proc.poll() is not None for proc in procs):
+            raise RuntimeError(f"a bridge replica exited; see {folder}/bridge-*.log")
+        start = _publish_all(port, prefix, _payloads(n, devices=1000))
+        end = _wait(lambda: registry.replies.count() >= n)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        registry.close()
+        drop()
+    return n / (end - start)
+
+
 def pg_scratch_database(admin_url: str) -> tuple[str, Callable[[], None]] | None:
     """A scratch database made with `admin_url` (its URL, and how to drop it); None if unreachable."""
     try:
@@ -209,6 +241,7 @@ def main() -> int:
                         help="mosquitto max_inflight_messages (20, its default): the bridge acknowledges after its "
                              "commit, so this window over the commit time bounds its ingest")
     parser.add_argument("--pg-url", default=PG_DEFAULT, help="an admin URL; a scratch database is made and dropped")
+    parser.add_argument("--replicas", type=int, default=0, help="also (c): this many replicas against one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -235,6 +268,12 @@ def main() -> int:
                     drop()
             rate = dispatch(broker.port, args.commands, folder)
             print(f"dispatch {args.commands} commands to {TARGETS} devices: {rate:9.0f} commands/s")
+            if args.replicas:
+                one = replica_ingest(broker.port, args.replies, args.pg_url, 1, folder / "one")
+                many = replica_ingest(broker.port, args.replies, args.pg_url, args.replicas, folder / "many")
+                if one is not None and many is not None:
+                    print(f"ingest  Postgres, 1 replica  {one:9.0f} replies/s (published while it runs)")
+                    print(f"ingest  Postgres, {args.replicas} replicas {many:9.0f} replies/s  ({many / one:.2f} x one)")
         finally:
             broker.stop()
     return 0

@@ -269,8 +269,8 @@ def send_to_many(registry: Registry, request: CommandRequest, device_filter: Dev
     commands = [build_command(request.model_copy(update={"target": device.device_id, "filter": None,
                                                           "id": member_id(batch, device)}),
                               now, dispatch.default_expiry_s) for device in devices]
-    return _queue_fan_out(registry, [(command, device, None) for command, device in zip(commands, devices, strict=True)],
-                          batch, now, dispatch)
+    members = [(command, device, None) for command, device in zip(commands, devices, strict=True)]
+    return _queue_fan_out(registry, members, batch, now, dispatch)
 
 
 def member_id(batch: str, device: DeviceRow) -> str:
