@@ -10,9 +10,11 @@ Threads:
 - `bridge-dispatch`: every `POLL_S` asks the dispatcher what to do with each pending/sent command
   (commands may be queued by another process through the registry file), publishes to
   `P/<device>/cmd`, expires what the device never accepted (provisionally: a later report from the
-  device wins), and reads the broker's PUBACKs; every
-  `alerts.check_interval_s` it raises and clears abnormal-device alerts; every
-  `retention.check_interval_s` it deletes what `[retention]` says the registry may forget.
+  device wins), reads the broker's PUBACKs and drives rollouts.
+- `bridge-upkeep`: every `alerts.check_interval_s` it raises and clears abnormal-device alerts;
+  every `retention.check_interval_s` it deletes what `[retention]` says the registry may forget.
+On PostgreSQL each of these loops has a database connection of its own (the HTTP API and the
+webhooks share a fourth); on SQLite they share the one connection.
 - `bridge-http` (when `[http] enabled`): uvicorn serving the API, `/v1` and the console page.
 Signal handlers only set the stop event; the main thread then shuts everything down.
 
@@ -200,13 +202,18 @@ class BridgeService:
 
     def __init__(self, config: BridgeConfig, registry: Registry, clock: Callable[[], datetime] = utc_now) -> None:
         self._config = config
-        self._registry = registry
+        self._registry = registry  # the HTTP API's and the webhooks'
+        # On PostgreSQL, ingest, the dispatch loop and upkeep each get a connection of their own: one
+        # loop's round trips and commits then never wait for another's (Registry.sibling).
+        self._ingest_registry = registry.sibling()
+        self._dispatch_registry = registry.sibling()
+        self._upkeep_registry = registry.sibling()
         self._clock = clock
         self.stats = BridgeStats()
         options = BrokerOptions.from_config(config.mqtt, config.reconnect, client_id=config.mqtt.client_id)
         self._link = BridgeLink(options, subscriptions(config))
-        self._ingestor = Ingestor(registry, config.mqtt.topic_prefix)
-        self._dispatch = Dispatch(registry, self._link, config, self.stats)
+        self._ingestor = Ingestor(self._ingest_registry, config.mqtt.topic_prefix)
+        self._dispatch = Dispatch(self._dispatch_registry, self._link, config, self.stats)
         self._alert_progress = Progress()  # what the alert checks read last (alerts.Progress)
         self._stop = threading.Event()
         self._failure: str | None = None
@@ -220,7 +227,8 @@ class BridgeService:
         """Run until `stop` is set, then shut down cleanly."""
         http = self._http_server()
         self._link.start()
-        loops = [("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch)]
+        loops = [("bridge-ingest", self._run_ingest), ("bridge-dispatch", self._run_dispatch),
+                 ("bridge-upkeep", self._run_upkeep)]
         if self._config.alerts.webhooks:
             loops.append(("bridge-webhooks", self._run_webhooks))
         if http is not None:
@@ -241,6 +249,9 @@ class BridgeService:
         for thread in self._threads:
             thread.join(timeout=10.0)
         self._link.stop()
+        for sibling in (self._ingest_registry, self._dispatch_registry, self._upkeep_registry):
+            if sibling is not self._registry:
+                sibling.close()
         if failure is not None:
             raise BridgeError(failure)
 
@@ -258,7 +269,7 @@ class BridgeService:
         return None
 
     def healthy(self) -> bool:
-        """Every loop thread (ingest, dispatch, HTTP) and the link's network thread are running."""
+        """Every loop thread (ingest, dispatch, upkeep, HTTP) and the link's network thread are running."""
         return all(thread.is_alive() for thread in self._threads) and self._link.alive()
 
     def _http_failure(self, server: Any, thread: threading.Thread) -> str | None:
@@ -332,14 +343,28 @@ class BridgeService:
     # --- dispatch --------------------------------------------------------------------------------
 
     def _run_dispatch(self) -> None:
-        next_check = next_prune = next_rollouts = 0.0
+        next_rollouts = 0.0
         while not self._stop.is_set():
             try:
                 self._dispatch.settle(_drain(self._link.results, None, 10_000))
                 if time.monotonic() >= next_rollouts:  # before the pass: a wave's commands go out at once
                     next_rollouts = time.monotonic() + self._config.rollouts.check_interval_s
-                    rollouts.drive_all(self._registry, self._config, self._clock())
+                    rollouts.drive_all(self._dispatch_registry, self._config, self._clock())
                 self._dispatch.run_once(self._clock())
+            except Exception:
+                log.exception("dispatch pass failed; retrying in 1 s")
+                self._stop.wait(1.0)
+            self._stop.wait(POLL_S)
+
+    # --- upkeep ----------------------------------------------------------------------------------
+
+    def _run_upkeep(self) -> None:
+        """Alert checks every `alerts.check_interval_s`, retention every `retention.check_interval_s`,
+        on a thread (and on PostgreSQL a connection) of their own: a check over a large fleet never
+        holds up a send or a reply."""
+        next_check = next_prune = 0.0
+        while not self._stop.is_set():
+            try:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self._config.alerts.check_interval_s
                     self._check_alerts()
@@ -347,12 +372,12 @@ class BridgeService:
                     next_prune = time.monotonic() + self._config.retention.check_interval_s
                     self._prune()
             except Exception:
-                log.exception("dispatch pass failed; retrying in 1 s")
-                self._stop.wait(1.0)
-            self._stop.wait(POLL_S)
+                log.exception("upkeep pass failed (alert check or retention); retrying in 1 s")
+                next_check = next_prune = time.monotonic() + 1.0
+            self._stop.wait(max(0.0, min(next_check, next_prune) - time.monotonic()))
 
     def _prune(self) -> None:
-        deleted = self._registry.retention.prune(*self._config.retention.cutoffs(self._clock()))
+        deleted = self._upkeep_registry.retention.prune(*self._config.retention.cutoffs(self._clock()))
         if any(deleted.values()):
             log.info("retention: deleted %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
 
@@ -365,7 +390,7 @@ class BridgeService:
                 log.exception("alert webhook pass failed; retrying")
 
     def _check_alerts(self) -> None:
-        for device_id, kind, raised in check_fleet(self._registry, self._config.alerts, self._clock(),
+        for device_id, kind, raised in check_fleet(self._upkeep_registry, self._config.alerts, self._clock(),
                                                      self._alert_progress):
             log.warning("alert %s %s for %s", kind, "raised" if raised else "cleared", device_id)
 

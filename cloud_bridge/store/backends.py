@@ -11,6 +11,7 @@ Each backend holds one connection; `store.connection.Connection` serialises its 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,8 @@ from sqlite_utils import Database
 from cloud_bridge.errors import BridgeError
 
 Dialect = Literal["sqlite", "postgresql"]
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 # SQLite primary result codes of a failure that may pass: busy, locked, out of memory, I/O error, disk
@@ -183,13 +186,31 @@ class PostgresBackend:
             raise BridgeError("[store] url names PostgreSQL but psycopg is not installed: "
                               "pip install 'psycopg[binary]' (or `pip install autoglm-edge[postgres]`)") from exc
         self._psycopg = psycopg
+        self._dict_row = dict_row
+        self._url = url
         self.label = redact(url)
+        self._in_transaction = False
+        self._closed = False
         try:
-            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row,
-                                        cursor_factory=psycopg.ClientCursor)
+            self.conn = self._connect()
         except psycopg.Error as exc:
             raise BridgeError(f"cannot connect to the registry database {self.label}: {exc}".strip()
                               + "; check [store] url, that PostgreSQL runs and that the database exists") from exc
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self._url, autocommit=True, row_factory=self._dict_row,
+                                     cursor_factory=self._psycopg.ClientCursor)
+
+    def _live(self) -> Any:
+        """The connection; a new one, between transactions, when the last one was lost (the server
+        restarted or failed over). The statement that met the loss failed as transient; the caller's
+        retry (ingest's backoff, the dispatch loop's next pass) then runs on the new connection, and
+        the bridge carries on without a restart. While the server is unreachable, connecting fails
+        as transient too."""
+        if self.conn.broken and not self._in_transaction and not self._closed:
+            log.warning("the connection to the registry database %s was lost; reconnecting", self.label)
+            self.conn = self._connect()
+        return self.conn
 
     @staticmethod
     def _sql(sql: str) -> str:
@@ -197,21 +218,25 @@ class PostgresBackend:
 
     def execute(self, sql: str, params: Any = ()) -> int:
         try:
-            with self.conn.cursor() as cursor:
+            with self._live().cursor() as cursor:
                 cursor.execute(self._sql(sql), params or None)
                 return cursor.rowcount
         except self._psycopg.errors.UniqueViolation as exc:
             raise IntegrityError(str(exc)) from exc
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        with self.conn.cursor() as cursor:
+        with self._live().cursor() as cursor:
             cursor.execute(self._sql(sql), params or None)
             return list(cursor.fetchall())
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self.conn.transaction():
-            yield
+        with self._live().transaction():
+            self._in_transaction = True
+            try:
+                yield
+            finally:
+                self._in_transaction = False
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -266,4 +291,5 @@ class PostgresBackend:
         return isinstance(error, OSError)
 
     def close(self) -> None:
+        self._closed = True
         self.conn.close()

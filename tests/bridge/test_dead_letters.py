@@ -103,21 +103,24 @@ def test_a_locked_sqlite_registry_is_transient_nothing_is_dead_lettered(tmp_path
         registry.close()
 
 
-def test_a_lost_postgresql_connection_is_transient_nothing_is_dead_lettered(pg_url):
+def test_a_lost_postgresql_connection_is_transient_and_the_retry_reconnects(pg_url):
+    """Nothing is dead-lettered, and the retry of the batch stores it on a new connection: a
+    database restart or failover costs no bridge restart."""
     from .conftest import empty_pg_registry
 
     registry = empty_pg_registry(pg_url)
     pid = registry._connection.query("SELECT pg_backend_pid() AS pid")[0]["pid"]
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    with pytest.raises(RegistryUnavailable):
-        Ingestor(registry, P).handle_batch([_reply(1)], at(1))
-    registry.close()
-    fresh = Registry.connect(pg_url)
     try:
-        assert fresh.dead_letters.count() == 0 and fresh.replies.count() == 0
+        with pytest.raises(RegistryUnavailable):
+            Ingestor(registry, P).handle_batch([_reply(1)], at(1))
+        assert registry.dead_letters.count() == 0 and registry.replies.count() == 0
+        assert Ingestor(registry, P).handle_batch([_reply(1)], at(2)) == [Outcome.STORED]
+        assert registry._connection.query("SELECT pg_backend_pid() AS pid")[0]["pid"] != pid
+        assert registry.replies.count() == 1
     finally:
-        fresh.close()
+        registry.close()
 
 
 class FlakyIngestor:
