@@ -273,9 +273,14 @@ def test_a_client_that_disconnects_mid_request_cancels_its_command(served: tuple
     reply = cloud.wait_terminal(command_id)
     assert reply["status"] == "cancelled" and reply["output"]["usage"]["completion_tokens"] < 4000
     assert read_ledger(store)[command_id] == "cancelled"
-    cancels = [r for r in cloud.replies() if r["status"] == "succeeded" and r["metrics"].get("kind") == "cancel"
-               and r["output"].get("target") == command_id]
-    assert cancels and cancels[0]["metrics"]["origin"] == "local"  # the cancel is a local command the cloud sees
+
+    def cancels() -> list[dict]:
+        return [r for r in cloud.replies() if r["status"] == "succeeded" and r["metrics"].get("kind") == "cancel"
+                and r["output"].get("target") == command_id]
+
+    # the cancel's own reply may reach the cloud after its target's
+    cloud.wait_for(cancels, 30, "the reply of the local cancel command")
+    assert cancels()[0]["metrics"]["origin"] == "local"  # the cancel is a local command the cloud sees
     if stream:
         assert cloud.on(f"/stream/{command_id}"), "a streamed local command streams to the cloud too"
 
