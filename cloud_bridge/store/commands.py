@@ -178,15 +178,6 @@ class Commands:
             claimed.update(row["id"] for row in returned)
         return claimed
 
-    def mark_sent(self, command_id: str, now: datetime | None = None) -> bool:
-        """Count one more send. False if a reply moved the command past `sent` meanwhile (do not send)."""
-        ts = stamp(now)
-        return self._db.execute(
-            "UPDATE commands SET state = 'sent', attempts = attempts + 1, last_sent_at = ?, updated_at = ? "
-            "WHERE id = ? AND state IN ('pending', 'sent')",
-            (ts, ts, command_id),
-        ) == 1
-
     def mark_expired(self, command_id: str, message: str, now: datetime | None = None) -> bool:
         """Expire a command the device never accepted. False if a reply got there first."""
         return self.close_locally(command_id, "expired", message, now)

@@ -56,3 +56,9 @@ def write_gguf(path: Path, arch: str = "glm4", context_length: int = 2048, seed:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def mark_sent(registry: Any, command_id: str, moment: datetime) -> bool:
+    """Count one send of the command as the bridge's dispatch loop does (`claim_sends` of the row as
+    read now); False when it could not be claimed (a reply moved it past `sent`)."""
+    return registry.commands.claim_sends([registry.commands.get(command_id)], moment) == {command_id}

@@ -9,7 +9,7 @@ from cloud_bridge.commands import CommandRequest, Follower, build_command, queue
 from cloud_bridge.console import format_outcome
 from cloud_bridge.errors import InvalidRequest
 
-from .factories import T0, at, chunk, offline, online, reply
+from .factories import T0, at, chunk, mark_sent, offline, online, reply
 
 
 def test_chat_turns_the_prompt_into_one_user_message():
@@ -90,7 +90,7 @@ def test_streamed_deltas_are_printed_in_order_and_a_lost_chunk_shows_the_full_te
 
 def test_cancelling_a_command_the_device_never_accepted_stops_its_resends(registry):
     queue_command(registry, CommandRequest(target="dev-1", kind="ping", id="c1"), T0)
-    registry.commands.mark_sent("c1", at(1))
+    mark_sent(registry, "c1", at(1))
     cancel, notes = queue_command(registry, CommandRequest(target="dev-1", kind="cancel", prompt="c1", id="x1"), at(2))
     assert registry.commands.get("c1").state == "cancelled" and "no longer resent" in notes[0]
     assert cancel.state == "pending" and [r.id for r in registry.commands.active()] == ["x1"]

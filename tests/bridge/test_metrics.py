@@ -15,7 +15,7 @@ from autoglm_wire.protocol import Telemetry, format_ts
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.http.app import create_app
 
-from .factories import T0, at, command, offline, online, reply
+from .factories import T0, at, command, mark_sent, offline, online, reply
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -46,8 +46,8 @@ def _fleet(registry) -> None:
                                                "tokens_per_s": 15.0}), at(i))
     registry.commands.add(command("ping-1"), "dev-1", T0)
     registry.commands.add(command("ping-2"), "dev-1", T0)
-    registry.commands.mark_sent("ping-2", at(1))
-    registry.commands.mark_sent("ping-2", at(7))
+    mark_sent(registry, "ping-2", at(1))
+    mark_sent(registry, "ping-2", at(7))
     registry.devices.record_telemetry(Telemetry(device_id="dev-1", ts=format_ts(T0), queue_depth=2, outbox_depth=7,
                                                 outbox_bytes=100, tokens_per_s_ewma=15.0, rss_mb=321.5,
                                                 gpu_layers=0, uptime_s=5.0, reconnects=2, store_bytes=65536), at(5))

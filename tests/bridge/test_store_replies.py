@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from autoglm_wire.lifecycle import is_illegal_after, rank, rejectable
 from cloud_bridge.store.registry import Registry
 
-from .factories import T0, at, chunk, command, reply
+from .factories import T0, at, chunk, command, mark_sent, reply
 
 
 def test_a_reply_moves_the_command_forward_and_the_terminal_reply_is_kept(registry):
     registry.commands.add(command(), "dev-1", T0)
-    registry.commands.mark_sent("c1", at(1))
+    mark_sent(registry, "c1", at(1))
     assert registry.replies.record(reply(1, "accepted"), at(2))
     assert registry.commands.get("c1").state == "accepted"
     assert registry.replies.record(reply(2, "succeeded", output={"pong": True}), at(3))
@@ -49,7 +49,7 @@ def test_a_terminal_state_after_another_one_is_counted_as_illegal(registry):
 
 def test_rejected_after_the_device_accepted_is_ignored_and_counted(registry):
     registry.commands.add(command(), "dev-1", T0)
-    registry.commands.mark_sent("c1", at(1))
+    mark_sent(registry, "c1", at(1))
     registry.replies.record(reply(1, "accepted"), at(2))
     registry.replies.record(reply(2, "rejected", error={"code": "unauthorized", "message": "unsigned"}), at(3))
     row = registry.commands.get("c1")
@@ -61,7 +61,7 @@ def test_rejected_after_the_device_accepted_is_ignored_and_counted(registry):
 
 def test_rejected_before_acceptance_is_recorded_and_not_counted(registry):
     registry.commands.add(command(), "dev-1", T0)
-    registry.commands.mark_sent("c1", at(1))
+    mark_sent(registry, "c1", at(1))
     registry.replies.record(reply(1, "rejected", error={"code": "unauthorized", "message": "unsigned"}), at(2))
     assert registry.commands.get("c1").state == "rejected"
     assert "illegal_transitions" not in registry.counters.all()
@@ -141,7 +141,7 @@ def test_a_local_commands_terminal_reply_records_the_command_with_origin_local(r
 
 def test_a_reply_marked_local_never_rewrites_a_command_the_bridge_sent(registry):
     registry.commands.add(command(), "dev-1", T0)
-    registry.commands.mark_sent("c1", at(1))
+    mark_sent(registry, "c1", at(1))
     registry.replies.record(reply(1, "succeeded", metrics={"origin": "local", "kind": "complete"}), at(2))
     row = registry.commands.get("c1")
     assert row.kind == command().kind and "origin" not in row.payload and row.state == "succeeded"
