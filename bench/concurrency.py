@@ -6,7 +6,9 @@ chunks and replies), against
       this process (greedy, one `llama_decode` per step: the limit).
 Full path: each chat's tokens after its first over (last terminal reply - first stream chunk seen);
 the aggregate is their sum over (last terminal reply - earliest first chunk). Per-stream time to
-first token (publish -> first chunk with text) as P50/P95. Runs alternate: agent, then raw.
+first token (publish -> first chunk with text) as P50/P95. Each message is timed when the client's
+on_message callback had it (where a user's code would), not when the bench's thread woke up.
+Runs alternate: agent, then raw.
 
   python bench/concurrency.py                              # bench model, 2 threads, 128 tokens
   python bench/concurrency.py --counts 1,4 --rounds 3
@@ -99,17 +101,17 @@ class Agent:
         def progress() -> bool:
             """Read only the messages that arrived since the last call (scanning all would steal a core)."""
             nonlocal seen, tokens
-            now = time.perf_counter()
-            for topic, body in self.cloud.messages[seen:]:
+            arrived = list(zip(self.cloud.messages[seen:], self.cloud.arrived_at[seen:], strict=True))
+            for (topic, body), at in arrived:  # `at`: when the client's callback had it
                 if not isinstance(body, dict):
                     continue
                 cid = body.get("command_id", "")
                 if "/stream/" in topic and body.get("delta") and cid not in first:
-                    first[cid] = now
+                    first[cid] = at
                 elif topic.endswith("/reply") and body.get("status") == "succeeded" and cid in sent:
-                    done.setdefault(cid, now)
+                    done.setdefault(cid, at)
                     tokens += body["output"]["usage"]["completion_tokens"] - 1
-            seen = len(self.cloud.messages)
+            seen += len(arrived)
             return len(done) == n
 
         self.cloud.wait_for(progress, 600, "every chat's reply")

@@ -6,7 +6,8 @@
 Both use the same GGUF, n_ctx, n_batch, n_threads, seed and max_tokens; raw and full-path runs
 alternate (never at the same time: the machine has 2 cores), so drift hits both alike.
 Reported per run: TTFT (raw: call -> first token; full path: MQTT publish -> first stream chunk
-at the client) and decode tokens/s (tokens after the first over the time after the first).
+in the client's on_message callback, where a user's code would have it)
+and decode tokens/s (tokens after the first over the time after the first).
 Memory: the agent's RSS with the model loaded minus the RSS of a raw process that loaded the
 same model and generated the same text.
 
@@ -28,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,11 +103,19 @@ class RawEcho:
         started = time.perf_counter()
         self.cloud.send("echo", cmd)
         self.cloud.wait_for(lambda: self.cloud.count(cmd["id"]) > 0, 60, "echo")
-        return (time.perf_counter() - started) * 1000
+        return (arrival(self.cloud, f"/stream/{cmd['id']}") - started) * 1000
 
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+def arrival(cloud: CloudClient, suffix: str, holds: Callable[[dict], Any] = lambda body: True) -> float:
+    """When the client's on_message had the first such message (where a user's code would show
+    it), not when the waiting thread woke up: that wake-up is the bench's, not the agent's."""
+    at = cloud.first_arrival(suffix, holds)
+    assert at is not None, f"no message on *{suffix} arrived"
+    return at
 
 
 def rss_kib(pid: int) -> int:
@@ -168,7 +179,7 @@ class AgentPath:
         started = time.perf_counter()
         self.cloud.send("bench", cmd)
         self.cloud.wait_for(lambda: self.cloud.count(cmd["id"]) > 0, 300, "first chunk")  # O(1): P/D/stream/<id>
-        first = time.perf_counter()
+        first = arrival(self.cloud, f"/stream/{cmd['id']}")
         reply = self.cloud.wait_terminal(cmd["id"], timeout=600)
         done = time.perf_counter()
         return self._timed(reply, started, first, done)
@@ -189,7 +200,7 @@ class AgentPath:
         started = time.perf_counter()
         self.cloud.send("bench", cmd)
         self.cloud.wait_for(lambda: any(c["delta"] for c in self.cloud.on(topic)), 300, "first text")
-        first = time.perf_counter()
+        first = arrival(self.cloud, topic, lambda chunk: chunk["delta"])
         reply = self.cloud.wait_terminal(cmd["id"], timeout=600)
         return self._timed(reply, started, first, time.perf_counter())
 
