@@ -5,11 +5,18 @@ seed gives the same text on both paths) and freed by `close()`: `Llama` never fr
 Order, as in `Llama._init_sampler`: grammar, then greedy (temperature 0) or top_k 40, top_p,
 min_p 0.05, temperature and the seeded draw. `llama_sampler_sample` applies the chain to one batch
 row's logits and accepts the token into every sampler (the grammar advances): no separate accept.
+
+Greedy without a grammar builds no chain: the token is the first highest logit of the row, read
+with numpy, which is what llama.cpp's greedy sampler picks. `llama_sampler_sample` would first copy
+all n_vocab logits into a candidate array: with GLM-4's 151,552 tokens that is ~185 us a row
+against ~28 us for numpy's argmax, paid by every greedy sequence at every step while the
+llama.cpp threads wait (docs/performance.md, "Concurrent chats").
 """
 
 from __future__ import annotations
 
 import llama_cpp
+import numpy as np
 
 from autoglm_wire.errors import ModelError
 
@@ -20,8 +27,13 @@ MIN_P = 0.05
 class SamplerChain:
     def __init__(self, vocab: llama_cpp.llama_vocab_p, temperature: float, top_p: float, seed: int,
                  grammar: llama_cpp.LlamaGrammar | None = None) -> None:
-        self._chain: llama_cpp.llama_sampler_p | None = llama_cpp.llama_sampler_chain_init(
-            llama_cpp.llama_sampler_chain_default_params())
+        self._closed = False
+        self._chain: llama_cpp.llama_sampler_p | None = None
+        # greedy without a grammar: `sample` takes the argmax of a row of this many logits
+        self._argmax_of = llama_cpp.llama_vocab_n_tokens(vocab) if temperature == 0.0 and grammar is None else None
+        if self._argmax_of is not None:
+            return
+        self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if grammar is not None:
             sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"),
                                                            grammar._root.encode("utf-8"))
@@ -43,13 +55,17 @@ class SamplerChain:
 
     def sample(self, ctx: llama_cpp.llama_context_p, row: int) -> int:
         """The next token from the logits of batch row `row`, accepted into the chain."""
+        if self._argmax_of is not None:
+            logits = llama_cpp.llama_get_logits_ith(ctx, row)
+            return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self._argmax_of,))))
         return int(llama_cpp.llama_sampler_sample(self._chain, ctx, row))
 
     @property
     def closed(self) -> bool:
-        return self._chain is None
+        return self._closed
 
     def close(self) -> None:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        self._closed = True

@@ -8,12 +8,14 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from autoglm_wire.protocol import CompleteParams
 from edge_agent.engine import Generation as EngineGeneration
 from edge_agent.engine.batch import Job
 from edge_agent.engine.llama import LlamaEngine
+from edge_agent.engine.sampling import SamplerChain
 from edge_agent.engine.settings import ModelConfig
 from edge_agent.engine.watchdog import StallWatchdog
 
@@ -182,3 +184,27 @@ def test_every_sampler_chain_is_freed_also_when_the_stream_consumer_fails(batche
         decoder.generate(failed, broken, StallWatchdog(60))
     assert failed.chain is not None and failed.chain.closed
     assert batched.complete(greedy(PROMPTS[0], 4), None, threading.Event()).text, "still generates afterwards"
+
+
+def test_greedy_without_a_grammar_picks_what_llama_cpps_greedy_sampler_picks(alone: LlamaEngine) -> None:
+    """The argmax path of SamplerChain (no llama.cpp chain) against llama.cpp's greedy sampler, row
+    by row over real logits of the tiny model: the same token at every step."""
+    llm = alone._llm
+    ctx = llm._ctx.ctx
+    fast = SamplerChain(llm._model.vocab, 0.0, 1.0, 1)
+    reference = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(reference, llama_cpp.llama_sampler_init_greedy())
+    picked: list[int] = []
+    try:
+        with alone._alone:  # no generation uses the context meanwhile
+            llm.reset()
+            llm.eval(llm.tokenize(PROMPTS[2].encode(), add_bos=True, special=True))
+            for _ in range(12):
+                token = fast.sample(ctx, -1)
+                assert token == llama_cpp.llama_sampler_sample(reference, ctx, -1)
+                picked.append(token)
+                llm.eval([token])
+    finally:
+        llama_cpp.llama_sampler_free(reference)
+        fast.close()
+    assert fast.closed and len(set(picked)) > 1, "several distinct tokens were compared"
