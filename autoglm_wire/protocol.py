@@ -243,7 +243,7 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if json_nesting_exceeds(payload, MAX_JSON_DEPTH):
         raise BadJson(f"payload JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_members)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise BadJson(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
@@ -268,6 +268,10 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         twice = next(name for name, _ in pairs if name in seen or seen.add(name))
         raise ValueError(f"the member name {twice!r} appears twice in one object")
     return obj
+
+
+# `json.loads(text, **hooks)` builds a decoder per call; the bridge decodes every device message with this one
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_members)
 
 
 def _text_problem(value: Any) -> str | None:

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from autoglm_wire.protocol import DEVICE_ID_PATTERN, is_command_id
 
 GROUP_PATTERN = DEVICE_ID_PATTERN
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)  # compiled once: every message the bridge receives is checked
 
 
 RESERVED_DEVICE_IDS = frozenset({"group"})  # `P/group/G/cmd` is the group command tree
 
 
 def check_device_id(device_id: str) -> str:
-    if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise ValueError(f"device id {device_id!r} must be 1-64 characters of [A-Za-z0-9_.-]")
     if device_id in RESERVED_DEVICE_IDS:
         raise ValueError(f"device id {device_id!r} is reserved for group topics; choose another id")
@@ -87,7 +88,7 @@ def parse_cloud_topic(prefix: str, topic: str) -> CloudTopic | None:
     if not topic.startswith(prefix + "/"):
         return None
     parts = topic[len(prefix) + 1 :].split("/")
-    if not parts or not re.fullmatch(DEVICE_ID_PATTERN, parts[0]) or parts[0] == "group":
+    if not parts or not _DEVICE_ID.fullmatch(parts[0]) or parts[0] == "group":
         return None
     if len(parts) == 2 and parts[1] in CLOUD_CHANNELS:
         return CloudTopic(parts[0], parts[1])
