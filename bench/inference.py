@@ -322,7 +322,8 @@ def main() -> int:
     print(f"throughput ratio (full/raw): {figures['throughput_ratio']:.3f} (ratio of medians), "
           f"{figures['throughput_ratio_paired']:.3f} (median of per-run ratios)   (target >= 0.95)")
     print(f"TTFT overhead: {figures['ttft_overhead_ms']:+.2f} ms (difference of medians), "
-          f"{figures['ttft_overhead_paired_ms']:+.2f} ms (median of per-run differences)   (target <= 5 ms)")
+          f"{figures['ttft_overhead_paired_ms']:+.2f} ms (median of per-run differences)   "
+          f"(target <= {2 if args.chat else 5} ms)")  # the chat path's first visible text: issue #15
     print(f"RSS: agent {figures['agent_rss_mb']:.1f} MB, raw {figures['raw_rss_mb']:.1f} MB, "
           f"overhead {figures['rss_overhead_mb']:+.1f} MB   (target <= 40 MB)")
     if args.json:  # with every run's (TTFT ms, tokens/s), raw and full path, to pool runs of the bench
