@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from cloud_bridge.store.devices import DeviceQuery
+from cloud_bridge.store.feeds import FeedReader
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.rows import CommandRow, DeviceRow
 
@@ -211,12 +212,10 @@ def describe_failure(row: CommandRow) -> str:
     return f"command {row.id} on {row.device_id} ended {row.state}{detail}"
 
 
-def _stream_lines(registry: Registry, cursor: dict[str, int],
-                  device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+def _stream_lines(feed: FeedReader) -> list[tuple[str, str, dict[str, Any]]]:
     """One line per command with the text its stream chunks added since the last poll."""
     runs: dict[str, dict[str, Any]] = {}
-    for chunk in registry.feeds.chunks(cursor["stream_chunks"], device_id):
-        cursor["stream_chunks"] = chunk.id
+    for chunk in feed.chunks():
         run = runs.setdefault(chunk.command_id, {"type": "stream", "device_id": chunk.device_id,
                                                  "command_id": chunk.command_id, "first_index": chunk.idx,
                                                  "text": "", "received_at": chunk.received_at})
@@ -235,34 +234,30 @@ def watch(registry: Registry, write: Write, device_id: str | None = None, for_s:
     `on_ready` is called once the starting point is fixed: everything stored after it is printed.
     With `as_json`, each is one JSON object per line (`{"type": "status"|"reply"|"event", ...}`).
     """
-    cursor = registry.feeds.last_ids()
+    feed = FeedReader(registry.feeds, device_id)
     if on_ready is not None:
         on_ready()
     deadline = None if for_s is None else time.monotonic() + for_s
     while deadline is None or time.monotonic() < deadline:
-        for _, line, record in sorted(_new_lines(registry, cursor, device_id), key=lambda item: item[:2]):
+        for _, line, record in sorted(_new_lines(feed), key=lambda item: item[:2]):
             write(json.dumps(record) if as_json else line)
         time.sleep(poll_s)
 
 
-def _new_lines(registry: Registry, cursor: dict[str, int],
-               device_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
-    """(timestamp, line, JSON record) of every row past `cursor`; advances the cursor."""
+def _new_lines(feed: FeedReader) -> list[tuple[str, str, dict[str, Any]]]:
+    """(timestamp, line, JSON record) of every row the feed has not returned before."""
     lines = []
-    for change in registry.feeds.device_states(cursor["device_states"], device_id):
-        cursor["device_states"] = change.id
+    for change in feed.device_states():
         lines.append((change.ts, f"{change.ts} status {change.device_id} {change.state}",
                       {"type": "status", **asdict(change)}))
-    for reply in registry.feeds.replies(cursor["replies"], device_id):
-        cursor["replies"] = reply.id
+    for reply in feed.replies():
         error = reply.payload.get("error")
         tail = f" {error['code']}: {error['message']}" if error else ""
         lines.append((reply.received_at, f"{reply.received_at} reply  {reply.device_id} #{reply.seq} "
                                          f"{reply.command_id or '-'} {reply.status}{tail}",
                       {"type": "reply", **asdict(reply)}))
-    lines.extend(_stream_lines(registry, cursor, device_id))
-    for event in registry.feeds.events(cursor["events"], device_id):
-        cursor["events"] = event.id
+    lines.extend(_stream_lines(feed))
+    for event in feed.events():
         lines.append((event.received_at, f"{event.received_at} event  {event.device_id} {event.level} "
                                          f"{event.code}: {event.message}", {"type": "event", **asdict(event)}))
     return lines

@@ -18,6 +18,7 @@ from autoglm_wire.protocol import utc_now
 from cloud_bridge import stats
 from cloud_bridge.http.api_routes import sse
 from cloud_bridge.http.deps import OPERATOR, REG, VIEWER, ApiError, Caller, stream_response
+from cloud_bridge.store.feeds import FeedReader
 from cloud_bridge.store.registry import Registry
 from cloud_bridge.store.stats import GroupBy
 
@@ -90,26 +91,23 @@ def live(timeout_s: float = Query(default=3600.0, gt=0, le=86400), registry: Reg
 
 
 class LiveFeed:
-    """What `/api/live` has not sent yet: rows of the feed tables past its cursor, and the fleet counts."""
+    """What `/api/live` has not sent yet: new rows of the feed tables (late commits included), and the fleet counts."""
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        self._cursor = registry.feeds.last_ids()
+        self._feed = FeedReader(registry.feeds)
         self._fleet: dict[str, dict[str, int]] | None = None
 
     def news(self, with_counts: bool) -> list[str]:
         """The server-sent events for what is new; the counts only when `with_counts` and changed."""
-        feeds, cursor, items = self._registry.feeds, self._cursor, []
-        for row in feeds.replies(cursor["replies"]):
-            cursor["replies"] = row.id
+        items = []
+        for row in self._feed.replies():
             items.append(sse("reply", {"device_id": row.device_id, "command_id": row.command_id, "seq": row.seq,
                                        "status": row.status, "received_at": row.received_at}))
-        for event in feeds.events(cursor["events"]):
-            cursor["events"] = event.id
+        for event in self._feed.events():
             items.append(sse("event", {"device_id": event.device_id, "level": event.level, "code": event.code,
                                        "message": event.message, "ts": event.ts}))
-        for change in feeds.device_states(cursor["device_states"]):
-            cursor["device_states"] = change.id
+        for change in self._feed.device_states():
             items.append(sse("state", asdict(change)))
         if with_counts:
             counts = fleet_counts(self._registry)
