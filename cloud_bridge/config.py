@@ -147,7 +147,7 @@ class RetentionConfig(settings.Section):
     """`[retention]`: how long the registry keeps what is finished; 0 keeps it forever."""
 
     days: float = Field(default=30.0, ge=0, description="finished commands (and their replies), events, "
-                        "cleared alerts and device state history older than this are deleted")
+                        "cleared alerts, device state history and finished rollouts older than this are deleted")
     chunk_days: float = Field(default=1.0, ge=0, description="stream chunks older than this are deleted")
     dead_letter_days: float = Field(default=30.0, ge=0, description="dead letters (messages the bridge could "
                                     "not store) older than this are deleted")
