@@ -21,7 +21,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,30 @@ def disable_nagle(client: mqtt.Client, userdata: object, sock: object) -> None:
     broker's delayed ACK (40 ms on Linux). Every reply and stream chunk is small, so turn it off."""
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@contextmanager
+def corked(sock: object) -> Iterator[None]:
+    """Hold the connection's small writes back while the block runs (Linux `TCP_CORK`), then send
+    them in as few segments as they fill: a batch of PUBACKs is one `send` each still, but not one
+    TCP segment, and one wake-up of the broker, each. A no-op without a TCP socket or off Linux."""
+    cork = getattr(socket, "TCP_CORK", None)
+    tcp = isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
+    held = cork is not None and tcp and _set_option(sock, cork, 1)
+    try:
+        yield
+    finally:
+        if held:
+            _set_option(sock, cork, 0)  # sends what was held, at once (TCP_NODELAY is on)
+
+
+def _set_option(sock: object, option: int, value: int) -> bool:
+    """A TCP socket option; False when the socket cannot take it now (closed under us)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)  # type: ignore[attr-defined]
+    except OSError:
+        return False
+    return True
 
 
 def serialize_socket_writes(client: mqtt.Client) -> None:

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from autoglm_wire.mqtt_session import BrokerOptions, SessionRunner, make_client
+from autoglm_wire.mqtt_session import BrokerOptions, SessionRunner, corked, make_client
 from cloud_bridge.ingest import Inbound
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,13 @@ class BridgeLink:
             return None
         return info.mid
 
-    def ack(self, delivery: Delivery) -> None:
-        """Acknowledge a stored delivery, unless its connection is gone (then the broker redelivers)."""
-        if delivery.qos == 0 or delivery.generation != self._generation or not self._connected.is_set():
-            return
-        self._client.ack(delivery.mid, delivery.qos)
+    def ack(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge stored deliveries, but those whose connection is gone (the broker redelivers
+        them); the PUBACKs leave corked together (`corked`), as few TCP segments as they fill."""
+        with corked(self._client.socket()):
+            for delivery in deliveries:
+                if delivery.qos and delivery.generation == self._generation and self._connected.is_set():
+                    self._client.ack(delivery.mid, delivery.qos)
 
     # --- paho client and callbacks (paho thread: never block, never take our locks) -------------
 

@@ -328,8 +328,8 @@ class BridgeService:
                 if self._stop.wait(delay):
                     return
                 continue
-            for delivery, outcome in zip(batch, outcomes, strict=True):
-                self._link.ack(delivery)
+            self._link.ack(batch)
+            for outcome in outcomes:
                 self.stats.received[outcome] = self.stats.received.get(outcome, 0) + 1
             return
         self._fail(f"the registry {self._registry.path} failed {STORE_ATTEMPTS} times in a row; stopping so that "

@@ -3,12 +3,13 @@ thread at a time (paho lets every publishing thread write, and its packet queue 
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from autoglm_wire.mqtt_session import BrokerOptions, make_client, serialize_socket_writes
+from autoglm_wire.mqtt_session import BrokerOptions, corked, make_client, serialize_socket_writes
 
 
 class RecordingWriter:
@@ -61,3 +62,31 @@ def test_every_client_made_for_a_session_has_its_writes_serialized() -> None:
                                        backoff_initial_s=1.0, backoff_multiplier=2.0, backoff_max_s=5.0))
     original = type(client).loop_write
     assert "loop_write" in vars(client) and vars(client)["loop_write"] is not original
+
+
+def test_corked_holds_small_writes_back_until_the_block_ends_then_sends_them() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as ours, server.accept()[0] as broker:
+            ours.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with corked(ours):
+                assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+                for mid in range(3):
+                    ours.sendall(bytes([0x40, 2, 0, mid]))  # three PUBACKs
+            assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+            broker.settimeout(5)
+            received = b""
+            while len(received) < 12:
+                received += broker.recv(64)
+            assert received == b"".join(bytes([0x40, 2, 0, mid]) for mid in range(3))
+
+
+def test_corked_is_a_no_op_without_a_tcp_connection() -> None:
+    with corked(None):
+        pass
+    ours, other = socket.socketpair()  # a Unix socket: not TCP
+    with ours, other, corked(ours):
+        ours.sendall(b"x")
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.close()
+    with corked(closed):  # the connection went away under us: nothing held back, nothing raised
+        pass
