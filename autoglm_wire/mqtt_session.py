@@ -137,8 +137,9 @@ def disable_nagle(client: mqtt.Client, userdata: object, sock: object) -> None:
 @contextmanager
 def corked(sock: object) -> Iterator[None]:
     """Hold the connection's small writes back while the block runs (Linux `TCP_CORK`), then send
-    them in as few segments as they fill: a batch of PUBACKs is one `send` each still, but not one
-    TCP segment, and one wake-up of the broker, each. A no-op without a TCP socket or off Linux."""
+    them in as few segments as they fill: the PUBACKs of a batch are still one `send` each, but no
+    longer one TCP segment and one wake-up of the broker each. A no-op without a TCP socket or off
+    Linux."""
     cork = getattr(socket, "TCP_CORK", None)
     tcp = isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6)
     held = cork is not None and tcp and _set_option(sock, cork, 1)
