@@ -20,11 +20,13 @@ sys.path.insert(0, str(ROOT))
 from llama_timing import model_parser, time_stream  # noqa: E402
 
 from autoglm_wire.protocol import CompleteParams  # noqa: E402
+from edge_agent.config import MqttConfig  # noqa: E402
 from edge_agent.engine.llama import LlamaEngine  # noqa: E402
 from edge_agent.engine.settings import ModelConfig  # noqa: E402
 from edge_agent.engine.stream import ChunkStreamer  # noqa: E402
 
 PROMPT = "The gateway reported the following sensor readings and asked for a summary:"
+STREAM_INTERVAL_S = MqttConfig().stream_interval_ms / 1000  # the agent's default coalescing interval
 
 
 def raw(engine: LlamaEngine, tokens: list[int], seed: int, max_tokens: int) -> tuple[float, float]:
@@ -33,7 +35,7 @@ def raw(engine: LlamaEngine, tokens: list[int], seed: int, max_tokens: int) -> t
 
 
 def through_engine(engine: LlamaEngine, seed: int, max_tokens: int) -> tuple[float, float]:
-    streamer = ChunkStreamer("autoglm/bench/stream/x", "x", lambda topic, payload: None)
+    streamer = ChunkStreamer("autoglm/bench/stream/x", "x", lambda topic, payload: None, STREAM_INTERVAL_S)
     params = CompleteParams(prompt=PROMPT, max_tokens=max_tokens, seed=seed, stream=True)
     generation = engine.complete(params, streamer.delta, threading.Event())
     return generation.ttft_ms, generation.tokens_per_s
